@@ -1,0 +1,14 @@
+"""nextrap: skip RLVR training steps by extrapolating the rank-1 trajectory of saved checkpoints (NExt).
+
+Library entry points (the CLI is a thin layer over them):
+    fit(ckpts, out, horizon=5, ...)      -> FitResult     (writes the fit folder)
+    extend(fit_dir, alphas, out, ...)    -> ExtendResult  (writes the jumped checkpoint(s))
+"""
+
+__version__ = "0.1.0"
+
+from .errors import NextrapError  # noqa: E402
+from .fit import FitResult, fit, load_fit  # noqa: E402
+from .extend import ExtendResult, extend, parse_alphas  # noqa: E402
+
+__all__ = ["NextrapError", "FitResult", "fit", "load_fit", "ExtendResult", "extend", "parse_alphas", "__version__"]

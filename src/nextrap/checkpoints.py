@@ -1,0 +1,321 @@
+"""Finding a run's saved LoRA checkpoints and reading their factors lazily.
+
+A trajectory folder holds one PEFT adapter per saved step (``adapter_config.json`` plus
+``adapter_model.safetensors``), directly or nested the way trainers lay them out (``checkpoint-120``,
+``global_step_120/actor/lora_adapter``, ``step_120``, ``120``). Only headers are read up front; factors are
+read on demand with safetensors' lazy ``safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import NextrapError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+_STEP_PATTERNS = [
+    re.compile(r"^checkpoint-(\d+)$"),
+    re.compile(r"^global_step_?(\d+)(?:_hf)?$"),
+    re.compile(r"^step[_-]?(\d+)$"),
+    re.compile(r"^(\d+)$"),
+]
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved step: the adapter folder and the weights file inside it."""
+
+    step: int
+    path: Path
+    weights: Path
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted linear: delta = scale * B @ A, B [out_features, rank], A [rank, in_features]."""
+
+    name: str  # PEFT module path, e.g. base_model.model.model.layers.0.self_attn.q_proj
+    out_features: int
+    in_features: int
+    rank: int
+    scale: float
+    fan_in_fan_out: bool
+
+    @property
+    def base_key(self) -> str:
+        """The weight's name in the base model's state dict."""
+        name = self.name[len(PEFT_PREFIX):] if self.name.startswith(PEFT_PREFIX) else self.name
+        return name + ".weight"
+
+
+@dataclass
+class LoraTrajectory:
+    """A run's LoRA checkpoints sorted by step, all with the same modules, shapes, ranks and scales."""
+
+    root: Path
+    checkpoints: list[Checkpoint]
+    modules: list[LoraModule]
+    config: dict[str, Any]
+    extra_keys: list[str] = field(default_factory=list)  # non-LoRA tensors (modules_to_save), copied as they are
+    _keys: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # module -> (A key, B key)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def module(self, name: str) -> LoraModule:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {m.name: m for m in self.modules}
+        return self._by_name[name]
+
+    def lora_keys(self, name: str) -> tuple[str, str]:
+        """The (lora_A, lora_B) tensor names of module ``name`` in the weights files."""
+        return self._keys[name]
+
+    def scales(self, names: Sequence[str]) -> torch.Tensor:
+        """Each module's LoRA scaling s (delta = s * B @ A), float64 [len(names)]."""
+        return torch.tensor([self.module(n).scale for n in names], dtype=torch.float64)
+
+    def factors(self, index: int, names: Sequence[str], dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """B [n, out, r] and A [n, r, in] of checkpoint ``index`` for modules ``names`` (all of one shape)."""
+        ckpt = self.checkpoints[index]
+        with open_weights(ckpt.weights) as f:
+            b = torch.stack([_read(f, ckpt.weights, self._keys[n][1]).to(dtype) for n in names])
+            a = torch.stack([_read(f, ckpt.weights, self._keys[n][0]).to(dtype) for n in names])
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise NextrapError(f"{ckpt.weights}: LoRA factors contain NaN or Inf")
+        return b, a
+
+    def read_extra(self, index: int) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors of checkpoint ``index`` (e.g. modules_to_save), unchanged."""
+        ckpt = self.checkpoints[index]
+        with open_weights(ckpt.weights) as f:
+            return {k: _read(f, ckpt.weights, k) for k in self.extra_keys}
+
+
+class _TorchFile:
+    """The part of safe_open's interface nextrap uses, over a .bin state dict read with weights_only=True."""
+
+    def __init__(self, path: Path):
+        try:
+            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is the same user-facing problem
+            raise NextrapError(f"{path}: cannot read as a weights-only torch file ({_first_line(e)})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+    def get_slice(self, key: str):  # shape access only
+        return self._sd[key]
+
+    def metadata(self) -> dict[str, str] | None:
+        return None
+
+    def __enter__(self) -> "_TorchFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sd = {}
+
+
+def open_weights(path: Path):
+    """Open a safetensors (lazily) or .bin (weights_only) file; corrupt files become a one-line NextrapError."""
+    if path.suffix == ".bin":
+        return _TorchFile(path)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise NextrapError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def tensor_shape(f: Any, key: str) -> list[int]:
+    sl = f.get_slice(key)
+    return list(sl.get_shape()) if hasattr(sl, "get_shape") else list(sl.shape)
+
+
+def _read(f: Any, path: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001
+        raise NextrapError(f"{path}: cannot read tensor {key} ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def step_from_path(path: Path, root: Path) -> int | None:
+    """The step encoded in the folder names between ``root`` and ``path`` (innermost first), else trainer_state.json."""
+    rel = path.relative_to(root)
+    for part in reversed(rel.parts):
+        for pattern in _STEP_PATTERNS:
+            m = pattern.match(part)
+            if m:
+                return int(m.group(1))
+    for folder in [path, *path.parents]:
+        state = folder / "trainer_state.json"
+        if state.is_file():
+            try:
+                return int(json.loads(state.read_text())["global_step"])
+            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+                raise NextrapError(f"{state}: no integer global_step") from None
+        if folder == root:
+            break
+    return None
+
+
+def discover(root: Path | str) -> list[Checkpoint]:
+    """All adapter folders under ``root`` with their steps, sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NextrapError(f"{root}: not a folder")
+    found: list[Checkpoint] = []
+    for config in sorted(_find_configs(root, 0)):
+        folder = config.parent
+        if folder == root:
+            raise NextrapError(f"{root}: is a single adapter; pass the folder that holds one adapter per saved step")
+        weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
+        if weights is None:
+            raise NextrapError(f"{folder}: has adapter_config.json but no adapter_model.safetensors")
+        step = step_from_path(folder, root)
+        if step is None:
+            raise NextrapError(f"{folder}: cannot tell its step (name it checkpoint-N, global_step_N, step_N or N, or add trainer_state.json)")
+        found.append(Checkpoint(step=step, path=folder, weights=weights))
+    if not found:
+        raise NextrapError(f"{root}: no PEFT adapters found (folders with adapter_config.json)")
+    found.sort(key=lambda c: c.step)
+    for prev, cur in zip(found, found[1:]):
+        if prev.step == cur.step:
+            raise NextrapError(f"{cur.path}: step {cur.step} also found at {prev.path}")
+    return found
+
+
+def _find_configs(folder: Path, depth: int) -> list[Path]:
+    if (folder / ADAPTER_CONFIG).is_file():
+        return [folder / ADAPTER_CONFIG]
+    if depth >= _MAX_DEPTH:
+        return []
+    out: list[Path] = []
+    for child in folder.iterdir():
+        if child.is_dir() and not child.name.startswith("."):
+            out.extend(_find_configs(child, depth + 1))
+    return out
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NextrapError(f"{path / ADAPTER_CONFIG}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise NextrapError(f"{path / ADAPTER_CONFIG}: not a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise NextrapError(f"{path / ADAPTER_CONFIG}: adapter type {peft_type} is not supported (only LoRA)")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
+        if config.get(flag):
+            raise NextrapError(f"{path / ADAPTER_CONFIG}: {what} adapters are not supported (their update is not B @ A)")
+    return config
+
+
+def _pattern_value(patterns: dict[str, Any] | None, relative_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", relative_name):
+            return value
+    return default
+
+
+def module_scale(config: dict[str, Any], name: str, rank: int) -> float:
+    """PEFT's scaling for module ``name``: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    relative = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    alpha = float(_pattern_value(config.get("alpha_pattern"), relative, config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _read_modules(ckpt: Checkpoint, config: dict[str, Any]) -> tuple[list[LoraModule], list[str], dict[str, tuple[str, str]]]:
+    with open_weights(ckpt.weights) as f:
+        keys = list(f.keys())
+        shapes = {k: tensor_shape(f, k) for k in keys}
+    parts: dict[str, dict[str, str]] = {}
+    extra: list[str] = []
+    for key in keys:
+        if ".lora_embedding_" in key or ".lora_magnitude_vector" in key:
+            raise NextrapError(f"{ckpt.weights}: {key}: embedding LoRA and DoRA tensors are not supported")
+        m = _LORA_KEY.match(key)
+        if m:
+            parts.setdefault(m["module"], {})[m["part"]] = key
+        else:
+            extra.append(key)
+    modules: list[LoraModule] = []
+    keymap: dict[str, tuple[str, str]] = {}
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    for name in sorted(parts):
+        if set(parts[name]) != {"A", "B"}:
+            raise NextrapError(f"{ckpt.weights}: module {name} has lora_{next(iter(parts[name]))} but not its pair")
+        a_shape, b_shape = shapes[parts[name]["A"]], shapes[parts[name]["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise NextrapError(f"{ckpt.weights}: module {name} has LoRA shapes A {a_shape}, B {b_shape}; only linear LoRA is supported")
+        rank = a_shape[0]
+        modules.append(LoraModule(name, b_shape[0], a_shape[1], rank, module_scale(config, name, rank), fan_in_fan_out))
+        keymap[name] = (parts[name]["A"], parts[name]["B"])
+    if not modules:
+        raise NextrapError(f"{ckpt.weights}: no LoRA tensors (keys like ...lora_A.weight)")
+    return modules, sorted(extra), keymap
+
+
+_CONFIG_FIELDS = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "base_model_name_or_path")
+
+
+def load_trajectory(root: Path | str) -> LoraTrajectory:
+    """Discover and validate a LoRA trajectory; raises NextrapError naming the first file that disagrees."""
+    checkpoints = discover(root)
+    first = checkpoints[0]
+    config = _read_config(first.path)
+    modules, extra, keymap = _read_modules(first, config)
+    for ckpt in checkpoints[1:]:
+        cfg = _read_config(ckpt.path)
+        for key in _CONFIG_FIELDS:
+            if key == "base_model_name_or_path":
+                continue  # trainers write local paths that differ between machines; not a math property
+            if cfg.get(key) != config.get(key):
+                raise NextrapError(f"{ckpt.path / ADAPTER_CONFIG}: {key} = {cfg.get(key)!r}, but {first.path} has {config.get(key)!r}")
+        mods, ext, keys = _read_modules(ckpt, cfg)
+        if [m.name for m in mods] != [m.name for m in modules]:
+            missing = sorted({m.name for m in modules} ^ {m.name for m in mods})
+            raise NextrapError(f"{ckpt.weights}: LoRA modules differ from {first.weights} (e.g. {missing[0]})")
+        for m, ref in zip(mods, modules):
+            if m != ref:
+                raise NextrapError(
+                    f"{ckpt.weights}: module {m.name} has shape {m.out_features}x{m.in_features}, rank {m.rank}, "
+                    f"scale {m.scale:g}, but {first.weights} has {ref.out_features}x{ref.in_features}, rank {ref.rank}, scale {ref.scale:g}"
+                )
+        if ext != extra:
+            raise NextrapError(f"{ckpt.weights}: non-LoRA tensors differ from {first.weights}")
+        if keys != keymap:
+            raise NextrapError(f"{ckpt.weights}: names its LoRA tensors differently from {first.weights}")
+    return LoraTrajectory(Path(root), checkpoints, modules, config, extra, keymap)
+
+
+def shape_groups(modules: Sequence[LoraModule]) -> dict[tuple[int, int, int], list[str]]:
+    """Modules grouped by (out, in, rank), the unit of batched math."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for m in modules:
+        groups.setdefault((m.out_features, m.in_features, m.rank), []).append(m.name)
+    return groups

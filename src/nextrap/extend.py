@@ -1,0 +1,123 @@
+"""``nextrap extend``: predict the move from the last fitted checkpoint and write W_c + alpha * move, as an
+exact PEFT adapter of rank r + k or as a merged Hugging Face model, one folder per alpha."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import write_adapter
+from .checkpoints import shape_groups
+from .errors import NextrapError
+from .files import atomic_dir, write_json
+from .fit import load_fit
+from .hfmodel import parse_size, write_merged
+from .lowrank import top1_factored
+from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
+
+FORMATS = ("adapter", "merged")
+PROVENANCE = "nextrap.json"
+PREDICTION = "prediction.safetensors"
+
+
+def parse_alphas(text: str) -> list[float]:
+    """'1.5' -> [1.5]; '1.0,1.5' -> [1.0, 1.5]; '0.5:4.0:0.5' -> 0.5, 1.0, ..., 4.0 (end included)."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 10) for i in range(n)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise NextrapError(f"--alpha {text!r}: use a number (1.5), a list (1.0,1.5) or a range start:stop:step (0.5:4.0:0.5)") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise NextrapError(f"--alpha {text!r}: no finite values")
+    if len(set(values)) != len(values):
+        raise NextrapError(f"--alpha {text!r}: repeated values")
+    return values
+
+
+def alpha_folder(alpha: float) -> str:
+    text = f"{alpha:.6f}".rstrip("0")
+    return "alpha-" + (text + "0" if text.endswith(".") else text)
+
+
+@dataclass
+class ExtendResult:
+    out: Path
+    method: str
+    format: str
+    alphas: list[float]
+    folders: list[Path]
+    from_step: int
+    horizon: int
+    predicted_sigma: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        sig = list(self.predicted_sigma.values())
+        return {"out": str(self.out), "method": self.method, "format": self.format, "alphas": self.alphas,
+                "folders": [str(f) for f in self.folders], "from_step": self.from_step, "horizon": self.horizon,
+                "predicted_sigma_median": float(torch.tensor(sig).median()) if sig else None}
+
+
+def _prediction_tensors(j: Jump) -> dict[str, torch.Tensor]:
+    """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's)."""
+    out = {}
+    for name, (p, q) in j.factors.items():
+        r1 = top1_factored(p[None], q[None])
+        out[f"{name}:sigma"] = r1.sigma.to(torch.float32)
+        out[f"{name}:u"] = r1.u[0].to(torch.float32)
+        out[f"{name}:v"] = r1.v[0].to(torch.float32)
+    return out
+
+
+def extend(fit_dir: Path | str, alphas: list[float], out: Path | str, fmt: str = "adapter", base: Path | str | None = None,
+           method: str = "next", overwrite: bool = False, max_shard_size: str = "5GB") -> ExtendResult:
+    """Write the jumped checkpoint(s) for each alpha into ``out`` (subfolders ``alpha-X`` when several)."""
+    if fmt not in FORMATS:
+        raise NextrapError(f"--format {fmt}: use adapter or merged")
+    if method not in METHODS:
+        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)}")
+    if fmt == "merged" and base is None:
+        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
+    shard_bytes = parse_size(max_shard_size)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
+    loaded = load_fit(fit_dir)
+    features, traj = loaded.features, loaded.trajectory
+    row = features.n_rows - 1
+    ctx = JumpContext(features, traj, row, loaded.predictor if method in NEEDS_PREDICTOR else None)
+    try:
+        j = jump(method, ctx)
+    except FloatingPointError as e:
+        raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
+    prediction = _prediction_tensors(j)
+    provenance = {
+        "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
+        "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
+        "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
+        "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
+        "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules},
+    }
+    folders = []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for alpha in alphas:
+            folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
+            if fmt == "adapter":
+                write_adapter(folder, traj, row, j, alpha)
+            else:
+                write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
+            save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
+            write_json(folder / PROVENANCE, {**provenance, "alpha": alpha})
+            folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
+    return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
+                        {m: float(prediction[f"{m}:sigma"]) for m in features.modules})

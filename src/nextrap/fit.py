@@ -1,0 +1,195 @@
+"""``nextrap fit``: read a trajectory, compute its rank-1 features, train the NExt predictor, backtest, and
+write everything ``extend`` needs into one folder (manifest.json, trajectory.safetensors, predictor.*)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .backtest import BacktestResult, backtest
+from .checkpoints import LoraTrajectory, load_trajectory
+from .errors import NextrapError
+from .files import atomic_dir, read_json, sha256, write_json
+from .predictor import Group, Predictor, TrainSettings, load as load_predictor, train
+from .trajectory import Features, compute_features
+
+MANIFEST = "manifest.json"
+TRAJECTORY = "trajectory.safetensors"
+PREDICTOR_WEIGHTS = "predictor.safetensors"
+PREDICTOR_CONFIG = "predictor.json"
+
+# (stage, done, total): the CLI draws it as a rich progress bar; library users may pass their own.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class FitResult:
+    out: Path
+    steps: list[int]
+    horizon: int
+    n_modules: int
+    energy_median: dict[int, float]  # step -> median over modules of sigma1 / sum(sigma) of the global delta
+    group_losses: dict[int, tuple[float, float]]  # vector length -> (first, last) training loss
+    backtest: list[BacktestResult] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "steps": self.steps, "horizon": self.horizon, "modules": self.n_modules,
+            "rank1_energy_median": {str(k): v for k, v in self.energy_median.items()},
+            "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
+            "backtest": [asdict(b) for b in self.backtest], "seconds": self.seconds,
+        }
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NextrapError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise NextrapError(f"--device {device}: use auto, cpu or cuda")
+    return device
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import peft
+    import safetensors
+    return {"nextrap": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "peft": peft.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__}
+
+
+def _inputs(traj: LoraTrajectory) -> list[dict[str, Any]]:
+    out = []
+    for c in traj.checkpoints:
+        files = [c.path / "adapter_config.json", c.weights]
+        out.append({"step": c.step, "path": str(c.path.absolute()),
+                    "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for f in files]})
+    return out
+
+
+def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
+        device: str = "auto", sign_align: bool = True, run_backtest: bool = True, overwrite: bool = False,
+        progress: ProgressFn | None = None) -> FitResult:
+    """Fit NExt on the LoRA checkpoints under ``ckpts`` and write the fit folder ``out`` atomically."""
+    if horizon < 1:
+        raise NextrapError(f"--horizon {horizon}: must be at least 1")
+    if epochs < 1:
+        raise NextrapError(f"--epochs {epochs}: must be at least 1")
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the expensive part
+        raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
+    settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device))
+    report = progress or (lambda *_: None)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    traj = load_trajectory(ckpts)
+    inputs = _inputs(traj)
+    done = 0
+
+    def on_modules(k: int) -> None:
+        nonlocal done
+        done += k
+        report("rank-1 features", done, len(traj.modules))
+
+    features = compute_features(traj, horizon, sign_align=sign_align, progress=on_modules)
+    seconds["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+
+    def on_epoch(epoch: int) -> None:
+        report("predictor", epoch + 1, settings.epochs)
+
+    predictor = train(features, settings, on_epoch=on_epoch)
+    seconds["predictor"] = time.perf_counter() - t0
+
+    results: list[BacktestResult] = []
+    if run_backtest and features.n_rows - 1 - horizon >= horizon:
+        t0 = time.perf_counter()
+        report("backtest", 0, 1)
+        results = backtest(features, traj, settings)
+        report("backtest", 1, 1)
+        seconds["backtest"] = time.perf_counter() - t0
+
+    energy = torch.stack([features.get(m, "global", "energy") for m in features.modules])  # [modules, rows]
+    result = FitResult(
+        out=out, steps=traj.steps, horizon=horizon, n_modules=len(traj.modules),
+        energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
+        group_losses={g.length: (g.losses[0], g.losses[-1]) for g in predictor.groups},
+        backtest=results, seconds=seconds,
+    )
+    manifest = {
+        "format": "nextrap-fit/1", "kind": "lora", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
+        "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align,
+                     "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
+                     "hidden": settings.hidden, "predictor_groups": len(predictor.groups)},
+        "versions": versions(), "summary": result.to_json(),
+    }
+    manifest["summary"].pop("out")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        features.save(tmp / TRAJECTORY)
+        _save_predictor(tmp, predictor)
+        write_json(tmp / MANIFEST, manifest)
+    return result
+
+
+def _save_predictor(folder: Path, predictor: Predictor) -> None:
+    save_file(predictor.state_dict(), str(folder / PREDICTOR_WEIGHTS), metadata={"format": "pt"})
+    s = predictor.settings
+    write_json(folder / PREDICTOR_CONFIG, {
+        "architecture": "NExtMLP", "hidden": s.hidden, "epochs": s.epochs, "lr": s.lr, "min_lr_ratio": s.min_lr_ratio,
+        "weight_decay": s.weight_decay, "seed": s.seed,
+        "groups": [{"length": g.length, "members": [f"{m}:{p}" for m, p in g.members],
+                    "loss_first": g.losses[0], "loss_last": g.losses[-1]} for g in predictor.groups],
+    })
+
+
+@dataclass
+class FitFolder:
+    """A fit folder read back: what ``extend`` needs."""
+
+    path: Path
+    manifest: dict[str, Any]
+    features: Features
+    predictor: Predictor
+    trajectory: LoraTrajectory
+
+
+def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
+    """Read a fit folder and re-open its source trajectory, checking the checkpoints are the ones fitted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NextrapError(f"{path}: not a fit folder (run `nextrap fit CKPTS --out {path}` first)")
+    manifest = read_json(path / MANIFEST)
+    features = Features.load(path / TRAJECTORY)
+    config = read_json(path / PREDICTOR_CONFIG)
+    settings = TrainSettings(epochs=config["epochs"], lr=config["lr"], min_lr_ratio=config["min_lr_ratio"],
+                             weight_decay=config["weight_decay"], hidden=config["hidden"], seed=config["seed"])
+    groups = [Group(g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]]) for g in config["groups"]]
+    try:
+        state = load_file(str(path / PREDICTOR_WEIGHTS))
+    except Exception as e:  # noqa: BLE001
+        raise NextrapError(f"{path / PREDICTOR_WEIGHTS}: not a readable safetensors file ({e})") from None
+    predictor = load_predictor(state, groups, settings)
+    traj = load_trajectory(manifest["source"])
+    if traj.steps != manifest["steps"]:
+        raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
+    if verify_inputs:
+        for entry in manifest["inputs"]:
+            for f in entry["files"]:
+                file = Path(entry["path"]) / f["name"]
+                if not file.is_file() or file.stat().st_size != f["bytes"] or sha256(file) != f["sha256"]:
+                    raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
+    return FitFolder(path, manifest, features, predictor, traj)
+

@@ -1,0 +1,145 @@
+"""Hugging Face model folders: reading a base model's weights lazily (single or sharded safetensors) and
+writing a merged model the Hugging Face way (``model-0000i-of-0000N.safetensors`` + index when sharded)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoints import PEFT_PREFIX, LoraTrajectory, open_weights, shape_groups
+from .errors import NextrapError
+from .files import read_json, write_json
+from .methods import Jump
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def weight_map(base: Path) -> dict[str, Path]:
+    """Every tensor name of the base model -> the safetensors file that holds it."""
+    base = Path(base)
+    if (base / INDEX).is_file():
+        index = read_json(base / INDEX)
+        try:
+            return {k: base / f for k, f in index["weight_map"].items()}
+        except (KeyError, AttributeError):
+            raise NextrapError(f"{base / INDEX}: no weight_map") from None
+    if (base / SINGLE).is_file():
+        with open_weights(base / SINGLE) as f:
+            return {k: base / SINGLE for k in f.keys()}
+    raise NextrapError(f"{base}: no {SINGLE} or {INDEX} (a Hugging Face model folder with safetensors weights is needed)")
+
+
+def _header(files: set[Path]) -> dict[str, tuple[list[int], str]]:
+    info = {}
+    for path in sorted(files):
+        if not path.is_file():
+            raise NextrapError(f"{path}: listed in the index but missing")
+        with open_weights(path) as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                info[k] = (list(sl.get_shape()), sl.get_dtype())
+    return info
+
+
+def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors in ``keys`` order, one file open at a time where the order allows."""
+    current, handle = None, None
+    try:
+        for key in keys:
+            if wmap[key] != current:
+                if handle is not None:
+                    handle.__exit__(None, None, None)
+                current = wmap[key]
+                handle = open_weights(current).__enter__()
+            yield key, handle.get_tensor(key)
+    finally:
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+
+def _dense_delta(traj: LoraTrajectory, name: str, b: torch.Tensor, a: torch.Tensor, j: Jump, alpha: float) -> torch.Tensor:
+    m = traj.module(name)
+    p, q = j.factors[name]
+    delta = m.scale * (b @ a) + alpha * (p @ q.mT)
+    return delta.mT if m.fan_in_fan_out else delta
+
+
+def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: float, max_shard_bytes: int) -> dict:
+    """Write base + (W_row - W_0) + alpha * jump as a Hugging Face model folder; returns a small summary."""
+    base = Path(base)
+    wmap = weight_map(base)
+    info = _header(set(wmap.values()))
+    by_key = {m.base_key: m for m in traj.modules}
+    missing = [k for k in by_key if k not in info]
+    if missing:
+        raise NextrapError(f"{base}: has no weight {missing[0]} for LoRA module {by_key[missing[0]].name} (is it the adapter's base model?)")
+    for key, m in by_key.items():
+        shape = info[key][0]
+        want = [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
+        if shape != want:
+            raise NextrapError(f"{wmap[key]}: {key} has shape {shape}, but the LoRA module expects {want}")
+    extra = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in traj.read_extra(row).items()}
+    for key in extra:
+        if key not in info:
+            raise NextrapError(f"{traj.checkpoints[row].weights}: tensor {key} (modules_to_save) has no counterpart in {base}")
+
+    keys = list(info)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        shape, dtype = info[key]
+        nbytes = _DTYPE_BYTES.get(dtype, 4) * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    out.mkdir(parents=True, exist_ok=True)
+    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
+    for group in shape_groups(traj.modules).values():
+        b, a = traj.factors(row, group)
+        factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
+    weight_index, total = {}, 0
+    for fname, shard in zip(names, shards):
+        tensors = {}
+        for key, w in _iter_tensors(shard, wmap):
+            if key in by_key:
+                name = by_key[key].name
+                delta = _dense_delta(traj, name, *factors[name], j, alpha)
+                w = (w.to(torch.float64) + delta).to(w.dtype)
+            elif key in extra:
+                w = extra[key].to(w.dtype)
+            if w.is_floating_point() and not torch.isfinite(w).all():
+                raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
+            tensors[key] = w.contiguous()
+            weight_index[key] = fname
+            total += w.numel() * w.element_size()
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
+    for f in base.iterdir():  # config, generation config, tokenizer, chat template...
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX and not f.name.startswith("."):
+            shutil.copy2(f, out / f.name)
+    return {"shards": len(shards), "total_bytes": total, "modules_merged": len(by_key)}

@@ -1,0 +1,50 @@
+"""Extrapolation methods behind one interface: given the trajectory up to checkpoint ``row``, each returns a
+``Jump`` (the predicted move per module, as thin factors) and the jumped weights are W_row + alpha * P @ Q.T.
+Adding a method means adding one module here and one line to ``METHODS``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..checkpoints import LoraTrajectory
+from ..predictor import Predictor
+from ..trajectory import Features
+
+
+@dataclass
+class JumpContext:
+    features: Features
+    trajectory: LoraTrajectory
+    row: int  # the checkpoint the jump starts from
+    predictor: Predictor | None = None  # the fitted NExt predictor, for methods that need one
+
+
+@dataclass
+class Jump:
+    """Per module: thin factors (P [m, k], Q [n, k]) of the move, so that delta = P @ Q.T; ``sigma`` for reports."""
+
+    method: str
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sigma: dict[str, float]
+
+
+def _registry() -> dict[str, Callable[[JumpContext], Jump]]:
+    from . import linear, next as next_method
+    return {"next": next_method.jump, "linear": linear.jump}
+
+
+METHODS: tuple[str, ...] = ("next", "linear")
+NEEDS_PREDICTOR = {"next"}
+
+
+def jump(method: str, ctx: JumpContext) -> Jump:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    result = _registry()[method](ctx)
+    for name, (p, q) in result.factors.items():
+        if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
+            raise FloatingPointError(f"method {method} predicted NaN or Inf for module {name}")
+    return result

@@ -1,0 +1,127 @@
+"""Rank-1 features of a LoRA trajectory: global, local and target deltas as (sigma, u, v), per module.
+
+Row i is checkpoint i in step order; the base model (zero delta) is the reference point W_0:
+    global  G_i = W_i - W_0
+    local   L_i = W_i - W_{i-1}        (L_0 = W_0' - W_0 for the first saved checkpoint)
+    target  T_i = W_{i+h} - W_i        (NaN where i + h is past the last checkpoint)
+Each is a thin product of LoRA factors, so its top singular triple is exact and cheap (``lowrank``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoints import LoraTrajectory, shape_groups
+from .errors import NextrapError
+from .lowrank import align_signs, top1_factored
+
+KINDS = ("global", "local", "target")
+PARTS = ("sigma", "u", "v")
+Progress = Callable[[int], None]  # called with the number of modules just finished
+
+
+@dataclass
+class Features:
+    """The contents of ``trajectory.safetensors``: keys ``{module}:{kind}:{part}``, rows in step order."""
+
+    steps: list[int]
+    horizon: int
+    sign_align: bool
+    modules: list[str]
+    tensors: dict[str, torch.Tensor]
+
+    def get(self, module: str, kind: str, part: str) -> torch.Tensor:
+        return self.tensors[f"{module}:{kind}:{part}"]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.steps)
+
+    def truncate(self, n_rows: int) -> "Features":
+        """The features the first ``n_rows`` checkpoints alone would give (targets past them become NaN)."""
+        if not self.horizon < n_rows <= self.n_rows:
+            raise ValueError(f"cannot truncate {self.n_rows} rows to {n_rows} with horizon {self.horizon}")
+        out = {}
+        for key, t in self.tensors.items():
+            t = t[:n_rows].clone()
+            if ":target:" in key:
+                t[n_rows - self.horizon:] = float("nan")
+            out[key] = t
+        return Features(self.steps[:n_rows], self.horizon, self.sign_align, self.modules, out)
+
+    def save(self, path: Path) -> None:
+        meta = {"steps": json.dumps(self.steps), "horizon": str(self.horizon), "sign_align": json.dumps(self.sign_align),
+                "modules": json.dumps(self.modules)}
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "Features":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return cls(json.loads(meta["steps"]), int(meta["horizon"]), json.loads(meta["sign_align"]),
+                       json.loads(meta["modules"]), tensors)
+        except NextrapError:
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt file or missing metadata: same user-facing problem
+            raise NextrapError(f"{path}: not a nextrap trajectory file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def pair_factors(b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor | None, a_old: torch.Tensor | None,
+                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin factors (P, Q) of s * (B_new A_new - B_old A_old) (or of s * B_new A_new when old is None), batched."""
+    s = scale.reshape(-1, *([1] * (b_new.dim() - 1)))
+    if b_old is None:
+        return s * b_new, a_new.mT
+    return torch.cat([s * b_new, -s * b_old], -1), torch.cat([a_new.mT, a_old.mT], -1)
+
+
+def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, chunk_modules: int = 64,
+                     progress: Progress | None = None) -> Features:
+    """Exact rank-1 features of every module, batched over modules of equal shape."""
+    n = len(traj.checkpoints)
+    if n <= horizon:
+        raise NextrapError(f"{traj.root}: {n} checkpoints, but horizon {horizon} needs at least {horizon + 1} (one training pair)")
+    tensors: dict[str, torch.Tensor] = {}
+    for names_all in shape_groups(traj.modules).values():
+        for start in range(0, len(names_all), chunk_modules):
+            names = names_all[start:start + chunk_modules]
+            scale = traj.scales(names)
+            bs, as_ = zip(*(traj.factors(i, names) for i in range(n)))
+            feats = {
+                "global": [pair_factors(bs[i], as_[i], None, None, scale) for i in range(n)],
+                "local": [pair_factors(bs[0], as_[0], None, None, scale)] + [
+                    pair_factors(bs[i], as_[i], bs[i - 1], as_[i - 1], scale) for i in range(1, n)],
+                "target": [pair_factors(bs[i + horizon], as_[i + horizon], bs[i], as_[i], scale) for i in range(n - horizon)],
+            }
+            for kind, pairs in feats.items():
+                _store(tensors, names, kind, pairs, n, sign_align)
+            if progress:
+                progress(len(names))
+    return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors)
+
+
+def _store(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+           n_rows: int, sign_align: bool) -> None:
+    k = max(p.shape[-1] for p, _ in pairs)  # local row 0 has rank r, the others 2r: pad with zero columns
+    p = torch.stack([torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p, _ in pairs], 1)  # [mod, T, m, k]
+    q = torch.stack([torch.nn.functional.pad(q, (0, k - q.shape[-1])) for _, q in pairs], 1)
+    r1 = top1_factored(p, q)
+    u, v = align_signs(r1.u, r1.v) if sign_align else (r1.u, r1.v)
+    rows = len(pairs)
+    for j, name in enumerate(names):
+        parts = {"sigma": r1.sigma[j], "u": u[j], "v": v[j]}
+        if kind == "global":
+            parts["energy"] = r1.energy[j]
+        for part, t in parts.items():
+            full = torch.full((n_rows, *t.shape[1:]), float("nan"), dtype=torch.float32)
+            full[:rows] = t.to(torch.float32)
+            tensors[f"{name}:{kind}:{part}"] = full

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from conftest import TRAJECTORY, TWO_MODULES, LORA_CONFIG, lora_tensors, write_adapter
+from nextrap.adapter import jumped_config, jumped_factors
+from nextrap.checkpoints import load_trajectory, module_scale
+
+
+@pytest.mark.parametrize("alpha", [1.5, 0.0, -0.5])
+def test_appended_factors_add_alpha_times_the_move(alpha):
+    torch.manual_seed(0)
+    b, a = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    p, q = torch.randn(6, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    s = 2.0
+    nb, na = jumped_factors(b, a, p, q, s, alpha)
+    assert nb.shape == (6, 5) and na.shape == (5, 5)
+    assert torch.equal(nb[:, :4], b) and torch.equal(na[:4], a)  # the trained columns are untouched
+    assert torch.allclose(s * nb @ na, s * b @ a + alpha * p @ q.mT, atol=1e-12)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_jumped_config_keeps_every_modules_scale(tmp_path, rslora):
+    modules = {"base_model.model.layers.0.q": (6, 5, 2), "base_model.model.layers.0.k": (3, 5, 4),
+               "base_model.model.layers.1.q": (6, 5, 4)}
+    cfg = {**LORA_CONFIG, "use_rslora": rslora, "rank_pattern": {"layers.0.q": 2}, "alpha_pattern": {"layers.0.q": 3}}
+    for i in (1, 2):
+        write_adapter(tmp_path / f"step_{i}", lora_tensors(i, modules), cfg)
+    traj = load_trajectory(tmp_path)
+    extra = {"base_model.model.layers.0.q": 1, "base_model.model.layers.0.k": 1, "base_model.model.layers.1.q": 8}
+    new = jumped_config(cfg, traj, extra)
+    for m in traj.modules:
+        rel = m.name.removeprefix("base_model.model.")
+        rank = new["rank_pattern"].get(rel, new["r"])
+        alpha = new["alpha_pattern"].get(rel, new["lora_alpha"])
+        assert rank == m.rank + extra[m.name]
+        assert module_scale({**new, "alpha_pattern": {rel: alpha}}, m.name, rank) == pytest.approx(m.scale)
+
+
+def test_jumped_adapter_loads_in_peft_and_merges_to_the_jump(fitted, tmp_path):
+    """fit -> extend -> PeftModel.from_pretrained: merged weights equal W_c + alpha * delta; it generates."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nextrap
+    from conftest import BASE
+
+    res = nextrap.extend(fitted, [1.5], tmp_path / "jumped")
+    pred = load_file(str(tmp_path / "jumped" / "prediction.safetensors"))
+    traj = load_trajectory(TRAJECTORY)
+    last = traj.checkpoints[-1].path
+    base = AutoModelForCausalLM.from_pretrained(BASE)
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, res.out)
+    assert model.peft_config["default"].r == 9
+    tok = AutoTokenizer.from_pretrained(BASE)
+    ids = tok("12+34=", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+    merged = model.merge_and_unload().state_dict()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), last).merge_and_unload().state_dict()
+    for m in traj.modules:
+        sigma, u, v = pred[f"{m.name}:sigma"], pred[f"{m.name}:u"], pred[f"{m.name}:v"]
+        expected = ref[m.base_key] + 1.5 * sigma * torch.outer(u, v)
+        assert torch.allclose(merged[m.base_key], expected, atol=1e-6), m.name
+        assert not torch.equal(merged[m.base_key], w0[m.base_key])

@@ -1,0 +1,117 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import LORA_CONFIG, TWO_MODULES, lora_tensors, write_adapter
+from nextrap.checkpoints import discover, load_trajectory, module_scale
+from nextrap.errors import NextrapError
+
+
+def _traj(root: Path, names: list[str], config=LORA_CONFIG, modules=TWO_MODULES) -> Path:
+    for i, name in enumerate(names):
+        write_adapter(root / name, lora_tensors(i, modules), config)
+    return root
+
+
+@pytest.mark.parametrize("names, steps", [
+    (["checkpoint-20", "checkpoint-100", "checkpoint-3"], [3, 20, 100]),
+    (["global_step_10/actor/lora_adapter", "global_step_5/actor/lora_adapter"], [5, 10]),
+    (["global_step10_hf", "global_step20_hf"], [10, 20]),
+    (["step_2", "step_1"], [1, 2]),
+    (["30", "7"], [7, 30]),
+])
+def test_steps_come_from_folder_names_and_are_sorted(tmp_path, names, steps):
+    assert [c.step for c in discover(_traj(tmp_path, names))] == steps
+
+
+def test_step_from_trainer_state(tmp_path):
+    _traj(tmp_path, ["run-a", "run-b"])
+    (tmp_path / "run-a" / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    (tmp_path / "run-b" / "trainer_state.json").write_text(json.dumps({"global_step": 8}))
+    assert [c.step for c in discover(tmp_path)] == [8, 40]
+
+
+def test_unknown_step_and_duplicate_steps_are_errors(tmp_path):
+    _traj(tmp_path / "a", ["final"])
+    with pytest.raises(NextrapError, match="final: cannot tell its step"):
+        discover(tmp_path / "a")
+    _traj(tmp_path / "b", ["step_5", "checkpoint-5"])
+    with pytest.raises(NextrapError, match="step 5 also found"):
+        discover(tmp_path / "b")
+    with pytest.raises(NextrapError, match="no PEFT adapters"):
+        discover(_empty(tmp_path / "c"))
+
+
+def _empty(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def test_single_adapter_is_not_a_trajectory(tmp_path):
+    write_adapter(tmp_path, lora_tensors(0, TWO_MODULES), LORA_CONFIG)
+    with pytest.raises(NextrapError, match="single adapter"):
+        discover(tmp_path)
+
+
+def test_trajectory_reads_modules_and_factors(tmp_path):
+    traj = load_trajectory(_traj(tmp_path, ["step_1", "step_2"]))
+    assert traj.steps == [1, 2]
+    assert [m.name for m in traj.modules] == sorted(TWO_MODULES)
+    q = traj.module("base_model.model.layers.0.q")
+    assert (q.out_features, q.in_features, q.rank, q.scale) == (6, 5, 4, 2.0)
+    assert q.base_key == "layers.0.q.weight"
+    b, a = traj.factors(1, ["base_model.model.layers.0.q"])
+    assert torch.equal(b[0].float(), lora_tensors(1, TWO_MODULES)["base_model.model.layers.0.q.lora_B.weight"])
+    assert a.dtype == torch.float64
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg, t: cfg.update(lora_alpha=16), "lora_alpha = 16"),
+    (lambda cfg, t: cfg.update(use_rslora=True), "use_rslora"),
+    (lambda cfg, t: t.update({"base_model.model.layers.0.q.lora_A.weight": torch.zeros(4, 7)}), "module base_model.model.layers.0.q has"),
+    (lambda cfg, t: t.pop("base_model.model.layers.0.k.lora_A.weight"), "has lora_B but not its pair"),
+    (lambda cfg, t: [t.pop(k) for k in list(t) if ".k." in k], "LoRA modules differ"),
+])
+def test_disagreeing_checkpoint_is_named(tmp_path, change, message):
+    _traj(tmp_path, ["step_1", "step_2"])
+    cfg, tensors = dict(LORA_CONFIG), lora_tensors(9, TWO_MODULES)
+    change(cfg, tensors)
+    shutil.rmtree(tmp_path / "step_3", ignore_errors=True)
+    write_adapter(tmp_path / "step_3", tensors, cfg)
+    with pytest.raises(NextrapError) as err:
+        load_trajectory(tmp_path)
+    assert "step_3" in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**LORA_CONFIG, "use_dora": True}, "DoRA"),
+    ({**LORA_CONFIG, "peft_type": "LOHA"}, "LOHA is not supported"),
+])
+def test_unsupported_adapters_are_refused(tmp_path, config, message):
+    _traj(tmp_path, ["step_1", "step_2"], config=config)
+    with pytest.raises(NextrapError, match=message):
+        load_trajectory(tmp_path)
+
+
+def test_rank_pattern_alpha_pattern_and_rslora_scales(tmp_path):
+    modules = {"base_model.model.layers.0.q": (6, 5, 2), "base_model.model.layers.0.k": (3, 5, 4),
+               "base_model.model.layers.10.q": (6, 5, 4)}
+    cfg = {**LORA_CONFIG, "rank_pattern": {"layers.0.q": 2}, "alpha_pattern": {"layers.0.q": 4}}
+    traj = load_trajectory(_traj(tmp_path / "a", ["step_1", "step_2"], config=cfg, modules=modules))
+    assert traj.module("base_model.model.layers.0.q").scale == 4 / 2
+    assert traj.module("base_model.model.layers.10.q").scale == 8 / 4  # "layers.0.q" must not match layers.10.q
+    assert traj.module("base_model.model.layers.0.k").scale == 8 / 4
+    assert module_scale({**LORA_CONFIG, "use_rslora": True}, "x", 4) == 8 / math.sqrt(4)
+
+
+def test_corrupt_safetensors_is_a_one_line_error(tmp_path):
+    _traj(tmp_path, ["step_1", "step_2"])
+    weights = tmp_path / "step_2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])  # truncated
+    with pytest.raises(NextrapError) as err:
+        load_trajectory(tmp_path).factors(1, ["base_model.model.layers.0.q"])
+    assert str(weights) in str(err.value) and "\n" not in str(err.value)

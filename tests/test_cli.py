@@ -1,0 +1,56 @@
+import json
+
+from typer.testing import CliRunner
+
+from conftest import tree_digest
+from nextrap.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_contract_options():
+    for cmd, opts in {"fit": ["--out", "--horizon", "--seed", "--epochs", "--device", "--json", "--no-sign-align"],
+                      "extend": ["--fit", "--alpha", "--out", "--format", "--base", "--method", "--json"]}.items():
+        res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0
+        for opt in opts:
+            assert opt in res.output, (cmd, opt)
+
+
+def test_fit_then_extend_json(trajectory, tmp_path):
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--epochs", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == 3
+    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "1.0,2.0", "--out", str(tmp_path / "j"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["alphas"] == [1.0, 2.0] and out["method"] == "next"
+    assert (tmp_path / "j" / "alpha-2.0" / "adapter_config.json").is_file()
+
+
+def test_human_summary(trajectory, tmp_path):
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--epochs", "2"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for text in ("checkpoints", "rank-1 energy", "predictor loss", "backtest", "oracle-rank1", "linear"):
+        assert text in res.output
+
+
+def test_corrupt_checkpoint_is_one_line_exit_1_and_nothing_written(trajectory, tmp_path):
+    weights = trajectory / "step_70" / "adapter_model.safetensors"
+    weights.write_bytes(b"\x00" * 20)
+    before = tree_digest(trajectory)
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--epochs", "2"])
+    assert res.exit_code == 1
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "step_70/adapter_model.safetensors" in lines[0] and "Traceback" not in res.output
+    assert not (tmp_path / "fit").exists()
+    assert tree_digest(trajectory) == before
+
+
+def test_existing_output_and_bad_alpha_exit_1(trajectory, tmp_path):
+    (tmp_path / "fit").mkdir()
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit")])
+    assert res.exit_code == 1 and "already exists" in res.stderr
+    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "big", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "--alpha" in res.stderr

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+import nextrap
+from conftest import TRAJECTORY
+from nextrap.checkpoints import load_trajectory
+from nextrap.errors import NextrapError
+from nextrap.extend import alpha_folder, parse_alphas
+
+
+def test_parse_alphas():
+    assert parse_alphas("1.5") == [1.5]
+    assert parse_alphas("1.0,1.5") == [1.0, 1.5]
+    assert parse_alphas("0.5:4.0:0.5") == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    assert parse_alphas("0.1:0.3:0.1") == [0.1, 0.2, 0.3]
+    for bad in ("x", "1:2", "2:1:0.5", "1:2:0", "nan", "1,1"):
+        with pytest.raises(NextrapError, match="--alpha"):
+            parse_alphas(bad)
+    assert [alpha_folder(a) for a in (1.0, 1.5, 0.25, 4)] == ["alpha-1.0", "alpha-1.5", "alpha-0.25", "alpha-4.0"]
+
+
+def test_one_fit_many_alphas_with_provenance(fitted, tmp_path):
+    res = nextrap.extend(fitted, [0.5, 1.5], tmp_path / "out")
+    assert [p.name for p in res.folders] == ["alpha-0.5", "alpha-1.5"]
+    for alpha, folder in zip(res.alphas, res.folders):
+        info = json.loads((folder / "nextrap.json").read_text())
+        assert info["alpha"] == alpha and info["method"] == "next" and info["horizon"] == 5
+        assert info["from_step"] == 160 and info["source_steps"][-1] == 160
+        assert len(info["predicted_sigma"]) == 14
+        assert [b["method"] for b in info["backtest"]] == ["next", "linear", "oracle-rank1"]
+        assert (folder / "prediction.safetensors").is_file() and (folder / "adapter_model.safetensors").is_file()
+
+
+def test_linear_adapter_is_exact(fitted, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import BASE
+
+    res = nextrap.extend(fitted, [2.0], tmp_path / "lin", method="linear")
+    traj = load_trajectory(TRAJECTORY)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), res.out)
+    assert model.peft_config["default"].r == 8 + 16  # the move W_c - W_{c-h} has rank 2r
+    merged = model.merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(BASE).state_dict()
+    for m in traj.modules:
+        (b1, a1), (b0, a0) = traj.factors(16, [m.name]), traj.factors(11, [m.name])
+        w_c, w_h = m.scale * b1[0] @ a1[0], m.scale * b0[0] @ a0[0]
+        expected = base[m.base_key].double() + w_c + 2.0 * (w_c - w_h)
+        assert torch.allclose(merged[m.base_key].double(), expected, atol=1e-6)
+
+
+def test_nan_prediction_is_refused_and_nothing_is_written(fitted, tmp_path, monkeypatch):
+    from nextrap.predictor import NExtMLP
+
+    monkeypatch.setattr(NExtMLP, "forward", lambda self, g, l: torch.full_like(g, float("nan")))
+    with pytest.raises(NextrapError, match="NaN"):
+        nextrap.extend(fitted, [1.0], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_method_and_format(fitted, tmp_path):
+    with pytest.raises(NextrapError, match="--method"):
+        nextrap.extend(fitted, [1.0], tmp_path / "o", method="magic")
+    with pytest.raises(NextrapError, match="--format"):
+        nextrap.extend(fitted, [1.0], tmp_path / "o", fmt="gguf")

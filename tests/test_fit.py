@@ -1,0 +1,63 @@
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+
+import nextrap
+from conftest import FAST_EPOCHS, tree_digest
+from nextrap.errors import NextrapError
+from nextrap.fit import load_fit
+
+
+def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tmp_path):
+    before = tree_digest(trajectory)
+    res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=FAST_EPOCHS, horizon=5, seed=7)
+    assert tree_digest(trajectory) == before
+    out = tmp_path / "fit"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "predictor.json", "predictor.safetensors", "trajectory.safetensors"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["steps"] == list(range(0, 161, 10)) and man["horizon"] == 5
+    assert man["settings"]["seed"] == 7 and man["settings"]["epochs"] == FAST_EPOCHS and man["settings"]["sign_align"] is True
+    assert set(man["versions"]) >= {"torch", "peft", "safetensors", "nextrap"}
+    entry = man["inputs"][3]
+    assert entry["step"] == 30
+    assert {f["name"] for f in entry["files"]} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in entry["files"])
+    with safe_open(str(out / "trajectory.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["steps"]) == man["steps"]
+        m = "base_model.model.model.layers.0.self_attn.q_proj"
+        assert f.get_slice(f"{m}:global:sigma").get_shape() == [17]
+        assert f.get_slice(f"{m}:target:u").get_shape() == [17, 64]
+        assert f.get_slice("base_model.model.model.layers.0.mlp.down_proj:local:v").get_shape() == [17, 128]
+    assert [b.method for b in res.backtest] == ["next", "linear", "oracle-rank1"]
+    assert res.n_modules == 14 and set(res.group_losses) == {1, 32, 64, 128}
+    loaded = load_fit(out)
+    assert loaded.features.steps == man["steps"]
+
+
+def test_fit_errors(trajectory, tmp_path):
+    with pytest.raises(NextrapError, match="horizon 20 needs at least 21"):
+        nextrap.fit(trajectory, out=tmp_path / "a", horizon=20, epochs=1)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(NextrapError, match="already exists"):
+        nextrap.fit(trajectory, out=tmp_path / "exists", epochs=1)
+    with pytest.raises(NextrapError, match="--horizon 0"):
+        nextrap.fit(trajectory, out=tmp_path / "b", horizon=0)
+
+
+def test_short_trajectory_fits_without_a_backtest(trajectory, tmp_path):
+    for step in range(80, 161, 10):
+        shutil.rmtree(trajectory / f"step_{step}")
+    res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2)
+    assert res.steps == list(range(0, 71, 10)) and res.backtest == []
+
+
+def test_extend_refuses_inputs_changed_since_the_fit(trajectory, tmp_path):
+    nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, run_backtest=False)
+    cfg = trajectory / "step_160" / "adapter_config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    with pytest.raises(NextrapError, match="step_160/adapter_config.json: changed since it was fitted"):
+        nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
