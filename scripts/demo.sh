@@ -8,10 +8,13 @@ OUT=.demo
 rm -rf "$OUT"
 
 echo "== nextrap fit: rank-1 features, NExt predictor, backtest"
-"$BIN/nextrap" fit fixtures/lora-trajectory --out "$OUT/fit"
+"$BIN/nextrap" fit fixtures/lora-trajectory --out "$OUT/fit" --backtest-folds 3
 
 echo "== nextrap extend: NExt jump as PEFT adapters (rank r+1), alpha 0.5..2.0"
 "$BIN/nextrap" extend --fit "$OUT/fit" --alpha 0.5:2.0:0.5 --out "$OUT/jumped"
+
+echo "== nextrap extend --method auto --alpha auto: the jump with the lowest backtest error (or none)"
+"$BIN/nextrap" extend --fit "$OUT/fit" --method auto --alpha auto --out "$OUT/auto"
 
 echo "== nextrap extend: straight-line jump merged into the base model"
 "$BIN/nextrap" extend --fit "$OUT/fit" --alpha 1.5 --method linear --format merged --base fixtures/tiny-llama --out "$OUT/merged-linear"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY
-from nextrap.backtest import backtest, evaluate_jump, oracle_rank1
+from nextrap.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
 from nextrap.checkpoints import load_trajectory
 from nextrap.methods import Jump
 from nextrap.predictor import TrainSettings
@@ -59,11 +59,48 @@ def test_oracle_is_the_true_moves_best_rank1(setup):
 def test_backtest_reports_each_method_and_the_oracle(setup):
     traj, feats = setup
     results = backtest(feats, traj, TrainSettings(epochs=5))
-    assert [r.method for r in results] == ["next", "linear", "oracle-rank1"]
-    assert all(r.from_step == 110 and r.to_step == 160 for r in results)
+    assert [r.method for r in results] == ["next", "linear", "expo", "relex", "oracle-rank1"]
+    assert all(r.from_step == 110 and r.to_step == 160 and r.folds == 1 for r in results)
     assert all(math.isfinite(r.error) and -1 <= r.cosine <= 1 for r in results)
     oracle = results[-1]
     assert oracle.error < 1 and oracle.error <= results[0].error  # Eckart-Young: no rank-1 jump does better
+    for r in results[:-1]:
+        assert 0 <= r.best_alpha <= 4 and r.best_error <= min(1.0, r.error) + 1e-3
+        # the closed form agrees with a direct evaluation at the chosen alpha
+        assert r.terms.error(r.best_alpha) == pytest.approx(r.best_error)
+
+
+def test_terms_closed_form():
+    t = Terms(t=4.0, c=2.0, j=2.0)  # best alpha = c / j = 1, e(1)^2 = 1 - 2*2/4 + 2/4 = 0.5
+    assert t.error(0) == 1.0 and t.error(1) == pytest.approx(math.sqrt(0.5))
+    assert t.best_alpha() == 1.0 and t.cosine() == pytest.approx(2 / math.sqrt(8))
+    assert Terms(t=1.0, c=-0.5, j=1.0).best_alpha() == 0.0  # pointing backwards: don't jump
+    assert Terms(t=1.0, c=10.0, j=1.0).best_alpha() == 4.0  # capped
+
+
+def test_folds_pool_several_starts(setup):
+    traj, feats = setup
+    one = {r.method: r for r in backtest(feats, traj, TrainSettings(epochs=2), methods=("linear",), folds=1)}
+    three = {r.method: r for r in backtest(feats, traj, TrainSettings(epochs=2), methods=("linear",), folds=3)}
+    assert three["linear"].folds == 3 and three["linear"].terms.t > one["linear"].terms.t
+    assert max_folds(feats) == 16 - 5 - 5 + 1 and max_folds(feats, ("linear",)) == 16 - 5 + 1
+
+
+def _result(method, t, c, j):
+    terms = Terms(t, c, j)
+    best = terms.best_alpha()
+    return BacktestResult(method, 1.0, terms.error(1), terms.cosine(), 0, 1, best, terms.error(best), 1, terms)
+
+
+def test_choose_picks_the_lowest_error_or_no_jump():
+    results = [_result("next", 1, 0.2, 1), _result("linear", 1, 0.6, 1), _result("oracle-rank1", 1, 0.9, 0.9)]
+    best = choose(results)
+    assert (best.method, best.alpha) == ("linear", 0.6) and best.error == pytest.approx(0.8)
+    assert choose(results, method="next").alpha == 0.2
+    assert choose(results, alpha=1.0).method == "linear"
+    bad = [_result("next", 1, -0.3, 1), _result("linear", 1, 0.01, 1)]  # 0.01 gain: chance, not skill
+    none = choose(bad)
+    assert none.alpha == 0.0 and none.error == 1.0 and "no jump" in none.reason
 
 
 def test_backtest_needs_2h_plus_1_checkpoints(setup):

@@ -21,7 +21,7 @@ def test_fit_then_extend_json(trajectory, tmp_path):
     res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--epochs", "3", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == 3
+    assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == 5
     res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "1.0,2.0", "--out", str(tmp_path / "j"), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -54,3 +54,14 @@ def test_existing_output_and_bad_alpha_exit_1(trajectory, tmp_path):
     assert res.exit_code == 1 and "already exists" in res.stderr
     res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "big", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "--alpha" in res.stderr
+
+
+def test_extend_auto_and_loud_warning(fitted, tmp_path):
+    res = runner.invoke(app, ["extend", "--fit", str(fitted), "--alpha", "auto", "--method", "auto", "--out", str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["choice"]["method"] in ("next", "linear", "expo", "relex") and out["alphas"] == [out["choice"]["alpha"]]
+    info = json.loads((tmp_path / "a" / "nextrap.json").read_text())
+    assert info["choice"] == out["choice"]
+    res = runner.invoke(app, ["extend", "--fit", str(fitted), "--alpha", "4", "--method", "expo", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "warning:" in res.stderr and "worse than not jumping" in res.stderr

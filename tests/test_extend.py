@@ -15,6 +15,7 @@ def test_parse_alphas():
     assert parse_alphas("1.0,1.5") == [1.0, 1.5]
     assert parse_alphas("0.5:4.0:0.5") == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
     assert parse_alphas("0.1:0.3:0.1") == [0.1, 0.2, 0.3]
+    assert parse_alphas("auto") is None
     for bad in ("x", "1:2", "2:1:0.5", "1:2:0", "nan", "1,1"):
         with pytest.raises(NextrapError, match="--alpha"):
             parse_alphas(bad)
@@ -29,7 +30,8 @@ def test_one_fit_many_alphas_with_provenance(fitted, tmp_path):
         assert info["alpha"] == alpha and info["method"] == "next" and info["horizon"] == 5
         assert info["from_step"] == 160 and info["source_steps"][-1] == 160
         assert len(info["predicted_sigma"]) == 14
-        assert [b["method"] for b in info["backtest"]] == ["next", "linear", "oracle-rank1"]
+        assert [b["method"] for b in info["backtest"]] == ["next", "linear", "expo", "relex", "oracle-rank1"]
+        assert info["backtest_error"] > 0
         assert (folder / "prediction.safetensors").is_file() and (folder / "adapter_model.safetensors").is_file()
 
 
@@ -66,3 +68,27 @@ def test_bad_method_and_format(fitted, tmp_path):
         nextrap.extend(fitted, [1.0], tmp_path / "o", method="magic")
     with pytest.raises(NextrapError, match="--format"):
         nextrap.extend(fitted, [1.0], tmp_path / "o", fmt="gguf")
+
+
+def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
+    """Updates that are pure noise (a random walk in the factors): nothing can predict the next move."""
+    from conftest import LORA_CONFIG, write_adapter
+
+    modules = {"base_model.model.layers.0.q": (64, 48, 8), "base_model.model.layers.0.k": (32, 48, 8)}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (m, n, r) in modules.items():
+        state[f"{name}.lora_A.weight"] = torch.randn(r, n, generator=g)
+        state[f"{name}.lora_B.weight"] = torch.zeros(m, r)
+    for i in range(12):
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        write_adapter(tmp_path / "ckpts" / f"step_{i}", state, LORA_CONFIG)
+    nextrap.fit(tmp_path / "ckpts", out=tmp_path / "fit", horizon=1, epochs=5, backtest_folds=3)
+    res = nextrap.extend(tmp_path / "fit", None, tmp_path / "out", method="auto")
+    assert res.choice.alpha == 0.0 and res.alphas == [0.0], res.choice
+    assert any("no jump" in w for w in res.warnings)
+    from safetensors.torch import load_file
+    jumped = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for k, v in state.items():  # the trained factors are the last checkpoint's; the appended column is zero
+        assert torch.equal(jumped[k][: v.shape[0], : v.shape[1]], v)
+        assert (jumped[k].abs().sum() - v.abs().sum()).abs() < 1e-6

@@ -3,6 +3,8 @@
 Library entry points (the CLI is a thin layer over them):
     fit(ckpts, out, horizon=5, ...)      -> FitResult     (writes the fit folder)
     extend(fit_dir, alphas, out, ...)    -> ExtendResult  (writes the jumped checkpoint(s))
+    diagnose(ckpts)                      -> Diagnosis     (rank-1 energy and linearity, as `nextrap inspect`)
+    push(folder, repo, ...)              -> PushResult    (upload with a model card, as `nextrap push`)
 """
 
 __version__ = "0.1.0"
@@ -10,5 +12,8 @@ __version__ = "0.1.0"
 from .errors import NextrapError  # noqa: E402
 from .fit import FitResult, fit, load_fit  # noqa: E402
 from .extend import ExtendResult, extend, parse_alphas  # noqa: E402
+from .diagnostics import diagnose  # noqa: E402
+from .hub import push  # noqa: E402
 
-__all__ = ["NextrapError", "FitResult", "fit", "load_fit", "ExtendResult", "extend", "parse_alphas", "__version__"]
+__all__ = ["NextrapError", "FitResult", "fit", "load_fit", "ExtendResult", "extend", "parse_alphas", "diagnose", "push",
+           "__version__"]

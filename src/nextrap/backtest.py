@@ -1,10 +1,13 @@
 """Backtests on the user's own trajectory: pretend checkpoint c is the future, refit on the checkpoints up to
 c - h, jump from c - h, and measure how close the jump lands to the true c.
 
-    error e = ||W_hat - W_c|| / ||W_{c-h} - W_c||     (Frobenius over all LoRA modules together)
+    error e(alpha) = ||W_from + alpha * move - W_to|| / ||W_from - W_to||   (Frobenius, all modules together)
 
-e < 1 means the jump lands closer to the future than not jumping (e = 1). ``oracle-rank1`` is the best any
-rank-1 jump can do (the true move's own top singular triple), the ceiling for NExt.
+e < 1 means the jump lands closer to the future than not jumping (e(0) = 1). With t = ||W_to - W_from||^2,
+c = <W_to - W_from, move> and j = ||move||^2, e(alpha)^2 = 1 - 2 alpha c / t + alpha^2 j / t, so the error at
+every alpha, and the best alpha c / j, follow exactly from three numbers per fold. Several folds (jumping
+from c - h, c - h - 1, ...) pool those numbers. ``oracle-rank1`` jumps by the true move's own best rank-1
+part: the ceiling for any rank-1 predictor such as NExt.
 """
 
 from __future__ import annotations
@@ -15,76 +18,150 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoints import LoraTrajectory, shape_groups
-from .methods import Jump, JumpContext, jump
+from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
 from .predictor import TrainSettings, train
 from .trajectory import Features, pair_factors
+
+ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
+
+
+@dataclass
+class Terms:
+    """Pooled squared norms: t = ||true move||^2, c = <true move, predicted move>, j = ||predicted move||^2."""
+
+    t: float = 0.0
+    c: float = 0.0
+    j: float = 0.0
+
+    def __iadd__(self, other: "Terms") -> "Terms":
+        self.t, self.c, self.j = self.t + other.t, self.c + other.c, self.j + other.j
+        return self
+
+    def error(self, alpha: float) -> float:
+        if self.t == 0:
+            return 0.0 if alpha * self.j == 0 else math.inf
+        return math.sqrt(max(1 - 2 * alpha * self.c / self.t + alpha**2 * self.j / self.t, 0.0))
+
+    def cosine(self) -> float:
+        return self.c / math.sqrt(self.t * self.j) if self.t > 0 and self.j > 0 else 0.0
+
+    def best_alpha(self, alpha_max: float = ALPHA_MAX) -> float:
+        return round(min(max(self.c / self.j, 0.0), alpha_max), 3) if self.j > 0 else 0.0
 
 
 @dataclass
 class BacktestResult:
     method: str
-    alpha: float
-    error: float  # ||W_hat - W_true|| / ||W_from - W_true||
+    alpha: float  # the alpha of ``error`` (1: the move as predicted)
+    error: float  # e(alpha)
     cosine: float  # cosine of the predicted move with the true move, all modules as one vector
-    from_step: int
+    from_step: int  # the latest fold's start
     to_step: int
+    best_alpha: float  # argmin of e over 0 <= alpha <= ALPHA_MAX (0: don't jump)
+    best_error: float
+    folds: int
+    terms: Terms
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BacktestResult":
+        return cls(**{**d, "terms": Terms(**d["terms"])})
+
+
+def jump_terms(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int) -> Terms:
+    """t, c, j of a predicted move against the true W_to - W_from, exactly in factor space."""
+    out = Terms()
+    for names in shape_groups(traj.modules).values():
+        b_to, a_to = traj.factors(to_row, names)
+        b_from, a_from = traj.factors(from_row, names)
+        tp, tq = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
+        jp = torch.stack([j.factors[n][0] for n in names])
+        jq = torch.stack([j.factors[n][1] for n in names])
+        out += Terms(float(((tp.mT @ tp) * (tq.mT @ tq)).sum()),  # <PQ^T, RS^T> = sum((P^T R) * (Q^T S))
+                     float(((tp.mT @ jp) * (tq.mT @ jq)).sum()),
+                     float(((jp.mT @ jp) * (jq.mT @ jq)).sum()))
+    return out
 
 
 def evaluate_jump(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int, alpha: float) -> tuple[float, float]:
-    """(error e, cosine) of ``W_from + alpha * jump`` against the true ``W_to``, exactly in factor space."""
-    miss_sq = true_sq = dot = jump_sq = 0.0
+    """(error e, cosine) of ``W_from + alpha * move`` against the true ``W_to``."""
+    terms = jump_terms(traj, j, from_row, to_row)
+    return terms.error(alpha), terms.cosine()
+
+
+def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Terms:
+    """Terms of jumping by the true move's own best rank-1 part: c = j = sigma_1^2 per module."""
+    kept = sum(float(features.get(m, "target", "sigma")[from_row].double() ** 2) for m in features.modules)
+    t = 0.0
     for names in shape_groups(traj.modules).values():
-        scale = traj.scales(names)
-        b_to, a_to = traj.factors(to_row, names)
+        b_to, a_to = traj.factors(from_row + features.horizon, names)
         b_from, a_from = traj.factors(from_row, names)
-        tp, tq = pair_factors(b_to, a_to, b_from, a_from, scale)  # true move W_to - W_from
-        jp = torch.stack([j.factors[n][0] for n in names])
-        jq = torch.stack([j.factors[n][1] for n in names])
-        tp_g, tq_g = tp.mT @ tp, tq.mT @ tq
-        jp_g, jq_g = jp.mT @ jp, jq.mT @ jq
-        cross = ((tp.mT @ jp) * (tq.mT @ jq)).sum()  # <true, jump>
-        t_sq = (tp_g * tq_g).sum()
-        j_sq = (jp_g * jq_g).sum()
-        true_sq += float(t_sq)
-        jump_sq += float(j_sq)
-        dot += float(cross)
-        miss_sq += float(t_sq - 2 * alpha * cross + alpha**2 * j_sq)
-    if true_sq == 0:
-        return (0.0 if jump_sq == 0 else math.inf), 0.0
-    cosine = dot / math.sqrt(true_sq * jump_sq) if jump_sq > 0 else 0.0
-    return math.sqrt(max(miss_sq, 0.0) / true_sq), cosine
+        p, q = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
+        t += float(((p.mT @ p) * (q.mT @ q)).sum())
+    return Terms(t, kept, kept)
 
 
 def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tuple[float, float]:
-    """(error, cosine) of jumping by the true move's own best rank-1 approximation."""
-    sig = torch.stack([features.get(m, "target", "sigma")[from_row].double() for m in features.modules])
-    true_sq = 0.0
-    to_row = from_row + features.horizon
-    for names in shape_groups(traj.modules).values():
-        b_to, a_to = traj.factors(to_row, names)
-        b_from, a_from = traj.factors(from_row, names)
-        p, q = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
-        true_sq += float(((p.mT @ p) * (q.mT @ q)).sum())
-    kept = float((sig**2).sum())
-    if true_sq == 0:
-        return 0.0, 0.0
-    return math.sqrt(max(true_sq - kept, 0.0) / true_sq), math.sqrt(kept / true_sq)
+    """(error, cosine) of the rank-1 oracle at alpha 1."""
+    terms = oracle_terms(features, traj, from_row)
+    return terms.error(1.0), terms.cosine()
 
 
-def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, methods: tuple[str, ...] = ("next", "linear"),
-             alpha: float = 1.0) -> list[BacktestResult]:
-    """Refit on checkpoints up to c - h, predict c; one result per method plus the rank-1 oracle."""
+def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
+    """How many folds the trajectory allows: the earliest start still needs h + 1 rows to train NExt on."""
     h, c = features.horizon, features.n_rows - 1
-    from_row = c - h
-    if from_row <= h - 1:
+    earliest = h if any(m in NEEDS_PREDICTOR for m in methods) else 0
+    return max(0, c - h - earliest + 1)
+
+
+def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
+             alpha: float = 1.0, folds: int = 1) -> list[BacktestResult]:
+    """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ..."""
+    h, c = features.horizon, features.n_rows - 1
+    available = max_folds(features, methods)
+    if available < 1:
         raise ValueError(f"backtest needs at least {2 * h + 1} checkpoints for horizon {h}; have {features.n_rows}")
-    past = features.truncate(from_row + 1)
-    predictor = train(past, settings) if any(m == "next" for m in methods) else None
+    starts = [c - h - f for f in range(min(folds, available))]
+    pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
+    for start in starts:
+        past = features.truncate(start + 1)
+        predictor = train(past, settings) if any(m in NEEDS_PREDICTOR for m in methods) else None
+        for method in methods:
+            pooled[method] += jump_terms(traj, jump(method, JumpContext(past, traj, start, predictor)), start, start + h)
+        pooled["oracle-rank1"] += oracle_terms(features, traj, start)
     results = []
-    for method in methods:
-        j = jump(method, JumpContext(past, traj, from_row, predictor))
-        err, cos = evaluate_jump(traj, j, from_row, c, alpha)
-        results.append(BacktestResult(method, alpha, err, cos, features.steps[from_row], features.steps[c]))
-    err, cos = oracle_rank1(features, traj, from_row)
-    results.append(BacktestResult("oracle-rank1", 1.0, err, cos, features.steps[from_row], features.steps[c]))
+    for method, terms in pooled.items():
+        best = 1.0 if method == "oracle-rank1" else terms.best_alpha()
+        results.append(BacktestResult(method, alpha, terms.error(alpha), terms.cosine(), features.steps[starts[0]],
+                                      features.steps[starts[0] + h], best, terms.error(best), len(starts), terms))
     return results
+
+
+@dataclass
+class Choice:
+    """What ``extend --method auto`` / ``--alpha auto`` picked, and why."""
+
+    method: str
+    alpha: float
+    error: float  # backtest e at that alpha (1.0 = no better than standing still)
+    reason: str
+
+
+MIN_GAIN = 0.02  # a jump must land at least 2% closer than standing still; smaller gains are within chance
+
+
+def choose(results: list[BacktestResult], method: str | None = None, alpha: float | None = None,
+           min_gain: float = MIN_GAIN) -> Choice:
+    """The (method, alpha) with the lowest backtest error; alpha 0 (don't jump) when nothing beats standing
+    still by ``min_gain``. ``method`` or ``alpha`` fix one of the two; None means choose it."""
+    candidates = [r for r in results if r.method != "oracle-rank1" and (method is None or r.method == method)]
+    if not candidates:
+        raise ValueError(f"no backtest for method {method!r}")
+    scored = [(r.terms.error(alpha) if alpha is not None else r.best_error,
+               alpha if alpha is not None else r.best_alpha, r) for r in candidates]
+    error, best_alpha, r = min(scored, key=lambda x: x[0])
+    if error > 1.0 - min_gain or best_alpha == 0:
+        pick = method or r.method
+        return Choice(pick, 0.0, 1.0, f"no jump: nothing beat standing still by {min_gain:.0%} in the backtest "
+                                      f"(best e = {error:.3f} for {r.method} at alpha {best_alpha:g})")
+    return Choice(r.method, best_alpha, error, f"lowest backtest error e = {error:.3f} ({r.folds} fold(s), "
+                                               f"steps {r.from_step} -> {r.to_step})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,9 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .backtest import MIN_GAIN
+from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis
 from .errors import NextrapError
 from .extend import alpha_folder, extend as run_extend, parse_alphas
 from .fit import FitResult, fit as run_fit
+from .hub import push as run_push
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")
@@ -69,17 +72,18 @@ def _fit_summary(r: FitResult) -> None:
     if not r.backtest:
         out_console.print("backtest: skipped (needs at least 2h + 1 checkpoints)")
         return
-    bt = Table(title=f"backtest: fit on steps <= {r.backtest[0].from_step}, predict step {r.backtest[0].to_step} (alpha 1)",
-               title_justify="left")
-    bt.add_column("method")
-    bt.add_column("error e", justify="right")
-    bt.add_column("cosine", justify="right")
-    bt.add_column("verdict")
+    first = r.backtest[0]
+    folds = f", {first.folds} folds pooled" if first.folds > 1 else ""
+    bt = Table(title=f"backtest: fit on steps <= {first.from_step}, predict step {first.to_step}{folds}", title_justify="left")
+    for col in ("method", "e at alpha 1", "cosine", "best alpha", "e at best", "verdict"):
+        bt.add_column(col, justify="left" if col in ("method", "verdict") else "right")
     for b in r.backtest:
-        verdict = "reference (best rank-1)" if b.method == "oracle-rank1" else ("closer than not jumping" if b.error < 1 else "[yellow]worse than not jumping[/]")
-        bt.add_row(b.method, f"{b.error:.3f}", f"{b.cosine:+.3f}", verdict)
+        verdict = ("ceiling" if b.method == "oracle-rank1"
+                   else "jump helps" if b.best_error <= 1 - MIN_GAIN and b.best_alpha > 0 else "[yellow]don't jump[/]")
+        bt.add_row(b.method, f"{b.error:.3f}", f"{b.cosine:+.3f}", f"{b.best_alpha:g}", f"{b.best_error:.3f}", verdict)
     out_console.print(bt)
-    out_console.print("e = ||W_hat - W_true|| / ||W_from - W_true||; e < 1 beats standing still.", style="dim")
+    out_console.print("e = ||W_hat - W_true|| / ||W_from - W_true||: 1 = standing still; \"jump helps\" = some alpha "
+                      f"lands >= {MIN_GAIN:.0%} closer; ceiling = the true move's best rank-1 part.", style="dim")
 
 
 @app.command()
@@ -92,13 +96,14 @@ def fit(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     sign_align: bool = typer.Option(True, "--sign-align/--no-sign-align", help="Align singular-vector signs across checkpoints (--no-sign-align = the reference code's behaviour)."),
     backtest: bool = typer.Option(True, "--backtest/--no-backtest", help="Refit on checkpoints up to c-h and measure how well step c is predicted."),
+    backtest_folds: int = typer.Option(1, "--backtest-folds", help="Backtest from c-h, c-h-1, ... and pool the errors (each fold refits NExt)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Compute rank-1 features of a LoRA trajectory and train the NExt predictor; writes the fit folder."""
     with _errors(), _progress(not as_json) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
-                         run_backtest=backtest, overwrite=overwrite, progress=report)
+                         run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report)
     if as_json:
         print(json.dumps(result.to_json()))
     else:
@@ -108,11 +113,11 @@ def fit(
 @app.command()
 def extend(
     fit_dir: Path = typer.Option(Path("nextrap-fit"), "--fit", help="Fit folder written by `nextrap fit`."),
-    alpha: str = typer.Option(..., "--alpha", help="Jump size: 1.5, a list 1.0,1.5, or a range 0.5:4.0:0.5 (one subfolder per value)."),
+    alpha: str = typer.Option(..., "--alpha", help="Jump size: 1.5, a list 1.0,1.5, a range 0.5:4.0:0.5 (one subfolder per value), or auto (lowest backtest error; 0 = don't jump)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     fmt: str = typer.Option("adapter", "--format", help="adapter (PEFT adapter of rank r+1) | merged (full HF model, needs --base)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged."),
-    method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + alpha (W_c - W_{c-h}))."),
+    method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -120,25 +125,135 @@ def extend(
     """Jump: write W_c + alpha * predicted move as an adapter or a merged model."""
     with _errors():
         alphas = parse_alphas(alpha)
-        with err_console.status("extending...") if not as_json else _nullcontext():
+        with err_console.status("extending...") if not as_json else nullcontext():
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
                                 max_shard_size=max_shard_size)
+    for w in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(result.to_json()))
         return
+    if result.choice:
+        out_console.print(f"chose method [bold]{result.choice.method}[/], alpha [bold]{result.choice.alpha:g}[/]: {result.choice.reason}", highlight=False)
     table = Table(title=f"nextrap extend ({result.method}, {result.format}) from step {result.from_step}", title_justify="left")
     table.add_column("alpha", justify="right")
+    table.add_column("backtest e", justify="right")
     table.add_column("folder")
     for a, folder in zip(result.alphas, result.folders):
-        table.add_row(alpha_folder(a).removeprefix("alpha-"), str(folder))
+        e = result.backtest_error.get(a)
+        table.add_row(alpha_folder(a).removeprefix("alpha-"), "n/a" if e is None else f"{e:.3f}", str(folder))
     out_console.print(table)
     out_console.print(f"median predicted σ of the move: {result.to_json()['predicted_sigma_median']:.4g}; "
                       f"horizon {result.horizon} checkpoints", highlight=False)
 
 
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _r2_cell(summary: dict) -> str:
+    if summary["median"] is None:
+        return "n/a"
+    return f"{summary['median']:+.2f} ({summary['frac_below']:.0%})"
+
+
+@app.command("inspect")
+def inspect_cmd(
+    ckpts: Path = typer.Argument(..., help="Folder with one PEFT LoRA adapter per saved step (as for `nextrap fit`)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
+    fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+) -> None:
+    """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
+    with _errors():
+        with err_console.status("reading checkpoints...") if not as_json else nullcontext():
+            d = diagnose(ckpts, fit_checkpoints=fit_checkpoints)
+        if plot is not None:
+            plot_diagnosis(d, plot)
+    if as_json:
+        print(json.dumps(d.to_json()))
+        return
+    j = d.to_json()
+    table = Table(title=f"nextrap inspect {d.root}", show_header=False, title_justify="left")
+    table.add_row("layout", f"{d.layout} ({d.trainer} folders)")
+    table.add_row("checkpoints", f"{len(d.steps)} (steps {d.steps[0]} .. {d.steps[-1]})")
+    table.add_row("LoRA modules", f"{len(d.modules)}: " + ", ".join(f"{t} x{n}" for t, n in j["modules"]["types"].items()))
+    table.add_row("ranks", ", ".join(str(r) for r in j["modules"]["ranks"]))
+    table.add_row("dtypes", ", ".join(d.dtypes))
+    table.add_row("size on disk", f"{_bytes(d.size_bytes)} (adapter weights {_bytes(d.weights_bytes)})")
+    out_console.print(table)
+
+    shown = [i for i, e in enumerate(d.energy_overall) if e is not None]
+    picks = list(dict.fromkeys(shown[int(k * (len(shown) - 1) / 4)] for k in range(5))) if shown else []
+    energy = Table(title="rank-1 energy σ1/Σσ of W_i - W_0 (median over modules)", title_justify="left")
+    energy.add_column("module type")
+    for i in picks:
+        energy.add_column(f"step {d.steps[i]}", justify="right")
+    for name, values in [*sorted(d.energy_by_type.items()), ("all", d.energy_overall)]:
+        energy.add_row(name, *(f"{values[i]:.3f}" if values[i] is not None else "n/a" for i in picks))
+    out_console.print(energy)
+
+    title = (f"linearity: straight line over steps {d.fit_steps[0]}..{d.fit_steps[-1]}, R^2 on steps "
+             f"{d.predicted_steps[0]}..{d.predicted_steps[-1]}: median (share of modules with R^2 < {R2_THRESHOLD})"
+             if d.fit_steps and d.predicted_steps else "linearity: needs at least 3 checkpoints")
+    for by, label in (("type", "module type"), ("layer", "layer")):
+        lin = Table(title=title if by == "type" else None, title_justify="left")
+        lin.add_column(label)
+        lin.add_column("modules", justify="right")
+        for p in PARTS:
+            lin.add_column("R² σ·u" if p == "u" else f"R² {'σ' if p == 'sigma' else p}", justify="right")
+        for row in d.r2_summary(by):
+            key = row[by]
+            lin.add_row("-" if key is None else str(key), str(row["modules"]), *(_r2_cell(row[p]) for p in PARTS))
+        if by == "layer":
+            overall = d.r2_summary()[0] if d.modules else None
+            if overall:
+                lin.add_row("all", str(overall["modules"]), *(_r2_cell(overall[p]) for p in PARTS), style="bold")
+        out_console.print(lin)
+    out_console.print("The paper finds R^2 < 0.5 for over half of the parameters: a straight line is then a poor "
+                      "predictor of the trajectory.", style="dim")
+    if plot is not None:
+        out_console.print(f"plot written to {plot}", highlight=False)
+
+
+@app.command("push")
+def push_cmd(
+    folder: Path = typer.Argument(..., help="A `nextrap extend` output folder (holds nextrap.json)."),
+    repo: str = typer.Option(..., "--repo", help="Hub model repo, ORG/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private (an existing repo keeps its visibility)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing); default main."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the model card; no API calls."),
+    token_env: str = typer.Option("HF_TOKEN", "--token-env", help="Environment variable with the token (else the cached `hf auth login`)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Hub id of the base model for the card (default: from nextrap.json / adapter_config.json when it is a Hub id)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Upload a jumped checkpoint to the Hugging Face Hub with a provenance model card."""
+    with _errors():
+        with err_console.status("uploading...") if not (as_json or dry_run) else nullcontext():
+            result = run_push(folder, repo, private=private, revision=revision, dry_run=dry_run, token_env=token_env,
+                              base_model=base_model)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo} ({revision or 'main'})", title_justify="left")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path, size in result.files:
+        table.add_row(path, _bytes(size))
+    table.add_row("total", _bytes(result.total_bytes), style="bold")
+    out_console.print(table)
+    if dry_run:
+        out_console.print("model card (README.md):", style="bold")
+        out_console.print(result.card, markup=False, highlight=False, soft_wrap=True)
+        out_console.print("dry run: nothing was uploaded", style="dim")
+    else:
+        out_console.print(f"pushed to {result.repo_url or repo}" + (f"; commit {result.commit_url}" if result.commit_url else ""),
+                          highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import write_adapter
+from .backtest import BacktestResult, Choice, choose
 from .checkpoints import shape_groups
 from .errors import NextrapError
 from .files import atomic_dir, write_json
@@ -25,8 +26,10 @@ PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
 
 
-def parse_alphas(text: str) -> list[float]:
-    """'1.5' -> [1.5]; '1.0,1.5' -> [1.0, 1.5]; '0.5:4.0:0.5' -> 0.5, 1.0, ..., 4.0 (end included)."""
+def parse_alphas(text: str) -> list[float] | None:
+    """'1.5' -> [1.5]; '1.0,1.5' -> [1.0, 1.5]; '0.5:4.0:0.5' -> 0.5, 1.0, ..., 4.0 (end included); 'auto' -> None."""
+    if text.strip().lower() == "auto":
+        return None
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
@@ -60,12 +63,17 @@ class ExtendResult:
     from_step: int
     horizon: int
     predicted_sigma: dict[str, float] = field(default_factory=dict)
+    choice: Choice | None = None  # set when --method auto or --alpha auto chose
+    backtest_error: dict[float, float] = field(default_factory=dict)  # alpha -> backtest e of this method
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         sig = list(self.predicted_sigma.values())
         return {"out": str(self.out), "method": self.method, "format": self.format, "alphas": self.alphas,
                 "folders": [str(f) for f in self.folders], "from_step": self.from_step, "horizon": self.horizon,
-                "predicted_sigma_median": float(torch.tensor(sig).median()) if sig else None}
+                "predicted_sigma_median": float(torch.tensor(sig).median()) if sig else None,
+                "choice": vars(self.choice) if self.choice else None,
+                "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings}
 
 
 def _prediction_tensors(j: Jump) -> dict[str, torch.Tensor]:
@@ -79,13 +87,29 @@ def _prediction_tensors(j: Jump) -> dict[str, torch.Tensor]:
     return out
 
 
-def extend(fit_dir: Path | str, alphas: list[float], out: Path | str, fmt: str = "adapter", base: Path | str | None = None,
-           method: str = "next", overwrite: bool = False, max_shard_size: str = "5GB") -> ExtendResult:
-    """Write the jumped checkpoint(s) for each alpha into ``out`` (subfolders ``alpha-X`` when several)."""
+def _decide(results: list[BacktestResult], method: str, alphas: list[float] | None) -> tuple[str, list[float], Choice | None]:
+    """Resolve 'auto' method and/or alpha (None) from the fit's backtest."""
+    if method != "auto" and alphas is not None:
+        return method, alphas, None
+    if not results:
+        raise NextrapError("--method auto / --alpha auto choose by backtest, but the fit has none "
+                           "(it needs 2h + 1 checkpoints and no --no-backtest)")
+    fixed_alpha = alphas[0] if alphas is not None and len(alphas) == 1 else None
+    choice = choose(results, method=None if method == "auto" else method, alpha=fixed_alpha)
+    return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
+
+
+def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
+           base: Path | str | None = None, method: str = "next", overwrite: bool = False,
+           max_shard_size: str = "5GB") -> ExtendResult:
+    """Write the jumped checkpoint(s) for each alpha into ``out`` (subfolders ``alpha-X`` when several).
+
+    ``method="auto"`` and/or ``alphas=None`` pick the method and/or alpha with the lowest backtest error of the
+    fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still."""
     if fmt not in FORMATS:
         raise NextrapError(f"--format {fmt}: use adapter or merged")
-    if method not in METHODS:
-        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)}")
+    if method not in (*METHODS, "auto"):
+        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
     if fmt == "merged" and base is None:
         raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
     shard_bytes = parse_size(max_shard_size)
@@ -94,6 +118,14 @@ def extend(fit_dir: Path | str, alphas: list[float], out: Path | str, fmt: str =
         raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
     loaded = load_fit(fit_dir)
     features, traj = loaded.features, loaded.trajectory
+    results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
+    method, alphas, choice = _decide(results, method, alphas)
+    by_method = {r.method: r for r in results}
+    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
+                for a, e in errors.items() if e >= 1 and a != 0]
+    if choice is not None and choice.alpha == 0 and alphas == [0.0]:
+        warnings.append(f"{choice.reason}; writing the last checkpoint unchanged (alpha 0)")
     row = features.n_rows - 1
     ctx = JumpContext(features, traj, row, loaded.predictor if method in NEEDS_PREDICTOR else None)
     try:
@@ -106,6 +138,7 @@ def extend(fit_dir: Path | str, alphas: list[float], out: Path | str, fmt: str =
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
         "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
+        "choice": vars(choice) if choice else None,
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules},
     }
     folders = []
@@ -117,7 +150,7 @@ def extend(fit_dir: Path | str, alphas: list[float], out: Path | str, fmt: str =
             else:
                 write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
             save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
-            write_json(folder / PROVENANCE, {**provenance, "alpha": alpha})
+            write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        {m: float(prediction[f"{m}:sigma"]) for m in features.modules})
+                        {m: float(prediction[f"{m}:sigma"]) for m in features.modules}, choice, errors, warnings)

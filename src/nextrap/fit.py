@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .backtest import BacktestResult, backtest
+from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, load_trajectory
 from .errors import NextrapError
 from .files import atomic_dir, read_json, sha256, write_json
@@ -78,11 +78,13 @@ def _inputs(traj: LoraTrajectory) -> list[dict[str, Any]]:
 
 
 def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
-        device: str = "auto", sign_align: bool = True, run_backtest: bool = True, overwrite: bool = False,
-        progress: ProgressFn | None = None) -> FitResult:
+        device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
+        overwrite: bool = False, progress: ProgressFn | None = None) -> FitResult:
     """Fit NExt on the LoRA checkpoints under ``ckpts`` and write the fit folder ``out`` atomically."""
     if horizon < 1:
         raise NextrapError(f"--horizon {horizon}: must be at least 1")
+    if backtest_folds < 1:
+        raise NextrapError(f"--backtest-folds {backtest_folds}: must be at least 1")
     if epochs < 1:
         raise NextrapError(f"--epochs {epochs}: must be at least 1")
     out = Path(out)
@@ -114,10 +116,10 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     seconds["predictor"] = time.perf_counter() - t0
 
     results: list[BacktestResult] = []
-    if run_backtest and features.n_rows - 1 - horizon >= horizon:
+    if run_backtest and max_folds(features) >= 1:
         t0 = time.perf_counter()
         report("backtest", 0, 1)
-        results = backtest(features, traj, settings)
+        results = backtest(features, traj, settings, folds=backtest_folds)
         report("backtest", 1, 1)
         seconds["backtest"] = time.perf_counter() - t0
 
@@ -131,7 +133,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     manifest = {
         "format": "nextrap-fit/1", "kind": "lora", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
-        "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align,
+        "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align, "backtest_folds": backtest_folds,
                      "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
                      "hidden": settings.hidden, "predictor_groups": len(predictor.groups)},
         "versions": versions(), "summary": result.to_json(),

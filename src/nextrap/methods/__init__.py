@@ -32,11 +32,11 @@ class Jump:
 
 
 def _registry() -> dict[str, Callable[[JumpContext], Jump]]:
-    from . import linear, next as next_method
-    return {"next": next_method.jump, "linear": linear.jump}
+    from . import expo, linear, next as next_method, relex
+    return {"next": next_method.jump, "linear": linear.jump, "expo": expo.jump, "relex": relex.jump}
 
 
-METHODS: tuple[str, ...] = ("next", "linear")
+METHODS: tuple[str, ...] = ("next", "linear", "expo", "relex")
 NEEDS_PREDICTOR = {"next"}
 
 

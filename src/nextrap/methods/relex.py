@@ -1,0 +1,40 @@
+"""Rank-1 linear extrapolation (RelEx style, arXiv 2605.21468): fix each module's dominant direction
+u v^T (the top singular pair of its latest global delta), project every checkpoint's global delta onto it,
+a_i = u^T G_i v, fit a straight line a(step) by least squares on the checkpoints up to ``row`` (from the
+first one with a nonzero delta), and move by (a_hat(step_row + h steps) - a_row) u v^T."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoints import shape_groups
+from . import Jump, JumpContext
+
+
+def jump(ctx: JumpContext) -> Jump:
+    feats, traj, row, h = ctx.features, ctx.trajectory, ctx.row, ctx.features.horizon
+    steps = torch.tensor(feats.steps[: row + 1], dtype=torch.float64)
+    # the step h checkpoints ahead, assuming the run keeps its saving interval
+    interval = float(steps[-1] - steps[-2]) if row >= 1 else 1.0
+    target_step = float(steps[-1]) + h * interval
+    factors, coeffs = {}, {}
+    for names in shape_groups(traj.modules).values():
+        scale = traj.scales(names)[:, None]
+        per_ckpt = [traj.factors(i, names) for i in range(row + 1)]
+        for j, name in enumerate(names):
+            u = feats.get(name, "global", "u")[row].double()
+            v = feats.get(name, "global", "v")[row].double()
+            a = torch.stack([scale[j, 0] * (u @ b[j]) @ (a_[j] @ v) for b, a_ in per_ckpt])  # u^T s B A v
+            start = int((a != 0).nonzero()[0]) if (a != 0).any() else row
+            x, y = steps[start:], a[start:]
+            if len(x) >= 2:
+                xm, ym = x.mean(), y.mean()
+                slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
+                predicted = ym + slope * (target_step - xm)
+            else:
+                predicted = a[-1]
+            delta = float(predicted - a[-1])
+            root = abs(delta) ** 0.5
+            factors[name] = ((root if delta >= 0 else -root) * u[:, None], root * v[:, None])
+            coeffs[name] = delta
+    return Jump("relex", factors, coeffs)
