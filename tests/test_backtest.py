@@ -83,7 +83,8 @@ def test_folds_pool_several_starts(setup):
     one = {r.method: r for r in backtest(feats, traj, TrainSettings(epochs=2), methods=("linear",), folds=1)}
     three = {r.method: r for r in backtest(feats, traj, TrainSettings(epochs=2), methods=("linear",), folds=3)}
     assert three["linear"].folds == 3 and three["linear"].terms.t > one["linear"].terms.t
-    assert max_folds(feats) == 16 - 5 - 5 + 1 and max_folds(feats, ("linear",)) == 16 - 5 + 1
+    # step 0 is the base (no move): NExt needs a training pair before the earliest start
+    assert max_folds(feats) == 16 - 5 - (1 + 5) + 1 and max_folds(feats, ("linear",)) == 16 - 5 - 1 + 1
 
 
 def _result(method, t, c, j):

@@ -18,7 +18,7 @@ def _traj(root: Path, names: list[str], config=LORA_CONFIG, modules=TWO_MODULES)
 
 
 @pytest.mark.parametrize("names, steps", [
-    (["checkpoint-20", "checkpoint-100", "checkpoint-3"], [3, 20, 100]),
+    (["checkpoint-20", "checkpoint-100", "checkpoint-60"], [20, 60, 100]),
     (["global_step_10/actor/lora_adapter", "global_step_5/actor/lora_adapter"], [5, 10]),
     (["global_step10_hf", "global_step20_hf"], [10, 20]),
     (["step_2", "step_1"], [1, 2]),
@@ -49,6 +49,12 @@ def test_unknown_step_and_duplicate_steps_are_errors(tmp_path):
 def _empty(p: Path) -> Path:
     p.mkdir()
     return p
+
+
+def test_uneven_spacing_is_named(tmp_path):
+    _traj(tmp_path, ["step_0", "step_10", "step_20", "step_25"])
+    with pytest.raises(NextrapError, match="step_25: step 25 breaks the even spacing of 10 steps"):
+        discover(tmp_path)
 
 
 def test_single_adapter_is_not_a_trajectory(tmp_path):

@@ -33,8 +33,8 @@ def test_one_predictor_per_vector_length(feats):
 
 
 def test_training_pairs_are_rows_with_a_known_target(feats):
-    assert training_rows(feats) == list(range(feats.n_rows - 5))
-    assert training_rows(feats.truncate(16)) == list(range(11))  # c = 15, h = 5: ten pairs plus the step-0 row
+    assert training_rows(feats) == list(range(1, feats.n_rows - 5))
+    assert training_rows(feats.truncate(16)) == list(range(1, 11))  # c = 15, h = 5: the paper's ten pairs (step 0 is W_0)
 
 
 def test_training_is_seeded_and_reduces_the_loss(feats):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import ADAPTER_CONFIG, PEFT_PREFIX, LoraTrajectory, open_weights, shape_groups
+from .checkpoints import ADAPTER_CONFIG, LoraTrajectory, open_weights, relative_name, shape_groups
 from .errors import NextrapError
 from .files import read_json, write_json
 from .methods import Jump
@@ -44,7 +44,7 @@ def jumped_config(config: dict[str, Any], traj: LoraTrajectory, extra_rank: dict
     new["lora_alpha"] = int(alpha) if float(alpha).is_integer() else alpha
     rank_pattern, alpha_pattern = {}, {}
     for name in ranks:
-        relative = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        relative = relative_name(name)
         if ranks[name] != r:
             rank_pattern[relative] = ranks[name]
         if not math.isclose(alphas[name], alpha, rel_tol=1e-12):
@@ -65,12 +65,12 @@ def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: flo
         b, a = traj.factors(row, names)
         for i, name in enumerate(names):
             p, q = j.factors[name]
-            nb, na = jumped_factors(b[i], a[i], p, q, traj.module(name).scale, alpha)
-            if not (torch.isfinite(nb).all() and torch.isfinite(na).all()):
-                raise NextrapError(f"jumped factors of {name} contain NaN or Inf; refusing to write them")
+            nb, na = (t.to(dtype) for t in jumped_factors(b[i], a[i], p, q, traj.module(name).scale, alpha))
+            if not (torch.isfinite(nb).all() and torch.isfinite(na).all()):  # checked after the cast: fp16 overflows
+                raise NextrapError(f"jumped factors of {name} contain NaN or Inf in {dtype}; refusing to write them")
             a_key, b_key = traj.lora_keys(name)
-            tensors[b_key] = nb.to(dtype).contiguous()
-            tensors[a_key] = na.to(dtype).contiguous()
+            tensors[b_key] = nb.contiguous()
+            tensors[a_key] = na.contiguous()
             extra_rank[name] = p.shape[1]
     tensors.update(traj.read_extra(row))
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +79,24 @@ def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: flo
     for f in src.path.iterdir():  # tokenizer files some trainers save beside the adapter
         if f.is_file() and f.name.startswith(_COPIED_PREFIXES):
             shutil.copy2(f, out / f.name)
+
+
+def make_appended_rows_trainable(folder: Path, rank: int, seed: int = 0) -> None:
+    """Give an alpha-0 jumped adapter's appended rank a PEFT-style start: A rows random (kaiming-uniform bound
+    1 / sqrt(in_features)), B columns still zero, so the weights are unchanged but the new rank can learn.
+
+    A zero move written by ``write_adapter`` has zero A rows *and* zero B columns, whose gradients stay zero:
+    a no-jump control built that way would train one rank less than a real jump."""
+    path = folder / "adapter_model.safetensors"
+    with open_weights(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    g = torch.Generator().manual_seed(seed)
+    for key, t in tensors.items():
+        if ".lora_A." in key and t.shape[0] > rank:
+            bound = 1.0 / math.sqrt(t.shape[1])
+            fresh = (torch.rand(t.shape[0] - rank, t.shape[1], generator=g) * 2 - 1) * bound
+            tensors[key] = torch.cat([t[:rank], fresh.to(t.dtype)], 0).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 _COPIED_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")

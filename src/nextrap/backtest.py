@@ -20,6 +20,7 @@ import torch
 from .checkpoints import LoraTrajectory, shape_groups
 from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
 from .predictor import TrainSettings, train
+from .lowrank import inner_factored
 from .trajectory import Features, pair_factors
 
 ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
@@ -76,9 +77,8 @@ def jump_terms(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int) -> Ter
         tp, tq = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
         jp = torch.stack([j.factors[n][0] for n in names])
         jq = torch.stack([j.factors[n][1] for n in names])
-        out += Terms(float(((tp.mT @ tp) * (tq.mT @ tq)).sum()),  # <PQ^T, RS^T> = sum((P^T R) * (Q^T S))
-                     float(((tp.mT @ jp) * (tq.mT @ jq)).sum()),
-                     float(((jp.mT @ jp) * (jq.mT @ jq)).sum()))
+        out += Terms(float(inner_factored(tp, tq, tp, tq).sum()), float(inner_factored(tp, tq, jp, jq).sum()),
+                     float(inner_factored(jp, jq, jp, jq).sum()))
     return out
 
 
@@ -96,7 +96,7 @@ def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Ter
         b_to, a_to = traj.factors(from_row + features.horizon, names)
         b_from, a_from = traj.factors(from_row, names)
         p, q = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
-        t += float(((p.mT @ p) * (q.mT @ q)).sum())
+        t += float(inner_factored(p, q, p, q).sum())
     return Terms(t, kept, kept)
 
 
@@ -107,9 +107,12 @@ def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tup
 
 
 def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
-    """How many folds the trajectory allows: the earliest start still needs h + 1 rows to train NExt on."""
+    """How many folds the trajectory allows: the earliest start must leave NExt one training pair."""
     h, c = features.horizon, features.n_rows - 1
-    earliest = h if any(m in NEEDS_PREDICTOR for m in methods) else 0
+    moved = [i for i in range(features.n_rows)
+             if any(float(features.get(m, "global", "sigma")[i]) > 0 for m in features.modules)]
+    first = moved[0] if moved else features.n_rows
+    earliest = first + h if any(m in NEEDS_PREDICTOR for m in methods) else first
     return max(0, c - h - earliest + 1)
 
 
@@ -119,7 +122,8 @@ def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, 
     h, c = features.horizon, features.n_rows - 1
     available = max_folds(features, methods)
     if available < 1:
-        raise ValueError(f"backtest needs at least {2 * h + 1} checkpoints for horizon {h}; have {features.n_rows}")
+        raise ValueError(f"backtest needs at least {2 * h + 1} checkpoints after the first move for horizon {h}; "
+                         f"have {features.n_rows} in all")
     starts = [c - h - f for f in range(min(folds, available))]
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
     for start in starts:
@@ -128,6 +132,9 @@ def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, 
         for method in methods:
             pooled[method] += jump_terms(traj, jump(method, JumpContext(past, traj, start, predictor)), start, start + h)
         pooled["oracle-rank1"] += oracle_terms(features, traj, start)
+    if pooled["oracle-rank1"].t == 0:
+        raise ValueError(f"checkpoints at steps {features.steps[starts[-1]]}..{features.steps[c]} are identical: "
+                         "there is no movement to backtest against")
     results = []
     for method, terms in pooled.items():
         best = 1.0 if method == "oracle-rank1" else terms.best_alpha()

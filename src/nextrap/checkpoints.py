@@ -56,8 +56,12 @@ class LoraModule:
     @property
     def base_key(self) -> str:
         """The weight's name in the base model's state dict."""
-        name = self.name[len(PEFT_PREFIX):] if self.name.startswith(PEFT_PREFIX) else self.name
-        return name + ".weight"
+        return relative_name(self.name) + ".weight"
+
+
+def relative_name(name: str) -> str:
+    """A PEFT module path without PEFT's ``base_model.model.`` prefix: the name inside the base model."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 @dataclass
@@ -112,7 +116,7 @@ class _TorchFile:
         try:
             self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is the same user-facing problem
-            raise NextrapError(f"{path}: cannot read as a weights-only torch file ({_first_line(e)})") from None
+            raise NextrapError(f"{path}: cannot read as a weights-only torch file ({first_line(e)})") from None
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -140,7 +144,7 @@ def open_weights(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise NextrapError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise NextrapError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def tensor_shape(f: Any, key: str) -> list[int]:
@@ -152,10 +156,11 @@ def _read(f: Any, path: Path, key: str) -> torch.Tensor:
     try:
         return f.get_tensor(key)
     except Exception as e:  # noqa: BLE001
-        raise NextrapError(f"{path}: cannot read tensor {key} ({_first_line(e)})") from None
+        raise NextrapError(f"{path}: cannot read tensor {key} ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -203,6 +208,12 @@ def discover(root: Path | str) -> list[Checkpoint]:
     for prev, cur in zip(found, found[1:]):
         if prev.step == cur.step:
             raise NextrapError(f"{cur.path}: step {cur.step} also found at {prev.path}")
+    gaps = [b.step - a.step for a, b in zip(found, found[1:])]
+    for i, gap in enumerate(gaps):
+        # horizons count checkpoints and methods extrapolate per checkpoint: the spacing must be even
+        if gap != gaps[0]:
+            raise NextrapError(f"{found[i + 1].path}: step {found[i + 1].step} breaks the even spacing of {gaps[0]} steps "
+                               f"(after step {found[i].step}); move it out of {root}")
     return found
 
 
@@ -222,7 +233,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise NextrapError(f"{path / ADAPTER_CONFIG}: not valid JSON ({_first_line(e)})") from None
+        raise NextrapError(f"{path / ADAPTER_CONFIG}: not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise NextrapError(f"{path / ADAPTER_CONFIG}: not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -244,8 +255,7 @@ def _pattern_value(patterns: dict[str, Any] | None, relative_name: str, default:
 
 def module_scale(config: dict[str, Any], name: str, rank: int) -> float:
     """PEFT's scaling for module ``name``: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-    relative = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    alpha = float(_pattern_value(config.get("alpha_pattern"), relative, config.get("lora_alpha", 8)))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), relative_name(name), config.get("lora_alpha", 8)))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

@@ -21,11 +21,15 @@ from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis
 from .errors import NextrapError
 from .extend import alpha_folder, extend as run_extend, parse_alphas
 from .fit import FitResult, fit as run_fit
+from .grpo import ALL_LINEAR, GRPOConfig
+from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
+from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")
-out_console = Console()
+app.command("grpo")(grpo_cmd)
+out_console = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs
 err_console = Console(stderr=True)
 
 
@@ -37,7 +41,7 @@ def _errors() -> Iterator[None]:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: nothing was written")
+        err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
 
 
@@ -70,7 +74,7 @@ def _fit_summary(r: FitResult) -> None:
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     out_console.print(table)
     if not r.backtest:
-        out_console.print("backtest: skipped (needs at least 2h + 1 checkpoints)")
+        out_console.print(f"backtest: skipped ({r.backtest_skipped})", highlight=False)
         return
     first = r.backtest[0]
     folds = f", {first.folds} folds pooled" if first.folds > 1 else ""
@@ -254,6 +258,85 @@ def push_cmd(
     else:
         out_console.print(f"pushed to {result.repo_url or repo}" + (f"; commit {result.commit_url}" if result.commit_url else ""),
                           highlight=False)
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    out: Path = typer.Option(Path("pipeline"), "--out", help="Workspace for every arm's run, the fit, the jumps and pipeline.json."),
+    steps: int = typer.Option(400, "--steps", help="N: length of the plain GRPO run."),
+    s1: Optional[int] = typer.Option(None, "--s1", help="Steps before the jump (default 0.375 N, on a save)."),
+    s2: Optional[int] = typer.Option(None, "--s2", help="Steps after the jump (default 0.625 N - s1)."),
+    save_every: int = typer.Option(10, "--save-every", help="Checkpoint interval (the trajectory's resolution)."),
+    horizon: int = typer.Option(5, "--horizon", help="Checkpoints the jump looks ahead."),
+    alpha: float = typer.Option(1.5, "--alpha", help="Jump size for every method."),
+    methods: str = typer.Option("next,linear", "--methods", help="Comma list of extend methods to compare."),
+    epochs: int = typer.Option(1000, "--epochs", help="NExt predictor epochs."),
+    restart: str = typer.Option("resume", "--restart", help="resume: keep AdamW state across the jump | fresh: new optimizer."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF causal LM folder (default: the embedded addition model)."),
+    task: str = typer.Option("addition", "--task", help="Built-in task; ignored with --data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training jsonl of {prompt, answer} rows."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out jsonl for --data."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="module:function reward."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_prompts: int = typer.Option(64, "--batch-prompts"),
+    group_size: int = typer.Option(8, "--group-size"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    max_new_tokens: int = typer.Option(4, "--max-new-tokens", help="Raise it for real math data."),
+    target_modules: str = typer.Option(",".join(ALL_LINEAR), "--target-modules"),
+    advantage: str = typer.Option("grpo", "--advantage", help="grpo | rloo | reinforce++"),
+    device: str = typer.Option("cpu", "--device"),
+    lora_r: int = typer.Option(64, "--lora-r"),
+    lora_alpha: float = typer.Option(32.0, "--lora-alpha"),
+    seed: int = typer.Option(0, "--seed"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (default: every save)."),
+    eval_prompts: int = typer.Option(1000, "--eval-prompts"),
+    eval_samples: int = typer.Option(8, "--eval-samples"),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against RL step for every arm."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Train -> jump -> train against plain GRPO, a no-jump restart and a jump to the true future."""
+    base = GRPOConfig(model=model, save_every=save_every, lr=lr, batch_prompts=batch_prompts, group_size=group_size,
+                      temperature=temperature, max_new_tokens=max_new_tokens, advantage=advantage, device=device,
+                      target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
+                      eval_data=str(eval_data) if eval_data else None, reward=reward, eval_every=eval_every,
+                      eval_prompts=eval_prompts, eval_samples=eval_samples)
+    cfg = PipelineConfig(out=str(out), steps=steps, s1=s1, s2=s2, horizon=horizon, alpha=alpha, epochs=epochs, restart=restart,
+                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), grpo=base)
+    with _errors(), _progress(not as_json) as report:
+        result = run_pipeline(cfg, progress=report, overwrite=overwrite)
+        if plot_file is not None:
+            plot_pipeline(result, plot_file)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    _pipeline_table(result)
+    if plot_file is not None:
+        out_console.print(f"plot written to {plot_file}", highlight=False)
+
+
+def _pipeline_table(r: PipelineResult) -> None:
+    end = r.s1 + r.s2
+    table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon})",
+                  title_justify="left")
+    for col in ("arm", "RL steps", "sampled acc", "greedy acc", "train s", "fit+extend s", "note"):
+        table.add_column(col, justify="left" if col in ("arm", "note") else "right")
+    rows = [(a.name, a.rl_steps, a.final, a.train_seconds, a.jump_seconds, a.note) for a in r.arms]
+    plain = r.arms[0]
+    at_end = next((c for c in plain.curve if c["step"] == end), None)
+    if at_end is not None:
+        rows.insert(1, (f"plain at step {end}", end, at_end, None, 0.0, "same budget"))
+    for name, n, final, secs, jump_s, note in rows:
+        acc = f"{final['eval_sampled_acc']:.3f} ± {final.get('eval_sampled_se', 0):.3f}" if "eval_sampled_acc" in final else "n/a"
+        greedy = f"{final['eval_greedy_acc']:.3f}" if "eval_greedy_acc" in final else "n/a"
+        table.add_row(name, str(n), acc, greedy, "" if secs is None else f"{secs:.0f}", f"{jump_s:.1f}" if jump_s else "", note)
+    out_console.print(table)
+    no_jump = next((a for a in r.arms if a.name == "no jump"), None)
+    if at_end is not None and no_jump is not None and "eval_sampled_acc" in no_jump.final and "eval_sampled_acc" in at_end:
+        cost = at_end["eval_sampled_acc"] - no_jump.final["eval_sampled_acc"]
+        out_console.print(f"restart cost (plain at {end} minus no jump): {cost:+.3f} sampled accuracy", highlight=False)
+    out_console.print("control: the last checkpoint restarted exactly like the jumps; ceiling: a jump to plain's own "
+                      "checkpoint h later. train s: seconds in RL steps (the shared first S1 included).", style="dim")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backtest import BacktestResult, backtest, max_folds
-from .checkpoints import LoraTrajectory, load_trajectory
+from .checkpoints import LoraTrajectory, first_line, load_trajectory
 from .errors import NextrapError
 from .files import atomic_dir, read_json, sha256, write_json
 from .predictor import Group, Predictor, TrainSettings, load as load_predictor, train
@@ -39,6 +39,7 @@ class FitResult:
     energy_median: dict[int, float]  # step -> median over modules of sigma1 / sum(sigma) of the global delta
     group_losses: dict[int, tuple[float, float]]  # vector length -> (first, last) training loss
     backtest: list[BacktestResult] = field(default_factory=list)
+    backtest_skipped: str = ""  # why there is no backtest, if there is none
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -46,7 +47,8 @@ class FitResult:
             "out": str(self.out), "steps": self.steps, "horizon": self.horizon, "modules": self.n_modules,
             "rank1_energy_median": {str(k): v for k, v in self.energy_median.items()},
             "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
-            "backtest": [asdict(b) for b in self.backtest], "seconds": self.seconds,
+            "backtest": [asdict(b) for b in self.backtest], "backtest_skipped": self.backtest_skipped or None,
+            "seconds": self.seconds,
         }
 
 
@@ -104,7 +106,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         done += k
         report("rank-1 features", done, len(traj.modules))
 
-    features = compute_features(traj, horizon, sign_align=sign_align, progress=on_modules)
+    features = compute_features(traj, horizon, sign_align=sign_align, progress=on_modules, device=settings.device)
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -112,14 +114,23 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     def on_epoch(epoch: int) -> None:
         report("predictor", epoch + 1, settings.epochs)
 
-    predictor = train(features, settings, on_epoch=on_epoch)
+    try:
+        predictor = train(features, settings, on_epoch=on_epoch)
+    except (ValueError, FloatingPointError) as e:
+        raise NextrapError(f"{ckpts}: {e}") from None
     seconds["predictor"] = time.perf_counter() - t0
 
     results: list[BacktestResult] = []
-    if run_backtest and max_folds(features) >= 1:
+    skipped = "" if run_backtest else "--no-backtest"
+    if run_backtest and max_folds(features) < 1:
+        skipped = f"needs at least 2h + 1 = {2 * horizon + 1} checkpoints after the first move"
+    elif run_backtest:
         t0 = time.perf_counter()
         report("backtest", 0, 1)
-        results = backtest(features, traj, settings, folds=backtest_folds)
+        try:
+            results = backtest(features, traj, settings, folds=backtest_folds)
+        except (ValueError, FloatingPointError) as e:
+            skipped = str(e)
         report("backtest", 1, 1)
         seconds["backtest"] = time.perf_counter() - t0
 
@@ -128,7 +139,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         out=out, steps=traj.steps, horizon=horizon, n_modules=len(traj.modules),
         energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
         group_losses={g.length: (g.losses[0], g.losses[-1]) for g in predictor.groups},
-        backtest=results, seconds=seconds,
+        backtest=results, backtest_skipped=skipped, seconds=seconds,
     )
     manifest = {
         "format": "nextrap-fit/1", "kind": "lora", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -176,14 +187,18 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
     manifest = read_json(path / MANIFEST)
     features = Features.load(path / TRAJECTORY)
     config = read_json(path / PREDICTOR_CONFIG)
-    settings = TrainSettings(epochs=config["epochs"], lr=config["lr"], min_lr_ratio=config["min_lr_ratio"],
-                             weight_decay=config["weight_decay"], hidden=config["hidden"], seed=config["seed"])
-    groups = [Group(g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]]) for g in config["groups"]]
     try:
-        state = load_file(str(path / PREDICTOR_WEIGHTS))
-    except Exception as e:  # noqa: BLE001
-        raise NextrapError(f"{path / PREDICTOR_WEIGHTS}: not a readable safetensors file ({e})") from None
-    predictor = load_predictor(state, groups, settings)
+        settings = TrainSettings(epochs=config["epochs"], lr=config["lr"], min_lr_ratio=config["min_lr_ratio"],
+                                 weight_decay=config["weight_decay"], hidden=config["hidden"], seed=config["seed"])
+        groups = [Group(g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]]) for g in config["groups"]]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise NextrapError(f"{path / PREDICTOR_CONFIG}: missing or malformed field ({first_line(e)})") from None
+    try:
+        predictor = load_predictor(load_file(str(path / PREDICTOR_WEIGHTS)), groups, settings)
+    except Exception as e:  # noqa: BLE001 - corrupt file or weights that do not fit the config
+        raise NextrapError(f"{path / PREDICTOR_WEIGHTS}: cannot load the predictor ({first_line(e)})") from None
+    if "source" not in manifest or "steps" not in manifest or "inputs" not in manifest:
+        raise NextrapError(f"{path / MANIFEST}: not a nextrap fit manifest (no source, steps or inputs)")
     traj = load_trajectory(manifest["source"])
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")

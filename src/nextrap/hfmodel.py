@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import PEFT_PREFIX, LoraTrajectory, open_weights, shape_groups
+from .checkpoints import LoraTrajectory, open_weights, relative_name, shape_groups
 from .errors import NextrapError
 from .files import read_json, write_json
 from .methods import Jump
@@ -98,7 +98,7 @@ def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump,
         want = [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
         if shape != want:
             raise NextrapError(f"{wmap[key]}: {key} has shape {shape}, but the LoRA module expects {want}")
-    extra = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in traj.read_extra(row).items()}
+    extra = {relative_name(k): v for k, v in traj.read_extra(row).items()}
     for key in extra:
         if key not in info:
             raise NextrapError(f"{traj.checkpoints[row].weights}: tensor {key} (modules_to_save) has no counterpart in {base}")

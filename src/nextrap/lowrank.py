@@ -50,10 +50,14 @@ def top1_dense(x: torch.Tensor) -> Rank1:
     return Rank1(sigma=sigma, u=u[..., :, 0], v=vh[..., 0, :], energy=energy)
 
 
+def inner_factored(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """<p @ q.mT, r @ s.mT> (Frobenius inner product) for batched thin factors: sum((p^T r) * (q^T s))."""
+    return ((p.mT @ r) * (q.mT @ s)).sum((-2, -1))
+
+
 def frobenius_factored(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """||p @ q.mT||_F for batched thin factors, via the k x k Gram matrices (exact, never forms the product)."""
-    sq = ((p.mT @ p) * (q.mT @ q)).sum((-2, -1))
-    return sq.clamp_min(0).sqrt()
+    """||p @ q.mT||_F for batched thin factors, exactly, without forming the product."""
+    return inner_factored(p, q, p, q).clamp_min(0).sqrt()
 
 
 def canonical_sign(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

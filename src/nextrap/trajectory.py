@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoints import LoraTrajectory, shape_groups
+from .checkpoints import LoraTrajectory, first_line, shape_groups
 from .errors import NextrapError
 from .lowrank import align_signs, top1_factored
 
@@ -46,13 +46,13 @@ class Features:
 
     def truncate(self, n_rows: int) -> "Features":
         """The features the first ``n_rows`` checkpoints alone would give (targets past them become NaN)."""
-        if not self.horizon < n_rows <= self.n_rows:
-            raise ValueError(f"cannot truncate {self.n_rows} rows to {n_rows} with horizon {self.horizon}")
+        if not 0 < n_rows <= self.n_rows:
+            raise ValueError(f"cannot truncate {self.n_rows} rows to {n_rows}")
         out = {}
         for key, t in self.tensors.items():
             t = t[:n_rows].clone()
             if ":target:" in key:
-                t[n_rows - self.horizon:] = float("nan")
+                t[max(n_rows - self.horizon, 0):] = float("nan")
             out[key] = t
         return Features(self.steps[:n_rows], self.horizon, self.sign_align, self.modules, out)
 
@@ -72,7 +72,7 @@ class Features:
         except NextrapError:
             raise
         except Exception as e:  # noqa: BLE001 - corrupt file or missing metadata: same user-facing problem
-            raise NextrapError(f"{path}: not a nextrap trajectory file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise NextrapError(f"{path}: not a nextrap trajectory file ({first_line(e)})") from None
 
 
 def pair_factors(b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor | None, a_old: torch.Tensor | None,
@@ -85,8 +85,8 @@ def pair_factors(b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor |
 
 
 def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, chunk_modules: int = 64,
-                     progress: Progress | None = None) -> Features:
-    """Exact rank-1 features of every module, batched over modules of equal shape."""
+                     progress: Progress | None = None, device: str = "cpu") -> Features:
+    """Exact rank-1 features of every module, batched over modules of equal shape (QR and SVD on ``device``)."""
     n = len(traj.checkpoints)
     if n <= horizon:
         raise NextrapError(f"{traj.root}: {n} checkpoints, but horizon {horizon} needs at least {horizon + 1} (one training pair)")
@@ -95,7 +95,8 @@ def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True
         for start in range(0, len(names_all), chunk_modules):
             names = names_all[start:start + chunk_modules]
             scale = traj.scales(names)
-            bs, as_ = zip(*(traj.factors(i, names) for i in range(n)))
+            bs, as_ = zip(*((b.to(device), a.to(device)) for b, a in (traj.factors(i, names) for i in range(n))))
+            scale = scale.to(device)
             feats = {
                 "global": [pair_factors(bs[i], as_[i], None, None, scale) for i in range(n)],
                 "local": [pair_factors(bs[0], as_[0], None, None, scale)] + [
@@ -116,6 +117,7 @@ def _store(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pairs:
     q = torch.stack([torch.nn.functional.pad(q, (0, k - q.shape[-1])) for _, q in pairs], 1)
     r1 = top1_factored(p, q)
     u, v = align_signs(r1.u, r1.v) if sign_align else (r1.u, r1.v)
+    r1.sigma, r1.energy, u, v = r1.sigma.cpu(), r1.energy.cpu(), u.cpu(), v.cpu()
     rows = len(pairs)
     for j, name in enumerate(names):
         parts = {"sigma": r1.sigma[j], "u": u[j], "v": v[j]}

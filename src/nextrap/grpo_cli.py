@@ -1,0 +1,133 @@
+"""`nextrap grpo`: the command-line face of nextrap.grpo.train (a thin layer: options -> GRPOConfig).
+
+Exit codes: 0 success; 1 bad input (one line on stderr); 2 bad usage (typer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from nextrap.errors import NextrapError
+from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train
+
+_OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json)$")  # what a run writes into --out
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            _fail(f"--out {out} is not empty; pass --overwrite to replace its run, or pick another folder")
+        # remove only a previous run's outputs, so stale step_N folders cannot mix into the new trajectory
+        for p in out.iterdir():
+            if _OURS.match(p.name) and p.is_dir():
+                shutil.rmtree(p)
+            elif _OURS.match(p.name):
+                p.unlink()
+
+
+def grpo(
+    model: Annotated[Optional[str], typer.Option("--model", help="HF model folder or hub id. Default: the embedded tiny addition model (fixtures/addition-lm).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for step_N/ adapters and metrics.jsonl.")] = Path("grpo-run"),
+    steps: Annotated[int, typer.Option(help="Training steps (one batch of prompts each).")] = 400,
+    save_every: Annotated[int, typer.Option(help="Save an adapter every N steps (step 0 and the last step always).")] = 10,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    batch_prompts: Annotated[int, typer.Option(help="Prompts per step.")] = 64,
+    group_size: Annotated[int, typer.Option(help="Sampled completions per prompt (>= 2).")] = 8,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (training and sampled eval).")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length limit (4 fits the addition task).")] = 4,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (ignored with --init-adapter: the adapter's rank is kept).")] = 64,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32.0,
+    target_modules: Annotated[str, typer.Option(help="Comma list of linear layer names to adapt.")] = ",".join(ALL_LINEAR),
+    seed: Annotated[int, typer.Option(help="Seed for prompt order, sampling and LoRA init.")] = 0,
+    task: Annotated[str, typer.Option(help="Built-in task (addition); ignored with --data.")] = "addition",
+    data: Annotated[Optional[Path], typer.Option("--data", help='Training jsonl of {"prompt": ..., "answer": ...} rows.')] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out jsonl for eval with --data (default: no eval).")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.tasks:math_reward for --data.")] = None,
+    advantage: Annotated[str, typer.Option(help=f"Advantage estimator: {' | '.join(ADVANTAGES)}.")] = "grpo",
+    init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Continue training this PEFT adapter folder (e.g. a jumped step), any rank.")] = None,
+    init_model: Annotated[Optional[Path], typer.Option("--init-model", help="Start from these full model weights (e.g. a merged jumped model); the tokenizer comes from --model unless the folder has one.")] = None,
+    resume_optimizer: Annotated[Optional[Path], typer.Option("--resume-optimizer", help="Step folder whose optimizer.safetensors to continue from (moments of a grown rank start at 0).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at every save; 0: never).")] = None,
+    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per eval.")] = 1000,
+    eval_samples: Annotated[int, typer.Option(help="Samples per held-out prompt for sampled accuracy (0: greedy only).")] = 8,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in a non-empty --out.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
+) -> None:
+    """Train LoRA with GRPO-style RLVR and save a PEFT adapter every --save-every steps: the trajectory nextrap extrapolates."""
+    _prepare_out(out, overwrite)
+    config = GRPOConfig(
+        model=model,
+        out=str(out),
+        steps=steps,
+        save_every=save_every,
+        lr=lr,
+        batch_prompts=batch_prompts,
+        group_size=group_size,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        seed=seed,
+        task=task,
+        data=str(data) if data else None,
+        eval_data=str(eval_data) if eval_data else None,
+        reward=reward,
+        advantage=advantage,
+        init_adapter=str(init_adapter) if init_adapter else None,
+        init_model=str(init_model) if init_model else None,
+        resume_optimizer=str(resume_optimizer) if resume_optimizer else None,
+        eval_every=eval_every,
+        eval_prompts=eval_prompts,
+        eval_samples=eval_samples,
+        device=device,
+    )
+    console = Console(stderr=True)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console, transient=json_out) as bar:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:  # created at the first step, so an early error prints no empty bar
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            result = train(config, progress=report)
+    except NextrapError as e:
+        _fail(str(e))
+    final_eval = result.evals[-1] if result.evals else None
+    if json_out:
+        summary = {
+            "out": str(result.out),
+            "steps": result.steps,
+            "checkpoints": [str(p) for p in result.checkpoints],
+            "seconds_per_step": result.seconds_per_step,
+            "last_reward_mean": result.last_reward_mean,
+            "final_eval": final_eval,
+            "config": asdict(config),
+        }
+        print(json.dumps(summary))
+        return
+    console.print(f"{len(result.checkpoints)} adapters in {result.out} ({result.seconds_per_step:.2f} s/step)")
+    if final_eval:
+        sampled = f", sampled {final_eval['eval_sampled_acc']:.3f}" if "eval_sampled_acc" in final_eval else ""
+        console.print(f"held-out accuracy at step {final_eval['step']}: greedy {final_eval['eval_greedy_acc']:.3f}{sampled}")

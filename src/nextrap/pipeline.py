@@ -1,0 +1,226 @@
+"""``nextrap pipeline``: train -> jump -> train, with the controls that make a speed-up claim believable.
+
+From one start (same model, same seed):
+
+    plain        N steps of GRPO, uninterrupted (the reference; its step S1 + S2 is the budget-matched point)
+    <method>     plain's first S1 steps, fit + extend at alpha, then S2 more steps        (S1 + S2 = 0.625 N)
+    no jump      plain's first S1 steps, "extend" at alpha 0, then S2 more steps (the restart control)
+    true future  plain's checkpoint at S1 + h checkpoints, then S2 more steps (the ceiling of any predictor)
+
+Every arm after S1 restarts the same way: load the adapter, keep or reset the AdamW state (``restart``), and
+draw its prompts from the same continuation seed. The NExt jump adds one trainable rank (r + 1); the no-jump
+control gets the same extra rank with zero effect (B column 0, A row random, as PEFT initialises LoRA), so
+the two differ only in where they start from. ``linear`` adds 2r columns: its capacity differs slightly. The restart's own cost shows as
+plain at S1 + S2 against no jump. Outputs stay in ``out`` (per-arm folders, ``pipeline.json``, an optional PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .adapter import make_appended_rows_trainable
+from .errors import NextrapError
+from .extend import extend
+from .fit import fit
+from .grpo import GRPOConfig, train
+from .methods import METHODS
+
+Progress = Callable[[str, int, int], None]
+RESTARTS = ("resume", "fresh")
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "pipeline"
+    steps: int = 400  # N, the plain run
+    s1: int | None = None  # steps before the jump; default 0.375 N rounded to a save
+    s2: int | None = None  # steps after it; default 0.625 N - s1
+    horizon: int = 5  # checkpoints the jump looks ahead (the paper: 5 = 50 steps)
+    alpha: float = 1.5
+    methods: tuple[str, ...] = ("next", "linear")
+    epochs: int = 1000  # NExt predictor epochs
+    restart: str = "resume"  # resume: AdamW state carried over; fresh: new optimizer
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def schedule(self) -> tuple[int, int]:
+        k = self.grpo.save_every
+        s1 = self.s1 if self.s1 is not None else max(k, round(0.375 * self.steps / k) * k)
+        s2 = self.s2 if self.s2 is not None else round(0.625 * self.steps) - s1
+        return s1, s2
+
+
+@dataclass
+class Arm:
+    name: str
+    rl_steps: int  # RL steps the schedule pays for (the ceiling's jump to plain's later checkpoint is free)
+    curve: list[dict[str, float]]  # {"step": global step, eval_* ...}
+    train_seconds: float  # sum of seconds_per_step over the steps this arm trained (its share of plain included)
+    jump_seconds: float = 0.0  # fit + extend
+    note: str = ""
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.curve[-1] if self.curve else {}
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    steps: int
+    s1: int
+    s2: int
+    horizon: int
+    alpha: float
+    arms: list[Arm]
+    backtest: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "steps": self.steps, "s1": self.s1, "s2": self.s2, "horizon": self.horizon,
+                "alpha": self.alpha, "arms": [{**asdict(a), "final": a.final} for a in self.arms],
+                "backtest": self.backtest}
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _curve(rows: list[dict[str, Any]], offset: int) -> list[dict[str, float]]:
+    return [{"step": r["step"] + offset, **{k: v for k, v in r.items() if k.startswith("eval_")}}
+            for r in rows if "eval_sampled_acc" in r or "eval_greedy_acc" in r]
+
+
+def _seconds(rows: list[dict[str, Any]], upto: int | None = None) -> float:
+    return sum(r.get("seconds_per_step", 0.0) for r in rows if upto is None or r["step"] <= upto)
+
+
+def _check(cfg: PipelineConfig, s1: int, s2: int) -> None:
+    k = cfg.grpo.save_every
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise NextrapError(f"--methods {','.join(cfg.methods)}: choose from {', '.join(METHODS)}")
+    if cfg.restart not in RESTARTS:
+        raise NextrapError(f"--restart {cfg.restart}: use resume or fresh")
+    if s1 % k or s1 <= 0:
+        raise NextrapError(f"--s1 {s1}: must be a positive multiple of --save-every {k}")
+    if s1 // k < cfg.horizon + 1:  # step 0 is the start, not a move: checkpoints k..s1 must hold one pair
+        raise NextrapError(f"--s1 {s1}: the fit needs at least --horizon + 1 = {cfg.horizon + 1} saves after step 0 "
+                           f"before the jump (have {s1 // k} with --save-every {k})")
+    if s2 < 0 or s1 + cfg.horizon * k > cfg.steps:
+        raise NextrapError(f"schedule s1 {s1} + horizon {cfg.horizon} x {k} steps must fit in --steps {cfg.steps}")
+
+
+def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrite: bool = False) -> PipelineResult:
+    """Run every arm (see the module docstring) and write ``pipeline.json``; returns the results."""
+    s1, s2 = cfg.schedule()
+    _check(cfg, s1, s2)
+    out = Path(cfg.out)
+    if out.exists():
+        if not overwrite:
+            raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    k, h = cfg.grpo.save_every, cfg.horizon
+    report = progress or (lambda *_: None)
+
+    def grpo(name: str, **changes: Any) -> list[dict[str, Any]]:
+        def step_progress(stage: str, done: int, total: int) -> None:
+            report(name, done, total)
+        train(replace(cfg.grpo, out=str(out / name), **changes), progress=step_progress)
+        return _metrics(out / name)
+
+    plain_rows = grpo("plain", steps=cfg.steps)
+    arms = [Arm("plain", cfg.steps, _curve(plain_rows, 0), _seconds(plain_rows))]
+    prefix_seconds = _seconds(plain_rows, s1)
+
+    # The trajectory the jump sees: plain's checkpoints up to S1 (links, not copies).
+    prefix = out / "prefix"
+    prefix.mkdir()
+    for step in range(0, s1 + 1, k):
+        os.symlink((out / "plain" / f"step_{step}").absolute(), prefix / f"step_{step}", target_is_directory=True)
+    t0 = time.perf_counter()
+    fitted = fit(prefix, out=out / "fit", horizon=h, epochs=cfg.epochs, seed=cfg.grpo.seed,
+                 progress=lambda stage, done, total: report(f"fit: {stage}", done, total))
+    fit_seconds = time.perf_counter() - t0
+
+    # Every continuation draws the same prompts (a seed of its own: plain's would replay plain's first prompts).
+    starts = []  # (arm name, folder, adapter to start from, optimizer state to carry, jump seconds, note)
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        extend(out / "fit", [cfg.alpha], out / f"jump-{method}", method=method)
+        starts.append((f"{method} (alpha {cfg.alpha:g})", f"cont-{method}", out / f"jump-{method}",
+                       out / "plain" / f"step_{s1}", fit_seconds + time.perf_counter() - t0, ""))
+    extend(out / "fit", [0.0], out / "jump-none", method="next")  # rank r + 1 like the NExt jump, zero move...
+    make_appended_rows_trainable(out / "jump-none", cfg.grpo.lora_r, seed=cfg.grpo.seed)  # ...that can still learn
+    starts.append(("no jump", "cont-none", out / "jump-none", out / "plain" / f"step_{s1}", 0.0, "control"))
+    future = out / "plain" / f"step_{s1 + h * k}"
+    starts.append((f"true future (step {s1 + h * k})", "cont-future", future, future, 0.0, "ceiling"))
+
+    before_jump = [r for r in _curve(plain_rows, 0) if r["step"] < s1]
+    for name, folder, adapter, optimizer_from, jump_seconds, note in starts:
+        rows = grpo(folder, steps=s2, seed=cfg.grpo.seed + 1, init_adapter=str(adapter),
+                    resume_optimizer=str(optimizer_from) if cfg.restart == "resume" else None)
+        # x = RL steps trained: the jump itself is free, so the continuation starts at S1
+        arms.append(Arm(name, s1 + s2, before_jump + _curve(rows, s1), prefix_seconds + _seconds(rows), jump_seconds, note))
+
+    result = PipelineResult(out, cfg.steps, s1, s2, h, cfg.alpha, arms, fitted.to_json()["backtest"])
+    (out / "pipeline.json").write_text(json.dumps({**result.to_json(), "config": _config_json(cfg)}, indent=2) + "\n")
+    return result
+
+
+def _config_json(cfg: PipelineConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["grpo"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["grpo"].items()}
+    d["methods"] = list(cfg.methods)
+    return d
+
+
+def accuracy_at(arm: Arm, step: int, key: str = "eval_sampled_acc") -> float | None:
+    """The arm's evaluated accuracy at ``step`` (None when not evaluated there)."""
+    for row in arm.curve:
+        if row["step"] == step and key in row:
+            return float(row[key])
+    return None
+
+
+def steps_to_reach(arm: Arm, target: float, key: str = "eval_sampled_acc") -> float | None:
+    """First RL step at which the arm's accuracy curve reaches ``target`` (linear interpolation between evals)."""
+    pts = [(r["step"], r[key]) for r in arm.curve if key in r]
+    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
+        if a0 >= target:
+            return float(s0)
+        if a1 >= target:
+            return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
+    return float(pts[-1][0]) if pts and pts[-1][1] >= target else None
+
+
+def plot(result: PipelineResult, path: Path) -> None:
+    """Accuracy (sampled, with its standard error, and greedy) against RL step for every arm."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NextrapError("--plot needs matplotlib: pip install 'nextrap[plot]'") from None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm in result.arms:
+        pts = [r for r in arm.curve if "eval_sampled_acc" in r]
+        xs = [r["step"] for r in pts]
+        axes[0].errorbar(xs, [r["eval_sampled_acc"] for r in pts], yerr=[r.get("eval_sampled_se", 0) for r in pts],
+                         label=arm.name, marker="o", ms=3, capsize=2)
+        axes[1].plot([r["step"] for r in arm.curve], [r["eval_greedy_acc"] for r in arm.curve], marker="o", ms=3, label=arm.name)
+    for ax, title in zip(axes, ("held-out sampled accuracy", "held-out greedy accuracy")):
+        ax.axvline(result.s1, color="grey", ls=":", lw=1)
+        ax.axvline(result.s1 + result.s2, color="grey", ls="--", lw=1)
+        ax.set_xlabel("RL step")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

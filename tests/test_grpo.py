@@ -1,0 +1,289 @@
+"""Specification of nextrap.grpo (and its CLI, nextrap.grpo_cli) on the embedded addition model."""
+
+import json
+
+import pytest
+import torch
+import typer
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from nextrap.grpo import (
+    OPTIMIZER_FILE,
+    GRPOConfig,
+    GRPOError,
+    completion_logprobs,
+    completion_mask,
+    compute_advantages,
+    default_model_dir,
+    encode_prompts,
+    grpo_advantages,
+    load_optimizer_state,
+    policy_gradient_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sample,
+    save_optimizer_state,
+    train,
+)
+from nextrap.grpo_cli import grpo
+
+TINY = dict(steps=2, save_every=1, batch_prompts=4, group_size=4, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
+
+
+# ---------------------------------------------------------------------------
+# advantages, masks and the loss on small tensors
+
+
+def test_grpo_advantages_normalize_within_each_group():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    a = grpo_advantages(r)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as in TRL / verl
+    assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    assert torch.equal(a[1], torch.zeros(4))  # all-correct group: no signal
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[1.0 - 0.0, 0.0 - 1 / 3, 0.0 - 1 / 3, 0.0 - 1 / 3]])
+    assert torch.allclose(rloo_advantages(r), expected)
+
+
+def test_reinforce_pp_whitens_group_centred_rewards_over_the_batch():
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    a = reinforce_pp_advantages(r)
+    centred = torch.tensor([[0.5, -0.5], [0.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(a, (centred - centred.mean()) / (centred.std() + 1e-6))
+    assert abs(a.mean().item()) < 1e-6 and abs(a.std().item() - 1) < 1e-4
+
+
+def test_compute_advantages_dispatch():
+    r = torch.rand(3, 4)
+    assert torch.equal(compute_advantages(r, "rloo"), rloo_advantages(r))
+    with pytest.raises(GRPOError, match="unknown advantage"):
+        compute_advantages(r, "ppo")
+
+
+def test_completion_mask_keeps_tokens_up_to_the_first_eos():
+    eos = 2
+    comp = torch.tensor([[5, 6, 2, 0], [2, 0, 0, 0], [5, 5, 5, 5]])
+    assert completion_mask(comp, eos).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_policy_gradient_loss_is_a_token_mean():
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    assert policy_gradient_loss(logp, mask, adv).item() == pytest.approx(-(-1 - 2 + 3) / 3)
+
+
+def test_optimizer_state_roundtrip_grows_with_the_rank(tmp_path):
+    small = {"lora_A": torch.nn.Parameter(torch.randn(2, 3)), "lora_B": torch.nn.Parameter(torch.randn(3, 2))}
+    opt = torch.optim.AdamW(small.values())
+    sum(p.sum() for p in small.values()).backward()
+    opt.step()
+    save_optimizer_state(opt, small, tmp_path / OPTIMIZER_FILE)
+    big = {"lora_A": torch.nn.Parameter(torch.randn(3, 3)), "lora_B": torch.nn.Parameter(torch.randn(3, 3))}
+    opt2 = torch.optim.AdamW(big.values())
+    assert load_optimizer_state(opt2, big, tmp_path / OPTIMIZER_FILE) == 2
+    a = opt2.state[big["lora_A"]]["exp_avg"]
+    assert torch.equal(a[:2], opt.state[small["lora_A"]]["exp_avg"]) and torch.equal(a[2], torch.zeros(3))
+    b = opt2.state[big["lora_B"]]["exp_avg_sq"]
+    old = opt.state[small["lora_B"]]["exp_avg_sq"]
+    assert torch.equal(b[:, :2], old)
+    assert torch.allclose(b[:, 2], old.mean().expand(3))  # new entries: the block's mean, not 0 (see the docstring)
+    shrunk = {"lora_A": torch.nn.Parameter(torch.randn(1, 3))}
+    with pytest.raises(GRPOError, match="has shape"):
+        load_optimizer_state(torch.optim.AdamW(shrunk.values()), shrunk, tmp_path / OPTIMIZER_FILE)
+
+
+# ---------------------------------------------------------------------------
+# the embedded model and the sampler
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return AutoModelForCausalLM.from_pretrained(default_model_dir()).eval(), AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def test_embedded_model_tokenizer_roundtrip(lm):
+    _, tok = lm
+    ids = tok("23+45=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 7
+    assert tok.decode(ids, skip_special_tokens=True) == "23+45="
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+
+
+def test_cached_left_padded_greedy_matches_full_recompute(lm):
+    model, tok = lm
+    prompts = ["3+4=", "23+45=", "99+99="]
+    ids, mask = encode_prompts(tok, prompts)
+    fast = sample(model, ids, mask, 4, 0.0, tok.eos_token_id, tok.pad_token_id)
+    for i, p in enumerate(prompts):  # one prompt at a time, no padding, no cache
+        seq = torch.tensor([tok(p)["input_ids"]])
+        for t in range(fast.shape[1]):
+            nxt = model(input_ids=seq).logits[0, -1].argmax()
+            assert nxt.item() == fast[i, t].item()
+            if nxt.item() == tok.eos_token_id:
+                break
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+
+
+def test_padded_batch_logprobs_match_one_at_a_time(lm):
+    model, tok = lm
+    prompts = ["3+4=", "23+45="]
+    ids, mask = encode_prompts(tok, prompts)
+    comp = torch.tensor([[tok.convert_tokens_to_ids("7"), tok.eos_token_id, tok.pad_token_id],
+                         [tok.convert_tokens_to_ids("6"), tok.convert_tokens_to_ids("8"), tok.eos_token_id]])
+    cmask = completion_mask(comp, tok.eos_token_id)
+    with torch.no_grad():
+        batched = completion_logprobs(model, ids, mask, comp, cmask)
+        for i, p in enumerate(prompts):
+            one = torch.tensor([tok(p)["input_ids"]])
+            n = int(cmask[i].sum())
+            alone = completion_logprobs(model, one, torch.ones_like(one), comp[i : i + 1, :n], cmask[i : i + 1, :n])
+            assert torch.allclose(batched[i, :n], alone[0], atol=1e-5)
+
+
+def test_sampling_is_seeded(lm):
+    model, tok = lm
+    ids, mask = encode_prompts(tok, ["12+34="] * 16)
+    draw = lambda s: sample(model, ids, mask, 4, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+# ---------------------------------------------------------------------------
+# train(): a few steps on the embedded default
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(GRPOConfig(out=str(out), **TINY)), out
+
+
+def test_train_writes_loadable_adapters_every_save(run, lm):
+    result, out = run
+    assert [p.name for p in result.checkpoints] == ["step_0", "step_1", "step_2"]
+    for p in result.checkpoints:
+        assert (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file()
+        assert (p / OPTIMIZER_FILE).is_file()
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir())
+    loaded = PeftModel.from_pretrained(base, str(out / "step_2"))
+    assert loaded.peft_config["default"].r == 4
+    b = load_file(str(out / "step_2" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in b.items())  # it moved
+    b0 = load_file(str(out / "step_0" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() == 0 for k, v in b0.items() if k.endswith("lora_B.weight"))  # step 0 = base
+
+
+def test_train_writes_metrics_rows(run):
+    result, out = run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["seconds_per_step"] > 0
+    for r in rows:  # eval at every save
+        assert 0.0 <= r["eval_greedy_acc"] <= 1.0 and 0.0 <= r["eval_sampled_acc"] <= 1.0
+    assert len(result.evals) == 3 and result.last_reward_mean == rows[-1]["reward_mean"]
+    assert json.loads((out / "grpo_config.json").read_text())["lora_r"] == 4
+
+
+def test_train_is_deterministic(run, tmp_path):
+    _, out = run
+    again = train(GRPOConfig(out=str(tmp_path), **TINY))
+    strip = lambda text: [{k: v for k, v in json.loads(l).items() if k != "seconds_per_step"} for l in text.splitlines()]  # noqa: E731, E741
+    assert strip((out / "metrics.jsonl").read_text()) == strip((again.out / "metrics.jsonl").read_text())
+    a = load_file(str(out / "step_2" / "adapter_model.safetensors"))
+    b = load_file(str(again.out / "step_2" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continue_from_an_adapter_of_another_rank_with_its_optimizer(run, tmp_path):
+    _, out = run
+    cfg = GRPOConfig(out=str(tmp_path), **{**TINY, "lora_r": 16, "steps": 1, "eval_prompts": 0},
+                     init_adapter=str(out / "step_2"), resume_optimizer=str(out / "step_2"))
+    result = train(cfg)
+    start = load_file(str(tmp_path / "step_0" / "adapter_model.safetensors"))
+    assert all(torch.equal(v, load_file(str(out / "step_2" / "adapter_model.safetensors"))[k]) for k, v in start.items())
+    moved = load_file(str(result.checkpoints[-1] / "adapter_model.safetensors"))
+    assert all(v.shape[0] == 4 for k, v in moved.items() if k.endswith("lora_A.weight"))  # rank 4 kept, not 16
+    assert json.loads((tmp_path / "grpo_config.json").read_text())["lora_r"] == 4
+    steps = load_file(str(tmp_path / "step_1" / OPTIMIZER_FILE))
+    assert all(v.item() == 3.0 for k, v in steps.items() if k.endswith("::step"))  # 2 resumed + 1 new
+
+
+def test_data_file_and_custom_reward(tmp_path):
+    rows = "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n" for i in range(10))
+    (tmp_path / "d.jsonl").write_text(rows)
+    cfg = GRPOConfig(out=str(tmp_path / "o"), **{**TINY, "steps": 1}, data=str(tmp_path / "d.jsonl"),
+                     eval_data=str(tmp_path / "d.jsonl"), reward="nextrap.tasks:math_reward", advantage="rloo")
+    result = train(cfg)
+    assert [p.name for p in result.checkpoints] == ["step_0", "step_1"] and result.evals[-1]["eval_prompts"] == 8
+
+
+def test_init_model_and_config_errors(tmp_path):
+    result = train(GRPOConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 1, "eval_prompts": 0}, init_model=str(default_model_dir())))
+    assert len(result.checkpoints) == 2
+    with pytest.raises(GRPOError, match="not both"):
+        train(GRPOConfig(out=str(tmp_path / "b"), init_model="x", init_adapter="y"))
+    with pytest.raises(GRPOError, match="not a PEFT adapter"):
+        train(GRPOConfig(out=str(tmp_path / "c"), **TINY, init_adapter=str(tmp_path)))
+    with pytest.raises(GRPOError, match="group_size"):
+        train(GRPOConfig(out=str(tmp_path / "d"), group_size=1))
+    with pytest.raises(GRPOError, match="unknown task"):
+        train(GRPOConfig(out=str(tmp_path / "e"), task="chess"))
+    assert not any((tmp_path / d).exists() for d in "bcde")  # refused before writing anything
+
+
+# ---------------------------------------------------------------------------
+# the CLI
+
+
+@pytest.fixture
+def cli():
+    app = typer.Typer()
+    app.command()(grpo)
+    return app
+
+
+def test_cli_runs_and_prints_json(cli, tmp_path):
+    out = tmp_path / "o"
+    args = ["--out", str(out), "--steps", "1", "--save-every", "1", "--batch-prompts", "2", "--group-size", "2",
+            "--lora-r", "2", "--target-modules", "q_proj, v_proj", "--eval-prompts", "4", "--eval-samples", "1",
+            "--advantage", "reinforce++", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and len(summary["checkpoints"]) == 2
+    assert summary["config"]["target_modules"] == ["q_proj", "v_proj"]
+    assert 0.0 <= summary["final_eval"]["eval_sampled_acc"] <= 1.0
+    # a second run into the same folder is refused, then allowed with --overwrite
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "not empty" in again.stderr and "--overwrite" in again.stderr
+    assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--advantage", "ppo"], "unknown advantage"),
+        (["--reward", "nope"], "expected module:function"),
+        (["--data", "/nonexistent.jsonl"], "no such file"),
+        (["--init-adapter", "/nonexistent-adapter"], "no such folder"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_1(cli, tmp_path, args, message):
+    r = CliRunner().invoke(cli, ["--out", str(tmp_path / "o"), "--steps", "1", *args])
+    assert r.exit_code == 1
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_lists_the_options(cli):
+    r = CliRunner().invoke(cli, ["--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for option in ("--model", "--init-adapter", "--advantage", "--eval-samples", "--overwrite", "--json"):
+        assert option in r.output

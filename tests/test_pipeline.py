@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from nextrap.cli import app
+from nextrap.errors import NextrapError
+from nextrap.grpo import GRPOConfig
+from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, steps_to_reach
+
+TINY = GRPOConfig(save_every=2, batch_prompts=4, group_size=2, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
+
+
+def test_every_arm_runs_and_restarts_alike(tmp_path):
+    cfg = PipelineConfig(out=str(tmp_path / "p"), steps=16, horizon=2, epochs=3, grpo=TINY)
+    r = run_pipeline(cfg)
+    assert (r.s1, r.s2) == (6, 4)
+    assert [a.name for a in r.arms] == ["plain", "next (alpha 1.5)", "linear (alpha 1.5)", "no jump", "true future (step 10)"]
+    assert r.arms[0].rl_steps == 16 and all(a.rl_steps == 10 for a in r.arms[1:])
+    for arm in r.arms[1:]:
+        steps = [c["step"] for c in arm.curve]
+        assert steps[0] == 0 and steps[-1] == 10 and 6 in steps
+    # the no-jump control is plain's step-6 adapter plus one rank like the NExt jump's, with no effect (B column
+    # zero) but trainable (A row nonzero: a zero A row and B column would have zero gradients forever)
+    none = load_file(str(tmp_path / "p" / "jump-none" / "adapter_model.safetensors"))
+    plain6 = load_file(str(tmp_path / "p" / "plain" / "step_6" / "adapter_model.safetensors"))
+    jumped = load_file(str(tmp_path / "p" / "jump-next" / "adapter_model.safetensors"))
+    for k, v in plain6.items():
+        assert none[k].shape == jumped[k].shape
+        assert torch.equal(none[k][: v.shape[0], : v.shape[1]], v)
+        extra = none[k][:, 4:] if ".lora_B." in k else none[k][4:]
+        assert (extra == 0).all() if ".lora_B." in k else (extra != 0).all()
+    saved = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    assert saved["s1"] == 6 and len(saved["arms"]) == 5 and saved["config"]["grpo"]["save_every"] == 2
+    # every continuation drew the same prompts: its own seed, the same for all arms
+    cfgs = [json.loads((tmp_path / "p" / d / "grpo_config.json").read_text()) for d in ("cont-next", "cont-none", "cont-future")]
+    assert len({c["seed"] for c in cfgs}) == 1 and cfgs[0]["seed"] != 0
+
+
+def test_schedule_errors(tmp_path):
+    with pytest.raises(NextrapError, match="--methods"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "m"), steps=16, horizon=2, methods=("magic",), grpo=TINY))
+    with pytest.raises(NextrapError, match="multiple of --save-every"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "a"), steps=16, s1=5, horizon=2, grpo=TINY))
+    with pytest.raises(NextrapError, match="at least --horizon \\+ 1"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "b"), steps=16, s1=4, horizon=2, grpo=TINY))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_accuracy_lookup_and_steps_to_reach():
+    arm = Arm("x", 40, [{"step": 0, "eval_sampled_acc": 0.1}, {"step": 20, "eval_sampled_acc": 0.3},
+                        {"step": 40, "eval_sampled_acc": 0.5}], 0.0)
+    assert accuracy_at(arm, 20) == 0.3 and accuracy_at(arm, 10) is None
+    assert steps_to_reach(arm, 0.4) == pytest.approx(30.0)
+    assert steps_to_reach(arm, 0.05) == 0.0 and steps_to_reach(arm, 0.6) is None
+
+
+def test_cli_pipeline_json(tmp_path):
+    res = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path / "p"), "--steps", "12", "--save-every", "2",
+                                   "--horizon", "2", "--s1", "6", "--s2", "2", "--epochs", "2", "--batch-prompts", "8",
+                                   "--group-size", "4", "--lora-r", "2", "--eval-prompts", "4", "--eval-samples", "1",
+                                   "--methods", "linear", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["s1"] == 6 and [a["name"] for a in out["arms"]] == ["plain", "linear (alpha 1.5)", "no jump", "true future (step 10)"]
