@@ -73,3 +73,19 @@ def lora_tensors(seed: int, modules: dict[str, tuple[int, int, int]]) -> dict:
 LORA_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q", "k"], "fan_in_fan_out": False,
                "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
 TWO_MODULES = {"base_model.model.layers.0.q": (6, 5, 4), "base_model.model.layers.0.k": (3, 5, 4)}
+
+
+def save_drifting_run(model, folder: Path, steps: range, scale: float, noise: float = 0.0, seed: int = 0,
+                      name: str = "step_{}") -> Path:
+    """Save a PEFT model's adapter at ``steps`` with every lora_B moving along a fixed random direction,
+    sublinearly in time (plus optional noise): a small real-PEFT trajectory for layout tests."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    drift = {id(m): torch.randn(m.lora_B["default"].weight.shape, generator=g) * scale for m in layers}
+    for step in steps:
+        with torch.no_grad():
+            for m in layers:
+                b = drift[id(m)] * (step / steps[-1]) ** 0.75
+                m.lora_B["default"].weight.copy_(b + noise * torch.randn(b.shape, generator=g))
+        model.save_pretrained(folder / name.format(step))
+    return folder

@@ -66,3 +66,30 @@ def test_jumped_adapter_loads_in_peft_and_merges_to_the_jump(fitted, tmp_path):
         expected = ref[m.base_key] + 1.5 * sigma * torch.outer(u, v)
         assert torch.allclose(merged[m.base_key], expected, atol=1e-6), m.name
         assert not torch.equal(merged[m.base_key], w0[m.base_key])
+
+
+def test_rank_and_alpha_patterns_with_rslora_survive_a_real_peft_load(tmp_path):
+    """The rescaled config is read by PEFT itself (not by our own scale function) and merges exactly."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import nextrap
+    from conftest import BASE, save_drifting_run
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                     rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})
+    save_drifting_run(get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), cfg), tmp_path / "ckpts", range(0, 80, 10), 0.05)
+    nextrap.fit(tmp_path / "ckpts", out=tmp_path / "fit", horizon=2, epochs=2)
+    nextrap.extend(tmp_path / "fit", [2.0], tmp_path / "jumped")
+    pred = load_file(str(tmp_path / "jumped" / "prediction.safetensors"))
+    last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "ckpts" / "step_70")
+    last_sd = last.merge_and_unload().state_dict()
+    jumped = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "jumped")
+    ranks = {n: m.lora_A["default"].weight.shape[0] for n, m in jumped.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(set(ranks.values())) == [3, 5]  # q_proj 2 + 1, the others 4 + 1
+    merged = jumped.merge_and_unload().state_dict()
+    traj = load_trajectory(tmp_path / "ckpts")
+    for m in traj.modules:
+        expected = last_sd[m.base_key] + 2.0 * pred[f"{m.name}:sigma"] * torch.outer(pred[f"{m.name}:u"], pred[f"{m.name}:v"])
+        assert torch.allclose(merged[m.base_key], expected, atol=1e-6), m.name

@@ -98,7 +98,9 @@ def test_choose_picks_the_lowest_error_or_no_jump():
     best = choose(results)
     assert (best.method, best.alpha) == ("linear", 0.6) and best.error == pytest.approx(0.8)
     assert choose(results, method="next").alpha == 0.2
-    assert choose(results, alpha=1.0).method == "linear"
+    assert choose(results, alphas=[1.0]).method == "linear"
+    pick = choose(results, alphas=[0.25, 0.5])
+    assert (pick.method, pick.alpha) == ("linear", 0.5)
     bad = [_result("next", 1, -0.3, 1), _result("linear", 1, 0.01, 1)]  # 0.01 gain: chance, not skill
     none = choose(bad)
     assert none.alpha == 0.0 and none.error == 1.0 and "no jump" in none.reason

@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import nextrap
+from conftest import save_drifting_run
 from nextrap.checkpoints import load_trajectory
 
 
@@ -14,14 +15,7 @@ def _gpt2_run(tmp_path):
     base = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=2))
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
-    g = torch.Generator().manual_seed(1)
-    layers = [m for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
-    drift = {id(m): torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.02 for m in layers}
-    for step in range(0, 120, 10):
-        with torch.no_grad():
-            for m in layers:
-                m.lora_B["default"].weight.copy_(drift[id(m)] * (step / 100) ** 0.7 + 1e-3 * torch.randn(drift[id(m)].shape, generator=g))
-        model.save_pretrained(tmp_path / "ckpts" / f"checkpoint-{step}")
+    save_drifting_run(model, tmp_path / "ckpts", range(0, 120, 10), 0.02, noise=1e-3, seed=1, name="checkpoint-{}")
     return tmp_path / "base", tmp_path / "ckpts"
 
 

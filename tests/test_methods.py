@@ -49,3 +49,27 @@ def test_next_without_predictor_and_unknown_method(setup):
     with pytest.raises(ValueError, match="unknown method"):
         jump("nope", JumpContext(feats, traj, 16))
     assert set(METHODS) >= {"next", "linear"}
+
+
+def test_expo_is_the_whole_update_so_far(setup):
+    traj, feats = setup
+    j = jump("expo", JumpContext(feats, traj, 12))
+    for m in traj.modules:
+        p, q = j.factors[m.name]
+        assert torch.allclose(p @ q.mT, _delta(traj, 12, m.name), atol=1e-12)
+
+
+def test_relex_moves_along_the_latest_direction_by_the_fitted_line(setup):
+    traj, feats = setup
+    row = 16
+    j = jump("relex", JumpContext(feats, traj, row))
+    steps = torch.tensor(feats.steps, dtype=torch.float64)
+    for m in traj.modules[:4]:
+        u = feats.get(m.name, "global", "u")[row].double()
+        v = feats.get(m.name, "global", "v")[row].double()
+        coeff = torch.stack([u @ _delta(traj, i, m.name) @ v for i in range(row + 1)])
+        x, y = steps[1:], coeff[1:]  # step 0 has no delta
+        slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+        expected = float(slope * (160 + 5 * 10) + intercept - coeff[-1])
+        p, q = j.factors[m.name]
+        assert torch.allclose(p @ q.mT, expected * torch.outer(u, v), atol=1e-9)

@@ -156,19 +156,22 @@ class Choice:
 MIN_GAIN = 0.02  # a jump must land at least 2% closer than standing still; smaller gains are within chance
 
 
-def choose(results: list[BacktestResult], method: str | None = None, alpha: float | None = None,
+def choose(results: list[BacktestResult], method: str | None = None, alphas: list[float] | None = None,
            min_gain: float = MIN_GAIN) -> Choice:
-    """The (method, alpha) with the lowest backtest error; alpha 0 (don't jump) when nothing beats standing
-    still by ``min_gain``. ``method`` or ``alpha`` fix one of the two; None means choose it."""
+    """The (method, alpha) with the lowest backtest error, alpha taken from ``alphas`` or, when None, each
+    method's best; alpha 0 (don't jump) when nothing lands ``min_gain`` closer than standing still.
+    ``method`` fixes the method; None chooses it."""
     candidates = [r for r in results if r.method != "oracle-rank1" and (method is None or r.method == method)]
     if not candidates:
         raise ValueError(f"no backtest for method {method!r}")
-    scored = [(r.terms.error(alpha) if alpha is not None else r.best_error,
-               alpha if alpha is not None else r.best_alpha, r) for r in candidates]
+    scored = []
+    for r in candidates:
+        options = [(r.best_error, r.best_alpha)] if alphas is None else [(r.terms.error(a), a) for a in alphas]
+        error, alpha = min(options)
+        scored.append((error, alpha, r))
     error, best_alpha, r = min(scored, key=lambda x: x[0])
     if error > 1.0 - min_gain or best_alpha == 0:
-        pick = method or r.method
-        return Choice(pick, 0.0, 1.0, f"no jump: nothing beat standing still by {min_gain:.0%} in the backtest "
-                                      f"(best e = {error:.3f} for {r.method} at alpha {best_alpha:g})")
+        return Choice(method or r.method, 0.0, 1.0, f"no jump: nothing beat standing still by {min_gain:.0%} in the "
+                                                    f"backtest (best e = {error:.3f} for {r.method} at alpha {best_alpha:g})")
     return Choice(r.method, best_alpha, error, f"lowest backtest error e = {error:.3f} ({r.folds} fold(s), "
                                                f"steps {r.from_step} -> {r.to_step})")

@@ -119,7 +119,7 @@ def extend(
     fit_dir: Path = typer.Option(Path("nextrap-fit"), "--fit", help="Fit folder written by `nextrap fit`."),
     alpha: str = typer.Option(..., "--alpha", help="Jump size: 1.5, a list 1.0,1.5, a range 0.5:4.0:0.5 (one subfolder per value), or auto (lowest backtest error; 0 = don't jump)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    fmt: str = typer.Option("adapter", "--format", help="adapter (PEFT adapter of rank r+1) | merged (full HF model, needs --base)."),
+    fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged."),
     method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged."),

@@ -15,13 +15,14 @@ from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
 from .checkpoints import shape_groups
 from .errors import NextrapError
-from .files import atomic_dir, write_json
+from .files import atomic_dir, check_replaceable, write_json
 from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
 from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
 
 FORMATS = ("adapter", "merged")
+_MARKERS = ("nextrap.json", "alpha-*/nextrap.json")  # what --overwrite may replace
 PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
 
@@ -94,8 +95,7 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     if not results:
         raise NextrapError("--method auto / --alpha auto choose by backtest, but the fit has none "
                            "(it needs 2h + 1 checkpoints and no --no-backtest)")
-    fixed_alpha = alphas[0] if alphas is not None and len(alphas) == 1 else None
-    choice = choose(results, method=None if method == "auto" else method, alpha=fixed_alpha)
+    choice = choose(results, method=None if method == "auto" else method, alphas=alphas)
     return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
 
 
@@ -114,8 +114,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
     shard_bytes = parse_size(max_shard_size)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite, _MARKERS)
     loaded = load_fit(fit_dir)
     features, traj = loaded.features, loaded.trajectory
     results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
@@ -124,8 +123,9 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
     warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
                 for a, e in errors.items() if e >= 1 and a != 0]
-    if choice is not None and choice.alpha == 0 and alphas == [0.0]:
-        warnings.append(f"{choice.reason}; writing the last checkpoint unchanged (alpha 0)")
+    if choice is not None and choice.alpha == 0:
+        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
+                                                 else f"writing the requested alphas with {method} anyway"))
     row = features.n_rows - 1
     ctx = JumpContext(features, traj, row, loaded.predictor if method in NEEDS_PREDICTOR else None)
     try:
@@ -142,7 +142,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules},
     }
     folders = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, markers=_MARKERS) as tmp:
         for alpha in alphas:
             folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
             if fmt == "adapter":

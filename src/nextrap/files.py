@@ -14,16 +14,29 @@ from typing import Any, Iterator
 from .errors import NextrapError
 
 
+def check_replaceable(target: Path, overwrite: bool, markers: tuple[str, ...]) -> None:
+    """Refuse an existing ``target`` unless ``overwrite``, and even then unless it is empty or holds one of
+    ``markers`` (glob patterns of what nextrap writes): --overwrite never deletes a folder nextrap did not make."""
+    if not target.exists():
+        return
+    if not overwrite:
+        raise NextrapError(f"{target}: already exists (pass --overwrite to replace it)")
+    if not target.is_dir():
+        raise NextrapError(f"{target}: exists and is not a folder; refusing to replace it")
+    if any(target.iterdir()) and not any(any(target.glob(m)) for m in markers):
+        raise NextrapError(f"{target}: not an output of nextrap (no {' or '.join(markers)}); refusing to replace it")
+
+
 @contextmanager
-def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target: Path | str, overwrite: bool = False, markers: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it is renamed to ``target``.
 
     On any exception the temporary folder is removed and ``target`` is left as it was, so a failed or
-    interrupted run never leaves a half-written output. An existing ``target`` is refused unless ``overwrite``.
+    interrupted run never leaves a half-written output. An existing ``target`` is refused unless ``overwrite``
+    (see ``check_replaceable``).
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise NextrapError(f"{target}: already exists (pass --overwrite to replace it)")
+    check_replaceable(target, overwrite, markers)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -17,7 +17,7 @@ from . import __version__
 from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, first_line, load_trajectory
 from .errors import NextrapError
-from .files import atomic_dir, read_json, sha256, write_json
+from .files import atomic_dir, check_replaceable, read_json, sha256, write_json
 from .predictor import Group, Predictor, TrainSettings, load as load_predictor, train
 from .trajectory import Features, compute_features
 
@@ -90,8 +90,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     if epochs < 1:
         raise NextrapError(f"--epochs {epochs}: must be at least 1")
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before the expensive part
-        raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite, (MANIFEST,))  # fail before the expensive part
     settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device))
     report = progress or (lambda *_: None)
     seconds: dict[str, float] = {}
@@ -150,7 +149,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         "versions": versions(), "summary": result.to_json(),
     }
     manifest["summary"].pop("out")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, markers=(MANIFEST,)) as tmp:
         features.save(tmp / TRAJECTORY)
         _save_predictor(tmp, predictor)
         write_json(tmp / MANIFEST, manifest)

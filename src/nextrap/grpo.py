@@ -419,6 +419,12 @@ def _prompt_stream(examples: list[Example], seed: int):
             yield examples[i]
 
 
+def validate(config: GRPOConfig) -> None:
+    """Every check that needs no model: options, data files and the reward, so a CLI can fail before writing."""
+    _check(config)
+    _resolve_data(config)
+
+
 def _check(config: GRPOConfig) -> None:
     if config.advantage not in ADVANTAGES:
         raise GRPOError(f"unknown advantage {config.advantage!r}; choose one of {', '.join(ADVANTAGES)}")

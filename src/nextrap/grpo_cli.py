@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nextrap.errors import NextrapError
-from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train
+from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train, validate
 
 _OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json)$")  # what a run writes into --out
 
@@ -72,7 +72,6 @@ def grpo(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
 ) -> None:
     """Train LoRA with GRPO-style RLVR and save a PEFT adapter every --save-every steps: the trajectory nextrap extrapolates."""
-    _prepare_out(out, overwrite)
     config = GRPOConfig(
         model=model,
         out=str(out),
@@ -100,6 +99,11 @@ def grpo(
         eval_samples=eval_samples,
         device=device,
     )
+    try:  # bad options fail before a previous run in --out is removed
+        validate(config)
+    except NextrapError as e:
+        _fail(str(e))
+    _prepare_out(out, overwrite)
     console = Console(stderr=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:

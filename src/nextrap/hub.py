@@ -30,6 +30,8 @@ TAGS = ["nextrap", "rlvr", "extrapolation"]
 _METHOD_TEXT = {
     "next": "NExt, a learned predictor of the rank-1 trajectory (Chen et al., arXiv 2604.11446)",
     "linear": "linear extrapolation, W_c + alpha (W_c - W_{c-h})",
+    "expo": "extrapolation from the start, W_c + alpha (W_c - W_0)",
+    "relex": "rank-1 linear extrapolation: a straight-line fit of each module's projection on its dominant direction",
 }
 
 

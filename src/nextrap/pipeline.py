@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .adapter import make_appended_rows_trainable
 from .errors import NextrapError
+from .files import check_replaceable
 from .extend import extend
 from .fit import fit
 from .grpo import GRPOConfig, train
@@ -120,9 +121,8 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     s1, s2 = cfg.schedule()
     _check(cfg, s1, s2)
     out = Path(cfg.out)
+    check_replaceable(out, overwrite, ("pipeline.json", "plain/grpo_config.json"))
     if out.exists():
-        if not overwrite:
-            raise NextrapError(f"{out}: already exists (pass --overwrite to replace it)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     k, h = cfg.grpo.save_every, cfg.horizon

@@ -31,6 +31,25 @@ class Jump:
     sigma: dict[str, float]
 
 
+def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
+    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative), exact in factors."""
+    from ..checkpoints import shape_groups
+    from ..lowrank import frobenius_factored
+    from ..trajectory import pair_factors
+
+    traj = ctx.trajectory
+    factors, sizes = {}, {}
+    for names in shape_groups(traj.modules).values():
+        b, a = traj.factors(ctx.row, names)
+        b0, a0 = traj.factors(ref_row, names) if ref_row is not None and ref_row >= 0 else (None, None)
+        p, q = pair_factors(b, a, b0, a0, traj.scales(names))
+        norms = frobenius_factored(p, q)
+        for j, module in enumerate(names):
+            factors[module] = (p[j], q[j])
+            sizes[module] = float(norms[j])
+    return Jump(name, factors, sizes)
+
+
 def _registry() -> dict[str, Callable[[JumpContext], Jump]]:
     from . import expo, linear, next as next_method, relex
     return {"next": next_method.jump, "linear": linear.jump, "expo": expo.jump, "relex": relex.jump}
