@@ -11,9 +11,9 @@ OUT=.demo
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-echo "== nextrap pipeline: 200 plain GRPO steps vs 80 + jump + 45 (embedded default)"
-"$BIN/nextrap" pipeline --out "$OUT/pipeline" --steps 200 --horizon 3 --eval-every 20 --eval-prompts 500 \
-    --eval-samples 4 --epochs 300 --plot "$OUT/pipeline.png"
+echo "== nextrap pipeline: 200 plain GRPO steps vs 80 + jump + 40 (embedded default)"
+"$BIN/nextrap" pipeline --out "$OUT/pipeline" --steps 200 --s1 80 --s2 40 --horizon 3 --eval-every 20 \
+    --eval-prompts 500 --eval-samples 4 --epochs 300 --plot "$OUT/pipeline.png"
 
 echo "== nextrap fit on the fixture trajectory: rank-1 features, NExt predictor, backtest of every method"
 "$BIN/nextrap" fit fixtures/lora-trajectory --out "$OUT/fit" --backtest-folds 3
