@@ -92,3 +92,18 @@ def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
     for k, v in state.items():  # the trained factors are the last checkpoint's; the appended column is zero
         assert torch.equal(jumped[k][: v.shape[0], : v.shape[1]], v)
         assert (jumped[k].abs().sum() - v.abs().sum()).abs() < 1e-6
+
+
+def test_min_energy_jumps_only_the_energetic_modules(fitted, tmp_path):
+    from safetensors.torch import load_file
+
+    from nextrap.trajectory import Features
+
+    feats = Features.load(fitted / "trajectory.safetensors")
+    energy = {m: float(feats.get(m, "global", "energy")[-1]) for m in feats.modules}
+    cut = sorted(energy.values())[len(energy) // 2]
+    nextrap.extend(fitted, [1.5], tmp_path / "out", min_energy=cut)
+    pred = load_file(str(tmp_path / "out" / "prediction.safetensors"))
+    assert {m for m in feats.modules if float(pred[f"{m}:sigma"]) > 0} == {m for m, e in energy.items() if e >= cut}
+    info = json.loads((tmp_path / "out" / "nextrap.json").read_text())
+    assert info["min_energy"] == cut

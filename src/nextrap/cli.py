@@ -123,6 +123,7 @@ def extend(
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged."),
     method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged."),
+    min_energy: float = typer.Option(0.0, "--min-energy", help="Jump only modules whose rank-1 energy σ1/Σσ is at least this (see `nextrap inspect`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -131,7 +132,7 @@ def extend(
         alphas = parse_alphas(alpha)
         with err_console.status("extending...") if not as_json else nullcontext():
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
-                                max_shard_size=max_shard_size)
+                                max_shard_size=max_shard_size, min_energy=min_energy)
     for w in result.warnings:
         err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if as_json:

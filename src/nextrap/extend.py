@@ -20,6 +20,7 @@ from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
 from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
+from .trajectory import Features
 
 FORMATS = ("adapter", "merged")
 _MARKERS = ("nextrap.json", "alpha-*/nextrap.json")  # what --overwrite may replace
@@ -99,13 +100,22 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
 
 
+def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) -> Jump:
+    """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
+    keep = {n for n in j.factors if float(features.get(n, "global", "energy")[row]) >= min_energy}
+    factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
+    return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
+
+
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
            base: Path | str | None = None, method: str = "next", overwrite: bool = False,
-           max_shard_size: str = "5GB") -> ExtendResult:
+           max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:
     """Write the jumped checkpoint(s) for each alpha into ``out`` (subfolders ``alpha-X`` when several).
 
     ``method="auto"`` and/or ``alphas=None`` pick the method and/or alpha with the lowest backtest error of the
-    fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still."""
+    fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still. ``min_energy``
+    jumps only the modules whose global delta has rank-1 energy sigma1/sum(sigma) >= min_energy (the others
+    keep their last weights)."""
     if fmt not in FORMATS:
         raise NextrapError(f"--format {fmt}: use adapter or merged")
     if method not in (*METHODS, "auto"):
@@ -132,11 +142,14 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         j = jump(method, ctx)
     except FloatingPointError as e:
         raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
+    if min_energy > 0:
+        j = _only_energetic(j, features, row, min_energy)
     prediction = _prediction_tensors(j)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
         "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
+        "min_energy": min_energy,
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
         "choice": vars(choice) if choice else None,
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules},
