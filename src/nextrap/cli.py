@@ -13,7 +13,6 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .backtest import MIN_GAIN
@@ -24,6 +23,7 @@ from .fit import FitResult, fit as run_fit
 from .grpo import ALL_LINEAR, GRPOConfig
 from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
+from .progress import rich_progress
 from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -45,20 +45,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-@contextmanager
-def _progress(enabled: bool) -> Iterator:
+def _progress(enabled: bool):
     """A rich progress bar on stderr; yields the (stage, done, total) callback the library expects."""
-    if not enabled:
-        yield None
-        return
-    tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=False) as bar:
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-        yield report
+    return rich_progress(err_console, enabled)
 
 
 def _fit_summary(r: FitResult) -> None:

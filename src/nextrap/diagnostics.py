@@ -23,6 +23,7 @@ import torch
 
 from .checkpoints import Checkpoint, load_trajectory, open_weights
 from .errors import NextrapError
+from .plotting import pyplot
 from .trajectory import compute_features
 
 LAYOUT = "peft-lora"
@@ -277,12 +278,7 @@ def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None) -> Diagnosis
 
 def plot_diagnosis(d: Diagnosis, path: Path | str) -> Path:
     """Two panels: median rank-1 energy vs step per module type; histogram of linearity R^2 per part."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise NextrapError("--plot needs matplotlib, which is not installed (pip install 'nextrap[plot]')") from None
+    plt = pyplot()
     path = Path(path)
     if not path.parent.is_dir():
         raise NextrapError(f"{path}: folder {path.parent} does not exist")

@@ -15,9 +15,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nextrap.errors import NextrapError
+from nextrap.progress import rich_progress
 from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train, validate
 
 _OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json)$")  # what a run writes into --out
@@ -104,17 +104,8 @@ def grpo(
     except NextrapError as e:
         _fail(str(e))
     _prepare_out(out, overwrite)
-    console = Console(stderr=True)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=console, transient=json_out) as bar:
-            tasks: dict[str, int] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:  # created at the first step, so an early error prints no empty bar
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with rich_progress(Console(stderr=True), transient=json_out, remaining=True) as report:
             result = train(config, progress=report)
     except NextrapError as e:
         _fail(str(e))

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .adapter import make_appended_rows_trainable
 from .errors import NextrapError
+from .plotting import pyplot
 from .files import check_replaceable
 from .extend import extend
 from .fit import fit
@@ -201,13 +202,7 @@ def steps_to_reach(arm: Arm, target: float, key: str = "eval_sampled_acc") -> fl
 
 def plot(result: PipelineResult, path: Path) -> None:
     """Accuracy (sampled, with its standard error, and greedy) against RL step for every arm."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise NextrapError("--plot needs matplotlib: pip install 'nextrap[plot]'") from None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm in result.arms:
         pts = [r for r in arm.curve if "eval_sampled_acc" in r]
