@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 fixtures: $(STAMP)
 	$(PY) fixtures/make_fixtures.py
+	$(PY) fixtures/make_layout_fixtures.py
 
 clean:
 	rm -rf .demo nextrap-fit

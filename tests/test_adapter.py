@@ -47,7 +47,7 @@ def test_jumped_adapter_loads_in_peft_and_merges_to_the_jump(fitted, tmp_path):
     import nextrap
     from conftest import BASE
 
-    res = nextrap.extend(fitted, [1.5], tmp_path / "jumped")
+    res = nextrap.extend(fitted, [1.5], tmp_path / "jumped", method="next-paper")  # rank-1: r + 1
     pred = load_file(str(tmp_path / "jumped" / "prediction.safetensors"))
     traj = load_trajectory(TRAJECTORY)
     last = traj.checkpoints[-1].path
@@ -81,7 +81,7 @@ def test_rank_and_alpha_patterns_with_rslora_survive_a_real_peft_load(tmp_path):
                      rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})
     save_drifting_run(get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), cfg), tmp_path / "ckpts", range(0, 80, 10), 0.05)
     nextrap.fit(tmp_path / "ckpts", out=tmp_path / "fit", horizon=2, epochs=2)
-    nextrap.extend(tmp_path / "fit", [2.0], tmp_path / "jumped")
+    nextrap.extend(tmp_path / "fit", [2.0], tmp_path / "jumped", method="next-paper")
     pred = load_file(str(tmp_path / "jumped" / "prediction.safetensors"))
     last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "ckpts" / "step_70")
     last_sd = last.merge_and_unload().state_dict()

@@ -6,7 +6,7 @@ import torch
 from conftest import TRAJECTORY
 from nextrap.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
 from nextrap.checkpoints import load_trajectory
-from nextrap.methods import Jump
+from nextrap.methods import METHODS, Jump
 from nextrap.predictor import TrainSettings
 from nextrap.trajectory import compute_features
 
@@ -59,7 +59,7 @@ def test_oracle_is_the_true_moves_best_rank1(setup):
 def test_backtest_reports_each_method_and_the_oracle(setup):
     traj, feats = setup
     results = backtest(feats, traj, TrainSettings(epochs=5))
-    assert [r.method for r in results] == ["next", "linear", "expo", "relex", "oracle-rank1"]
+    assert [r.method for r in results] == [*METHODS, "oracle-rank1"]
     assert all(r.from_step == 110 and r.to_step == 160 and r.folds == 1 for r in results)
     assert all(math.isfinite(r.error) and -1 <= r.cosine <= 1 for r in results)
     oracle = results[-1]

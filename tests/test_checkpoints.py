@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import LORA_CONFIG, TWO_MODULES, lora_tensors, write_adapter
-from nextrap.checkpoints import discover, load_trajectory, module_scale
+from nextrap.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory, module_scale
 from nextrap.errors import NextrapError
 
 
@@ -21,6 +21,7 @@ def _traj(root: Path, names: list[str], config=LORA_CONFIG, modules=TWO_MODULES)
     (["checkpoint-20", "checkpoint-100", "checkpoint-60"], [20, 60, 100]),
     (["global_step_10/actor/lora_adapter", "global_step_5/actor/lora_adapter"], [5, 10]),
     (["global_step10_hf", "global_step20_hf"], [10, 20]),
+    (["global_step10", "global_step20"], [10, 20]),
     (["step_2", "step_1"], [1, 2]),
     (["30", "7"], [7, 30]),
 ])
@@ -61,6 +62,28 @@ def test_single_adapter_is_not_a_trajectory(tmp_path):
     write_adapter(tmp_path, lora_tensors(0, TWO_MODULES), LORA_CONFIG)
     with pytest.raises(NextrapError, match="single adapter"):
         discover(tmp_path)
+
+
+def test_final_adapter_beside_checkpoints_is_skipped(tmp_path):
+    _traj(tmp_path, ["checkpoint-10", "checkpoint-20"])
+    write_adapter(tmp_path, lora_tensors(7, TWO_MODULES), LORA_CONFIG)  # TRL's save_model(output_dir) at the end
+    assert [c.path.name for c in discover(tmp_path)] == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_latest_iteration_drops_later_saves(tmp_path):
+    _traj(tmp_path, ["global_step_10/actor/lora_adapter", "global_step_20/actor/lora_adapter", "global_step_30/actor/lora_adapter"])
+    assert latest_iteration(tmp_path) is None and len(discover(tmp_path)) == 3
+    (tmp_path / LATEST_ITERATION).write_text("20")
+    assert [c.step for c in discover(tmp_path)] == [10, 20]
+
+
+def test_fsdp_wrapper_segments_leave_module_names(tmp_path):
+    wrapped = {k.replace("layers.0.", "layers.0._fsdp_wrapped_module."): v for k, v in lora_tensors(1, TWO_MODULES).items()}
+    for name in ("step_1", "step_2"):
+        write_adapter(tmp_path / name, wrapped, LORA_CONFIG)
+    traj = load_trajectory(tmp_path)
+    assert [m.name for m in traj.modules] == sorted(TWO_MODULES)
+    assert traj.lora_keys("base_model.model.layers.0.q")[0] == "base_model.model.layers.0._fsdp_wrapped_module.q.lora_A.weight"
 
 
 def test_trajectory_reads_modules_and_factors(tmp_path):

@@ -4,6 +4,7 @@ from typer.testing import CliRunner
 
 from conftest import tree_digest
 from nextrap.cli import app
+from nextrap.methods import METHODS
 
 runner = CliRunner()
 
@@ -21,7 +22,7 @@ def test_fit_then_extend_json(trajectory, tmp_path):
     res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--epochs", "3", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == 5
+    assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == len(METHODS) + 1
     res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "1.0,2.0", "--out", str(tmp_path / "j"), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)

@@ -7,6 +7,7 @@ import nextrap
 from conftest import TRAJECTORY
 from nextrap.checkpoints import load_trajectory
 from nextrap.errors import NextrapError
+from nextrap.methods import METHODS
 from nextrap.extend import alpha_folder, parse_alphas
 
 
@@ -30,7 +31,7 @@ def test_one_fit_many_alphas_with_provenance(fitted, tmp_path):
         assert info["alpha"] == alpha and info["method"] == "next" and info["horizon"] == 5
         assert info["from_step"] == 160 and info["source_steps"][-1] == 160
         assert len(info["predicted_sigma"]) == 14
-        assert [b["method"] for b in info["backtest"]] == ["next", "linear", "expo", "relex", "oracle-rank1"]
+        assert [b["method"] for b in info["backtest"]] == [*METHODS, "oracle-rank1"]
         assert info["backtest_error"] > 0
         assert (folder / "prediction.safetensors").is_file() and (folder / "adapter_model.safetensors").is_file()
 
@@ -59,7 +60,7 @@ def test_nan_prediction_is_refused_and_nothing_is_written(fitted, tmp_path, monk
 
     monkeypatch.setattr(NExtMLP, "forward", lambda self, g, l: torch.full_like(g, float("nan")))
     with pytest.raises(NextrapError, match="NaN"):
-        nextrap.extend(fitted, [1.0], tmp_path / "out")
+        nextrap.extend(fitted, [1.0], tmp_path / "out", method="next-paper")
     assert list(tmp_path.iterdir()) == []
 
 

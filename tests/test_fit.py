@@ -8,6 +8,7 @@ import nextrap
 from conftest import FAST_EPOCHS, tree_digest
 from nextrap.errors import NextrapError
 from nextrap.fit import load_fit
+from nextrap.methods import METHODS
 
 
 def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tmp_path):
@@ -15,7 +16,7 @@ def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tm
     res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=FAST_EPOCHS, horizon=5, seed=7)
     assert tree_digest(trajectory) == before
     out = tmp_path / "fit"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "predictor.json", "predictor.safetensors", "trajectory.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "next.json", "predictor.json", "predictor.safetensors", "trajectory.safetensors"]
     man = json.loads((out / "manifest.json").read_text())
     assert man["steps"] == list(range(0, 161, 10)) and man["horizon"] == 5
     assert man["settings"]["seed"] == 7 and man["settings"]["epochs"] == FAST_EPOCHS and man["settings"]["sign_align"] is True
@@ -30,7 +31,7 @@ def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tm
         assert f.get_slice(f"{m}:global:sigma").get_shape() == [17]
         assert f.get_slice(f"{m}:target:u").get_shape() == [17, 64]
         assert f.get_slice("base_model.model.model.layers.0.mlp.down_proj:local:v").get_shape() == [17, 128]
-    assert [b.method for b in res.backtest] == ["next", "linear", "expo", "relex", "oracle-rank1"]
+    assert [b.method for b in res.backtest] == [*METHODS, "oracle-rank1"]
     assert res.n_modules == 14 and set(res.group_losses) == {1, 32, 64, 128}
     loaded = load_fit(out)
     assert loaded.features.steps == man["steps"]
@@ -61,3 +62,14 @@ def test_extend_refuses_inputs_changed_since_the_fit(trajectory, tmp_path):
     with pytest.raises(NextrapError, match="step_160/adapter_config.json: changed since it was fitted"):
         nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fit_saves_every_method_model_and_an_older_fit_still_extends(trajectory, tmp_path):
+    res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, run_backtest=False)
+    assert set(res.models) == {"next", "next-paper"} and 0 <= res.models["next"]["rho"] <= 1
+    loaded = load_fit(tmp_path / "fit")
+    assert set(loaded.models) == {"next", "next-paper"}
+    (tmp_path / "fit" / "next.json").unlink()  # a fit folder written before `next` had a model
+    with pytest.raises(NextrapError, match="no fitted next model"):
+        nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
+    assert nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next-paper").method == "next-paper"

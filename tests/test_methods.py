@@ -3,8 +3,9 @@ import torch
 
 from conftest import TRAJECTORY
 from nextrap.checkpoints import load_trajectory
-from nextrap.methods import METHODS, JumpContext, jump
-from nextrap.predictor import TrainSettings, train
+from nextrap.methods import METHODS, JumpContext, fit_models, jump
+from nextrap.methods import next as next_method
+from nextrap.predictor import TrainSettings
 from nextrap.trajectory import compute_features
 
 H = 5
@@ -32,10 +33,10 @@ def test_linear_is_the_last_h_checkpoint_move(setup, row):
         assert torch.allclose(p @ q.mT, _delta(traj, row, m.name) - _delta(traj, row - H, m.name), atol=1e-12)
 
 
-def test_next_is_rank1_with_the_predicted_sigma(setup):
+def test_next_paper_is_rank1_with_the_predicted_sigma(setup):
     traj, feats = setup
-    pred = train(feats, TrainSettings(epochs=5))
-    j = jump("next", JumpContext(feats, traj, feats.n_rows - 1, pred))
+    models = fit_models(feats, ["next-paper"], TrainSettings(epochs=5))
+    j = jump("next-paper", JumpContext(feats, traj, feats.n_rows - 1, models))
     for m in traj.modules:
         p, q = j.factors[m.name]
         assert p.shape == (m.out_features, 1) and q.shape == (m.in_features, 1)
@@ -45,10 +46,12 @@ def test_next_is_rank1_with_the_predicted_sigma(setup):
 def test_next_without_predictor_and_unknown_method(setup):
     traj, feats = setup
     with pytest.raises(ValueError, match="needs a fitted predictor"):
+        jump("next-paper", JumpContext(feats, traj, 16))
+    with pytest.raises(ValueError, match="needs a fitted model"):
         jump("next", JumpContext(feats, traj, 16))
     with pytest.raises(ValueError, match="unknown method"):
         jump("nope", JumpContext(feats, traj, 16))
-    assert set(METHODS) >= {"next", "linear"}
+    assert set(METHODS) >= {"next", "next-paper", "linear", "expo", "relex"}
 
 
 def test_expo_is_the_whole_update_so_far(setup):
@@ -73,3 +76,69 @@ def test_relex_moves_along_the_latest_direction_by_the_fitted_line(setup):
         expected = float(slope * (160 + 5 * 10) + intercept - coeff[-1])
         p, q = j.factors[m.name]
         assert torch.allclose(p @ q.mT, expected * torch.outer(u, v), atol=1e-9)
+
+
+def test_next_is_the_straight_line_with_its_rank1_part_replaced(setup):
+    traj, feats = setup
+    row = 16
+    model = next_method.fit(feats.truncate(row + 1))
+    model.rho = 0.5  # whatever the held-out pair chose, check the algebra at a nonzero share
+    j = jump("next", JumpContext(feats, traj, row, {"next": model}))
+    aligned = feats.aligned()
+    for m in traj.modules[:5]:
+        sigma, u, v, (sd, ud, vd) = next_method._predict(aligned, m.name, row, model.weights_u, model.weights_v, model.log_ratio)
+        straight = _delta(traj, row, m.name) - _delta(traj, row - H, m.name)
+        expected = straight + 0.5 * (sigma * torch.outer(u, v) - sd * torch.outer(ud, vd))
+        p, q = j.factors[m.name]
+        assert torch.allclose(p @ q.mT, expected, atol=1e-9)
+        # D's rank-1 part is the top singular triple of the straight line's move
+        assert float(torch.linalg.matrix_norm(straight, ord=2)) == pytest.approx(float(sd), rel=1e-5)
+
+
+def test_next_with_rho_zero_is_exactly_linear(setup):
+    traj, feats = setup
+    model = next_method.fit(feats)
+    model.rho = 0.0
+    j = jump("next", JumpContext(feats, traj, 16, {"next": model}))
+    lin = jump("linear", JumpContext(feats, traj, 16))
+    for m in traj.modules:
+        assert torch.equal(j.factors[m.name][0], lin.factors[m.name][0])
+
+
+def test_next_learns_a_turning_direction(setup):
+    """A synthetic trajectory whose rank-1 direction turns at a constant rate: the shared predictor must beat
+    the straight line's own rank-1 part on the held-out pair, and rho must be positive."""
+    import math
+
+    from nextrap.trajectory import Features
+
+    n, h, d = 16, 3, 12
+    gen = torch.Generator().manual_seed(0)
+    tensors, modules = {}, []
+    for k in range(4):
+        basis_u = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
+        basis_v = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
+        def w(i):
+            t = 0.08 * i
+            u = basis_u @ torch.tensor([math.cos(t), math.sin(t)], dtype=torch.float64)
+            return (1 + i) * torch.outer(u, basis_v[:, 0])
+        def r1(x):
+            uu, s, vh = torch.linalg.svd(x)
+            return s[0], uu[:, 0], vh[0]
+        name = f"m{k}"
+        modules.append(name)
+        rows = {"global": [r1(w(i)) for i in range(n)], "local": [r1(w(i) - (w(i - 1) if i else 0 * w(0))) for i in range(n)],
+                "target": [r1(w(i + h) - w(i)) if i + h < n else None for i in range(n)]}
+        for kind, triples in rows.items():
+            for j, part in enumerate(("sigma", "u", "v")):
+                size = 1 if part == "sigma" else d
+                t = torch.full((n, size) if size > 1 else (n,), float("nan"))
+                for i, tr in enumerate(triples):
+                    if tr is not None:
+                        t[i] = tr[j].float()
+                tensors[f"{name}:{kind}:{part}"] = t
+        tensors[f"{name}:global:energy"] = torch.ones(n)
+    feats = Features(list(range(0, 10 * n, 10)), h, False, modules, tensors)
+    model = next_method.fit(feats)
+    assert model.rho > 0
+    assert model.validation["error_rank1_next"] < model.validation["error_rank1_straight"]

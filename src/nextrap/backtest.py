@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoints import LoraTrajectory, shape_groups
-from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
-from .predictor import TrainSettings, train
+from .methods import FITTED, METHODS, Jump, JumpContext, fit_models, jump
+from .predictor import TrainSettings
 from .lowrank import inner_factored
 from .trajectory import Features, pair_factors
 
@@ -112,7 +112,7 @@ def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     moved = [i for i in range(features.n_rows)
              if any(float(features.get(m, "global", "sigma")[i]) > 0 for m in features.modules)]
     first = moved[0] if moved else features.n_rows
-    earliest = first + h if any(m in NEEDS_PREDICTOR for m in methods) else first
+    earliest = first + h if any(m in FITTED for m in methods) else first
     return max(0, c - h - earliest + 1)
 
 
@@ -128,9 +128,9 @@ def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, 
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
     for start in starts:
         past = features.truncate(start + 1)
-        predictor = train(past, settings) if any(m in NEEDS_PREDICTOR for m in methods) else None
+        models = fit_models(past, methods, settings)
         for method in methods:
-            pooled[method] += jump_terms(traj, jump(method, JumpContext(past, traj, start, predictor)), start, start + h)
+            pooled[method] += jump_terms(traj, jump(method, JumpContext(past, traj, start, models)), start, start + h)
         pooled["oracle-rank1"] += oracle_terms(features, traj, start)
     if pooled["oracle-rank1"].t == 0:
         raise ValueError(f"checkpoints at steps {features.steps[starts[-1]]}..{features.steps[c]} are identical: "

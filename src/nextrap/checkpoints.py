@@ -1,9 +1,14 @@
 """Finding a run's saved LoRA checkpoints and reading their factors lazily.
 
 A trajectory folder holds one PEFT adapter per saved step (``adapter_config.json`` plus
-``adapter_model.safetensors``), directly or nested the way trainers lay them out (``checkpoint-120``,
-``global_step_120/actor/lora_adapter``, ``step_120``, ``120``). Only headers are read up front; factors are
-read on demand with safetensors' lazy ``safe_open``.
+``adapter_model.safetensors`` or ``.bin``), directly or nested the way trainers lay them out (TRL
+``checkpoint-120``, verl ``global_step_120/actor/lora_adapter``, OpenRLHF ``global_step120_hf``, ``step_120``,
+``120``). verl's ``latest_checkpointed_iteration.txt`` marks its last complete save; later folders are partial
+saves and are skipped. Only headers are read up front; factors are read on demand with safetensors' lazy
+``safe_open`` (``.bin`` files with ``torch.load(weights_only=True)``), in any float dtype, upcast when used.
+
+``find_folders``, ``step_folders``, ``step_from_path`` and ``latest_iteration`` are shared with full-weight
+checkpoint discovery.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -30,7 +35,9 @@ _STEP_PATTERNS = [
     re.compile(r"^(\d+)$"),
 ]
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_FSDP_WRAPPER = "_fsdp_wrapped_module."  # FSDP1's wrapper segment; verl strips it, older exports may keep it
 _MAX_DEPTH = 4
+LATEST_ITERATION = "latest_checkpointed_iteration.txt"  # verl's tracker of its last complete checkpoint
 
 
 @dataclass(frozen=True)
@@ -113,10 +120,16 @@ class _TorchFile:
     """The part of safe_open's interface nextrap uses, over a .bin state dict read with weights_only=True."""
 
     def __init__(self, path: Path):
+        # weights_only refuses any pickled object but tensors and plain containers: a .bin is never executed
         try:
             self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is the same user-facing problem
             raise NextrapError(f"{path}: cannot read as a weights-only torch file ({first_line(e)})") from None
+        if not isinstance(self._sd, dict):
+            raise NextrapError(f"{path}: holds a {type(self._sd).__name__}, not a state dict of tensors")
+        bad = next((k for k, v in self._sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise NextrapError(f"{path}: entry {bad!r} is a {type(self._sd[bad]).__name__}, not a tensor")
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -185,48 +198,99 @@ def step_from_path(path: Path, root: Path) -> int | None:
     return None
 
 
+def latest_iteration(root: Path | str) -> int | None:
+    """The step in verl's ``root/latest_checkpointed_iteration.txt``; None when there is no such file.
+
+    verl writes the file only once every part of a checkpoint is saved, so a ``global_step_N`` past it is a
+    partial save (a crash or a save still running) and must not be read.
+    """
+    path = Path(root) / LATEST_ITERATION
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise NextrapError(f"{path}: cannot read ({first_line(e)})") from None
+    if not re.fullmatch(r"\d+", text, re.ASCII):
+        raise NextrapError(f"{path}: {text[:40]!r} is not a step number (verl writes the last saved global step)")
+    return int(text)
+
+
+def find_folders(root: Path, is_checkpoint: Callable[[Path], bool]) -> list[Path]:
+    """Folders below ``root`` (up to 4 levels, not hidden ones, not inside a match) for which ``is_checkpoint``.
+
+    ``root`` itself is never returned: a trainer's final save in its output folder (TRL's ``save_model``
+    beside ``checkpoint-N``) has no step of its own.
+    """
+    out: list[Path] = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            out.extend(_find(child, is_checkpoint, 1))
+    return out
+
+
+def _find(folder: Path, is_checkpoint: Callable[[Path], bool], depth: int) -> list[Path]:
+    if is_checkpoint(folder):
+        return [folder]
+    if depth >= _MAX_DEPTH:
+        return []
+    return [f for child in sorted(folder.iterdir()) if child.is_dir() and not child.name.startswith(".")
+            for f in _find(child, is_checkpoint, depth + 1)]
+
+
+def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
+    """(step, folder) of each checkpoint folder under ``root``, sorted by step, without verl's partial saves.
+
+    Errors name the folder: a step that cannot be told, a step saved twice, uneven spacing, and a
+    ``latest_checkpointed_iteration.txt`` whose step is not among the folders.
+    """
+    found: list[tuple[int, Path]] = []
+    for folder in folders:
+        step = step_from_path(folder, root)
+        if step is None:
+            raise NextrapError(f"{folder}: cannot tell its step (name it checkpoint-N, global_step_N, step_N or N, or add trainer_state.json)")
+        found.append((step, folder))
+    latest = latest_iteration(root)
+    if latest is not None:
+        found = [(step, folder) for step, folder in found if step <= latest]
+        if latest not in {step for step, _ in found}:
+            raise NextrapError(f"{root / LATEST_ITERATION}: names step {latest}, but {root} has no checkpoint of step {latest}")
+    found.sort(key=lambda sf: sf[0])
+    for (prev, prev_folder), (cur, folder) in zip(found, found[1:]):
+        if prev == cur:
+            raise NextrapError(f"{folder}: step {cur} also found at {prev_folder}")
+    gaps = [b - a for (a, _), (b, _) in zip(found, found[1:])]
+    for i, gap in enumerate(gaps):
+        # horizons count checkpoints and methods extrapolate per checkpoint: the spacing must be even
+        if gap != gaps[0]:
+            step, folder = found[i + 1]
+            raise NextrapError(f"{folder}: step {step} breaks the even spacing of {gaps[0]} steps "
+                               f"(after step {found[i][0]}); move it out of {root}")
+    return found
+
+
+def is_adapter(folder: Path) -> bool:
+    """Whether ``folder`` holds a PEFT adapter (its config; the weights are checked once the step is known)."""
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
 def discover(root: Path | str) -> list[Checkpoint]:
     """All adapter folders under ``root`` with their steps, sorted by step."""
     root = Path(root)
     if not root.is_dir():
         raise NextrapError(f"{root}: not a folder")
-    found: list[Checkpoint] = []
-    for config in sorted(_find_configs(root, 0)):
-        folder = config.parent
-        if folder == root:
+    folders = find_folders(root, is_adapter)
+    if not folders:
+        if is_adapter(root):
             raise NextrapError(f"{root}: is a single adapter; pass the folder that holds one adapter per saved step")
+        raise NextrapError(f"{root}: no PEFT adapters found (folders with adapter_config.json)")
+    checkpoints = []
+    for step, folder in step_folders(root, folders):  # partial saves are dropped before their files are checked
         weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
         if weights is None:
             raise NextrapError(f"{folder}: has adapter_config.json but no adapter_model.safetensors")
-        step = step_from_path(folder, root)
-        if step is None:
-            raise NextrapError(f"{folder}: cannot tell its step (name it checkpoint-N, global_step_N, step_N or N, or add trainer_state.json)")
-        found.append(Checkpoint(step=step, path=folder, weights=weights))
-    if not found:
-        raise NextrapError(f"{root}: no PEFT adapters found (folders with adapter_config.json)")
-    found.sort(key=lambda c: c.step)
-    for prev, cur in zip(found, found[1:]):
-        if prev.step == cur.step:
-            raise NextrapError(f"{cur.path}: step {cur.step} also found at {prev.path}")
-    gaps = [b.step - a.step for a, b in zip(found, found[1:])]
-    for i, gap in enumerate(gaps):
-        # horizons count checkpoints and methods extrapolate per checkpoint: the spacing must be even
-        if gap != gaps[0]:
-            raise NextrapError(f"{found[i + 1].path}: step {found[i + 1].step} breaks the even spacing of {gaps[0]} steps "
-                               f"(after step {found[i].step}); move it out of {root}")
-    return found
-
-
-def _find_configs(folder: Path, depth: int) -> list[Path]:
-    if (folder / ADAPTER_CONFIG).is_file():
-        return [folder / ADAPTER_CONFIG]
-    if depth >= _MAX_DEPTH:
-        return []
-    out: list[Path] = []
-    for child in folder.iterdir():
-        if child.is_dir() and not child.name.startswith("."):
-            out.extend(_find_configs(child, depth + 1))
-    return out
+        checkpoints.append(Checkpoint(step=step, path=folder, weights=weights))
+    return checkpoints
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -270,7 +334,7 @@ def _read_modules(ckpt: Checkpoint, config: dict[str, Any]) -> tuple[list[LoraMo
             raise NextrapError(f"{ckpt.weights}: {key}: embedding LoRA and DoRA tensors are not supported")
         m = _LORA_KEY.match(key)
         if m:
-            parts.setdefault(m["module"], {})[m["part"]] = key
+            parts.setdefault(m["module"].replace(_FSDP_WRAPPER, ""), {})[m["part"]] = key
         else:
             extra.append(key)
     modules: list[LoraModule] = []

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoints import Checkpoint, load_trajectory, open_weights
+from .checkpoints import LATEST_ITERATION, Checkpoint, load_trajectory, open_weights
 from .errors import NextrapError
 from .plotting import pyplot
 from .trajectory import compute_features
@@ -121,10 +121,19 @@ def module_layer(name: str) -> int | None:
 
 
 def trainer_layout(root: Path, checkpoints: Sequence[Checkpoint]) -> str:
-    """``trl`` (checkpoint-N), ``verl`` (global_step_N/actor/...), ``openrlhf`` (global_stepN[_hf]), else ``peft``."""
+    """The trainer that wrote the folders: ``trl`` (checkpoint-N), ``verl`` (global_step_N/actor/...),
+    ``openrlhf`` (global_stepN[_hf]), else ``peft``.
+
+    Folder names decide; failing them, the trainers' own files: verl's ``latest_checkpointed_iteration.txt`` at
+    the root, or a ``trainer_state.json`` (HF Trainer / TRL) in every checkpoint folder.
+    """
     for name, pattern in _TRAINERS:
         if all(pattern.search(c.path.relative_to(root).as_posix()) for c in checkpoints):
             return name
+    if (root / LATEST_ITERATION).is_file():
+        return "verl"
+    if checkpoints and all((c.path / "trainer_state.json").is_file() for c in checkpoints):
+        return "trl"
     return "peft"
 
 

@@ -19,7 +19,7 @@ from .files import atomic_dir, check_replaceable, write_json
 from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
-from .methods import METHODS, NEEDS_PREDICTOR, Jump, JumpContext, jump
+from .methods import FITTED, METHODS, Jump, JumpContext, jump
 from .trajectory import Features
 
 FORMATS = ("adapter", "merged")
@@ -137,9 +137,10 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
                                                  else f"writing the requested alphas with {method} anyway"))
     row = features.n_rows - 1
-    ctx = JumpContext(features, traj, row, loaded.predictor if method in NEEDS_PREDICTOR else None)
+    if method in FITTED and method not in loaded.models:
+        raise NextrapError(f"{fit_dir}: has no fitted {method} model (written by an older nextrap?); refit it")
     try:
-        j = jump(method, ctx)
+        j = jump(method, JumpContext(features, traj, row, loaded.models))
     except FloatingPointError as e:
         raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
     if min_energy > 0:

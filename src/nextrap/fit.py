@@ -11,20 +11,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from . import __version__
 from .backtest import BacktestResult, backtest, max_folds
-from .checkpoints import LoraTrajectory, first_line, load_trajectory
+from .checkpoints import LoraTrajectory, load_trajectory
 from .errors import NextrapError
 from .files import atomic_dir, check_replaceable, read_json, sha256, write_json
-from .predictor import Group, Predictor, TrainSettings, load as load_predictor, train
+from .methods import FITTED, fit_models, load_models, save_models
+from .predictor import TrainSettings
 from .trajectory import Features, compute_features
 
 MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"
-PREDICTOR_WEIGHTS = "predictor.safetensors"
-PREDICTOR_CONFIG = "predictor.json"
 
 # (stage, done, total): the CLI draws it as a rich progress bar; library users may pass their own.
 ProgressFn = Callable[[str, int, int], None]
@@ -37,7 +34,8 @@ class FitResult:
     horizon: int
     n_modules: int
     energy_median: dict[int, float]  # step -> median over modules of sigma1 / sum(sigma) of the global delta
-    group_losses: dict[int, tuple[float, float]]  # vector length -> (first, last) training loss
+    group_losses: dict[int, tuple[float, float]]  # next-paper: vector length -> (first, last) training loss
+    models: dict[str, Any] = field(default_factory=dict)  # per fitted method: files, validation numbers
     backtest: list[BacktestResult] = field(default_factory=list)
     backtest_skipped: str = ""  # why there is no backtest, if there is none
     seconds: dict[str, float] = field(default_factory=dict)
@@ -47,6 +45,7 @@ class FitResult:
             "out": str(self.out), "steps": self.steps, "horizon": self.horizon, "modules": self.n_modules,
             "rank1_energy_median": {str(k): v for k, v in self.energy_median.items()},
             "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
+            "models": self.models,
             "backtest": [asdict(b) for b in self.backtest], "backtest_skipped": self.backtest_skipped or None,
             "seconds": self.seconds,
         }
@@ -91,7 +90,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         raise NextrapError(f"--epochs {epochs}: must be at least 1")
     out = Path(out)
     check_replaceable(out, overwrite, (MANIFEST,))  # fail before the expensive part
-    settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device))
+    settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device), sign_align=sign_align)
     report = progress or (lambda *_: None)
     seconds: dict[str, float] = {}
 
@@ -105,16 +104,14 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         done += k
         report("rank-1 features", done, len(traj.modules))
 
-    features = compute_features(traj, horizon, sign_align=sign_align, progress=on_modules, device=settings.device)
+    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
+    # that align do it on the fly (Features.aligned).
+    features = compute_features(traj, horizon, sign_align=False, progress=on_modules, device=settings.device)
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-
-    def on_epoch(epoch: int) -> None:
-        report("predictor", epoch + 1, settings.epochs)
-
     try:
-        predictor = train(features, settings, on_epoch=on_epoch)
+        models = fit_models(features, FITTED, settings, on_epoch=lambda m, done, total: report(f"fit {m}", done, total))
     except (ValueError, FloatingPointError) as e:
         raise NextrapError(f"{ckpts}: {e}") from None
     seconds["predictor"] = time.perf_counter() - t0
@@ -137,7 +134,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     result = FitResult(
         out=out, steps=traj.steps, horizon=horizon, n_modules=len(traj.modules),
         energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
-        group_losses={g.length: (g.losses[0], g.losses[-1]) for g in predictor.groups},
+        group_losses={g.length: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups},
         backtest=results, backtest_skipped=skipped, seconds=seconds,
     )
     manifest = {
@@ -145,26 +142,16 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
         "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align, "backtest_folds": backtest_folds,
                      "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
-                     "hidden": settings.hidden, "predictor_groups": len(predictor.groups)},
+                     "hidden": settings.hidden, "predictor_groups": len(models["next-paper"].groups)},
         "versions": versions(), "summary": result.to_json(),
     }
     manifest["summary"].pop("out")
     with atomic_dir(out, overwrite=overwrite, markers=(MANIFEST,)) as tmp:
         features.save(tmp / TRAJECTORY)
-        _save_predictor(tmp, predictor)
+        result.models = save_models(models, tmp)
+        manifest["summary"]["models"] = result.models
         write_json(tmp / MANIFEST, manifest)
     return result
-
-
-def _save_predictor(folder: Path, predictor: Predictor) -> None:
-    save_file(predictor.state_dict(), str(folder / PREDICTOR_WEIGHTS), metadata={"format": "pt"})
-    s = predictor.settings
-    write_json(folder / PREDICTOR_CONFIG, {
-        "architecture": "NExtMLP", "hidden": s.hidden, "epochs": s.epochs, "lr": s.lr, "min_lr_ratio": s.min_lr_ratio,
-        "weight_decay": s.weight_decay, "seed": s.seed,
-        "groups": [{"length": g.length, "members": [f"{m}:{p}" for m, p in g.members],
-                    "loss_first": g.losses[0], "loss_last": g.losses[-1]} for g in predictor.groups],
-    })
 
 
 @dataclass
@@ -174,7 +161,7 @@ class FitFolder:
     path: Path
     manifest: dict[str, Any]
     features: Features
-    predictor: Predictor
+    models: dict[str, Any]  # fitted model per method name
     trajectory: LoraTrajectory
 
 
@@ -185,17 +172,7 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
         raise NextrapError(f"{path}: not a fit folder (run `nextrap fit CKPTS --out {path}` first)")
     manifest = read_json(path / MANIFEST)
     features = Features.load(path / TRAJECTORY)
-    config = read_json(path / PREDICTOR_CONFIG)
-    try:
-        settings = TrainSettings(epochs=config["epochs"], lr=config["lr"], min_lr_ratio=config["min_lr_ratio"],
-                                 weight_decay=config["weight_decay"], hidden=config["hidden"], seed=config["seed"])
-        groups = [Group(g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]]) for g in config["groups"]]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise NextrapError(f"{path / PREDICTOR_CONFIG}: missing or malformed field ({first_line(e)})") from None
-    try:
-        predictor = load_predictor(load_file(str(path / PREDICTOR_WEIGHTS)), groups, settings)
-    except Exception as e:  # noqa: BLE001 - corrupt file or weights that do not fit the config
-        raise NextrapError(f"{path / PREDICTOR_WEIGHTS}: cannot load the predictor ({first_line(e)})") from None
+    models = load_models(path, FITTED, TrainSettings())
     if "source" not in manifest or "steps" not in manifest or "inputs" not in manifest:
         raise NextrapError(f"{path / MANIFEST}: not a nextrap fit manifest (no source, steps or inputs)")
     traj = load_trajectory(manifest["source"])
@@ -207,5 +184,5 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
                 file = Path(entry["path"]) / f["name"]
                 if not file.is_file() or file.stat().st_size != f["bytes"] or sha256(file) != f["sha256"]:
                     raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
-    return FitFolder(path, manifest, features, predictor, traj)
+    return FitFolder(path, manifest, features, models, traj)
 

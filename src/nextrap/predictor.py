@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .trajectory import Features
+from .trajectory import VEC, Features
 
 HIDDEN = 256
 
@@ -46,6 +46,7 @@ class TrainSettings:
     hidden: int = HIDDEN
     seed: int = 0
     device: str = "cpu"
+    sign_align: bool = True  # for ``next``; ``next-paper`` never aligns (the reference does not)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Group:
     """One predictor's data: every (module, part) whose vectors have this length."""
 
     length: int
-    members: list[tuple[str, str]]  # (module, "sigma" | "u" | "v")
+    members: list[tuple[str, str]]  # (module, "sigma" | "u" | "v" | "vec")
     losses: list[float] = field(default_factory=list)
 
 
@@ -68,9 +69,13 @@ class Predictor:
 
 
 def make_groups(features: Features) -> list[Group]:
-    """Groups by vector length, in a fixed order (sigma first, then lengths ascending)."""
+    """Groups by vector length, in a fixed order (sigma first, then lengths ascending). A 1-D parameter's raw
+    delta (``vec``) joins the u's and v's of its length, as in the reference code."""
     by_len: dict[int, list[tuple[str, str]]] = {}
     for module in features.modules:
+        if features.is_vector(module):
+            by_len.setdefault(features.get(module, "global", VEC).shape[-1], []).append((module, VEC))
+            continue
         by_len.setdefault(0, []).append((module, "sigma"))
         for part in ("u", "v"):
             by_len.setdefault(features.get(module, "global", part).shape[-1], []).append((module, part))
@@ -88,8 +93,7 @@ def group_tensors(features: Features, group: Group, rows: slice | list[int]) -> 
 def training_rows(features: Features) -> list[int]:
     """Rows i with i + h <= c (target known) and a nonzero global delta: a saved step-0 adapter (B = 0) is the
     base model itself, W_0 in the paper's notation, not a training pair (so c = 15, h = 5 gives its 10 pairs)."""
-    moved = [i for i in range(features.n_rows)
-             if any(float(features.get(m, "global", "sigma")[i]) > 0 for m in features.modules)]
+    moved = [i for i in range(features.n_rows) if any(features.moved(m, i) for m in features.modules)]
     return [i for i in moved if i + features.horizon < features.n_rows]
 
 
@@ -150,7 +154,8 @@ def _fit_group(model: NExtMLP, g: Group, features: Features, rows: list[int], se
 
 @torch.no_grad()
 def predict(predictor: Predictor, features: Features, row: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Predicted target (sigma, u, v) at checkpoint ``row`` for every module; u and v normalized to unit length."""
+    """Predicted target (sigma, u, v) at checkpoint ``row`` for every module; u and v normalized to unit length.
+    A 1-D parameter gets its predicted raw delta ``vec``, un-normalized."""
     out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in features.modules}
     for g in predictor.groups:
         xg, xl, _ = group_tensors(features, g, [row])
@@ -158,6 +163,8 @@ def predict(predictor: Predictor, features: Features, row: int) -> dict[str, dic
         for (module, part), vec in zip(g.members, y):
             if part == "sigma":
                 out[module][part] = vec[0]
+            elif part == VEC:
+                out[module][part] = vec
             else:
                 out[module][part] = vec / vec.norm().clamp_min(1e-12)
     return out

@@ -24,6 +24,7 @@ from .lowrank import align_signs, top1_factored
 
 KINDS = ("global", "local", "target")
 PARTS = ("sigma", "u", "v")
+VEC = "vec"  # 1-D parameters (full fine-tuning): the raw delta vector, not decomposed (as the reference does)
 Progress = Callable[[int], None]  # called with the number of modules just finished
 
 
@@ -40,6 +41,16 @@ class Features:
     def get(self, module: str, kind: str, part: str) -> torch.Tensor:
         return self.tensors[f"{module}:{kind}:{part}"]
 
+    def is_vector(self, module: str) -> bool:
+        """True for a 1-D parameter, stored as its raw delta ``{module}:{kind}:vec`` instead of (sigma, u, v)."""
+        return f"{module}:global:{VEC}" in self.tensors
+
+    def moved(self, module: str, row: int) -> bool:
+        """Whether the global delta of ``module`` at ``row`` is nonzero."""
+        if self.is_vector(module):
+            return bool(self.get(module, "global", VEC)[row].abs().sum() > 0)
+        return float(self.get(module, "global", "sigma")[row]) > 0
+
     @property
     def n_rows(self) -> int:
         return len(self.steps)
@@ -55,6 +66,23 @@ class Features:
                 t[max(n_rows - self.horizon, 0):] = float("nan")
             out[key] = t
         return Features(self.steps[:n_rows], self.horizon, self.sign_align, self.modules, out)
+
+    def aligned(self) -> "Features":
+        """These features with SVD's arbitrary sign removed along each module's checkpoints (``align_signs``):
+        u v^T is unchanged, but u no longer flips between +u and -u from one checkpoint to the next."""
+        if self.sign_align:
+            return self
+        out = dict(self.tensors)
+        for module in self.modules:
+            for kind in KINDS:
+                key_u, key_v = f"{module}:{kind}:u", f"{module}:{kind}:v"
+                if key_u not in out:
+                    continue
+                u, v = out[key_u].clone(), out[key_v].clone()
+                known = torch.isfinite(u).all(-1) & torch.isfinite(v).all(-1)  # targets past the end are NaN
+                u[known], v[known] = align_signs(u[known], v[known])
+                out[key_u], out[key_v] = u, v
+        return Features(self.steps, self.horizon, True, self.modules, out)
 
     def save(self, path: Path) -> None:
         meta = {"steps": json.dumps(self.steps), "horizon": str(self.horizon), "sign_align": json.dumps(self.sign_align),

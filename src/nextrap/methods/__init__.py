@@ -1,47 +1,63 @@
 """Extrapolation methods behind one interface: given the trajectory up to checkpoint ``row``, each returns a
-``Jump`` (the predicted move per module, as thin factors) and the jumped weights are W_row + alpha * P @ Q.T.
-Adding a method means adding one module here and one line to ``METHODS``."""
+``Jump`` (the predicted move per module) and the jumped weights are W_row + alpha * move.
+
+A method is one module here with ``jump(ctx) -> Jump``; a method that learns from the trajectory also has
+``fit(features, settings, on_epoch) -> model``, ``save(model, folder)`` and ``load(folder, settings) -> model``.
+Adding a method means adding one module and one line to ``_modules``.
+
+A move is low-rank factors per module (P [m, k], Q [n, k], move = P @ Q.T) plus, optionally, a checkpoint
+difference W_row - W_ref. On a LoRA trajectory the difference is exact in factors and folded into them; on a
+full-parameter trajectory (``ctx.trajectory`` is not a ``LoraTrajectory``) it stays symbolic in
+``Jump.difference`` and the readers stream it tensor by tensor.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
 from ..checkpoints import LoraTrajectory
-from ..predictor import Predictor
 from ..trajectory import Features
 
 
 @dataclass
 class JumpContext:
     features: Features
-    trajectory: LoraTrajectory
+    trajectory: Any  # a LoraTrajectory; None or another trajectory type in full-parameter mode
     row: int  # the checkpoint the jump starts from
-    predictor: Predictor | None = None  # the fitted NExt predictor, for methods that need one
+    models: dict[str, Any] = field(default_factory=dict)  # fitted model per method name, for methods that learn
 
 
 @dataclass
 class Jump:
-    """Per module: thin factors (P [m, k], Q [n, k]) of the move, so that delta = P @ Q.T; ``sigma`` for reports."""
+    """The move: per module thin factors (P [m, k], Q [n, k]) with delta = P @ Q.T, plus W_row - W_ref when
+    ``difference`` = (row, ref) is set (ref None = the base model). ``sigma``: a size per module, for reports."""
 
     method: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     sigma: dict[str, float]
+    difference: tuple[int, int | None] | None = None
 
 
 def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
-    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative), exact in factors."""
+    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative): exact LoRA factors,
+    or a symbolic ``difference`` for a full-parameter trajectory."""
+    ref = ref_row if ref_row is not None and ref_row >= 0 else None
+    traj = ctx.trajectory
+    if not isinstance(traj, LoraTrajectory):
+        return Jump(name, {}, {}, difference=(ctx.row, ref))
     from ..checkpoints import shape_groups
     from ..lowrank import frobenius_factored
     from ..trajectory import pair_factors
 
-    traj = ctx.trajectory
     factors, sizes = {}, {}
     for names in shape_groups(traj.modules).values():
         b, a = traj.factors(ctx.row, names)
-        b0, a0 = traj.factors(ref_row, names) if ref_row is not None and ref_row >= 0 else (None, None)
+        b0, a0 = traj.factors(ref, names) if ref is not None else (None, None)
         p, q = pair_factors(b, a, b0, a0, traj.scales(names))
         norms = frobenius_factored(p, q)
         for j, module in enumerate(names):
@@ -50,19 +66,56 @@ def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
     return Jump(name, factors, sizes)
 
 
-def _registry() -> dict[str, Callable[[JumpContext], Jump]]:
-    from . import expo, linear, next as next_method, relex
-    return {"next": next_method.jump, "linear": linear.jump, "expo": expo.jump, "relex": relex.jump}
+def combine(name: str, first: Jump, second: Jump) -> Jump:
+    """The sum of two moves (factors concatenated per module; at most one may carry a symbolic difference)."""
+    if first.difference is not None and second.difference is not None:
+        raise ValueError("cannot add two symbolic checkpoint differences")
+    factors = {}
+    for module in {**first.factors, **second.factors}:
+        parts = [j.factors[module] for j in (first, second) if module in j.factors]
+        factors[module] = (torch.cat([p for p, _ in parts], -1), torch.cat([q for _, q in parts], -1))
+    return Jump(name, factors, {**first.sigma, **second.sigma}, first.difference or second.difference)
 
 
-METHODS: tuple[str, ...] = ("next", "linear", "expo", "relex")
-NEEDS_PREDICTOR = {"next"}
+def _modules() -> dict[str, ModuleType]:
+    from . import expo, linear, next as next_method, next_paper, relex
+    return {"next": next_method, "next-paper": next_paper, "linear": linear, "expo": expo, "relex": relex}
+
+
+METHODS: tuple[str, ...] = ("next", "next-paper", "linear", "expo", "relex")
+FITTED: tuple[str, ...] = ("next", "next-paper")  # methods that learn a model from the trajectory
+LORA_ONLY: tuple[str, ...] = ("relex",)  # methods that read LoRA factors beyond the features
+
+
+def _module(method: str) -> ModuleType:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return _modules()[method]
+
+
+def fit_models(features: Features, methods: tuple[str, ...] | list[str], settings: Any,
+               on_epoch: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Fit the model of every method in ``methods`` that learns one. ``on_epoch(method, done, total)``."""
+    models = {}
+    for method in methods:
+        if method in FITTED:
+            report = (lambda e, total, m=method: on_epoch(m, e, total)) if on_epoch else None
+            models[method] = _module(method).fit(features, settings, report)
+    return models
+
+
+def save_models(models: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Write each fitted model into ``folder``; returns a JSON-able summary per method."""
+    return {method: _module(method).save(model, folder) for method, model in models.items()}
+
+
+def load_models(folder: Path, methods: tuple[str, ...] | list[str], settings: Any) -> dict[str, Any]:
+    """The fitted models saved in ``folder``; a method whose files are absent (an older fit) is left out."""
+    return {m: _module(m).load(folder, settings) for m in methods if m in FITTED and _module(m).saved_in(folder)}
 
 
 def jump(method: str, ctx: JumpContext) -> Jump:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    result = _registry()[method](ctx)
+    result = _module(method).jump(ctx)
     for name, (p, q) in result.factors.items():
         if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
             raise FloatingPointError(f"method {method} predicted NaN or Inf for module {name}")
