@@ -1,75 +1,158 @@
-"""How well does each method predict the future of a trajectory? A backtest suite.
+"""How well does each method predict the future of a trajectory? The backtest suite of issue 5.
 
-For every trajectory given (folders of LoRA checkpoints, e.g. ``nextrap grpo`` runs) it fits on the
-checkpoints up to ``--from-step`` (default: the last one with h checkpoints after it), jumps h checkpoints
-ahead with every method, and prints, against the true checkpoint there:
+For every trajectory (folders of LoRA checkpoints, e.g. ``nextrap grpo`` runs, and synthetic ones with known
+rank-1 dynamics that this script writes) it fits every method on the checkpoints up to ``--from-step`` (default:
+the last one with h checkpoints after it), jumps h checkpoints ahead, and prints against the true checkpoint:
 
-    cosine   of the predicted move with the true move
-    e(alpha) = ||W_from + alpha * move - W_true|| / ||W_from - W_true||   at several alphas, and the best alpha
+    cosine    of the predicted move with the true move (all modules as one vector)
+    e(alpha)  = ||W_from + alpha * move - W_true|| / ||W_from - W_true||   (1 = not jumping)
+    best      the alpha minimising e on the true future (hindsight) and e there
+    auto      the alpha the method's own backtest picks from the past alone (what `--alpha auto` would use:
+              refit on checkpoints up to from - h, predict from), and e at that alpha on the true future
+    fit s     seconds to fit the method's model on the past (0: nothing to fit)
 
-with the rank-1 oracle (the true move's own best rank-1 part) and no jump (e = 1) as references.
+with the rank-1 oracle (the true move's own best rank-1 part) and `auto` (`--method auto --alpha auto`: the
+method and alpha with the lowest past backtest error, or no jump) as rows.
 
-    .venv/bin/python benchmarks/backtest_suite.py RUN_DIR [RUN_DIR ...] [--from-step 150] [--horizon 5]
+    .venv/bin/python benchmarks/backtest_suite.py .bench/seed-*/plain .bench/suite/* --synthetic --from-step 150
     .venv/bin/python benchmarks/backtest_suite.py fixtures/lora-trajectory --horizon 5
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from nextrap.backtest import jump_terms, oracle_terms
+from nextrap.backtest import Terms, backtest, choose, jump_terms, oracle_terms
 from nextrap.checkpoints import load_trajectory
-from nextrap.methods import METHODS, NEEDS_PREDICTOR, JumpContext, jump
-from nextrap.predictor import TrainSettings, train
+from nextrap.methods import METHODS, JumpContext, fit_models, jump
+from nextrap.predictor import TrainSettings
 from nextrap.trajectory import compute_features
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
+SYNTHETIC = ("synthetic-turning", "synthetic-saturating", "synthetic-random-walk")
 
 
-def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainSettings, sign_align: bool) -> list[tuple]:
+def write_synthetic(folder: Path, kind: str, seed: int = 0, steps: int = 200, every: int = 10) -> Path:
+    """A LoRA trajectory (r 8, 4 layers x 4 modules of 64 x 64) with known dynamics, as PEFT adapters:
+
+    - turning: the dominant direction u(t) turns 90 degrees over the run at constant speed, sigma ~ t^0.8, a
+      second rank-1 part grows linearly at a third of the size, plus a small random walk (3% of the signal);
+    - saturating: fixed directions, sigma ~ 1 - exp(-t / 80) (the move slows down), same small random walk;
+    - random-walk: every factor a random walk, nothing to predict (the no-jump case).
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = n = 64
+    r = 8
+    names = [f"base_model.model.model.layers.{layer}.self_attn.{p}" for layer in range(4) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    setups = {}
+    for name in names:
+        a = torch.linalg.qr(torch.randn(n, r, generator=g))[0].T.contiguous()  # orthonormal rows: v_k = a[k]
+        basis = torch.linalg.qr(torch.randn(m, 3, generator=g))[0]
+        setups[name] = (a, basis)
+    noise = {name: torch.zeros(m, r) for name in names}
+    for step in range(0, steps + 1, every):
+        t = step / steps
+        tensors = {}
+        for name in names:
+            a, basis = setups[name]
+            b = torch.zeros(m, r)
+            if kind == "turning":
+                angle = 0.5 * math.pi * t
+                b[:, 0] = t ** 0.8 * (math.cos(angle) * basis[:, 0] + math.sin(angle) * basis[:, 1])
+                b[:, 1] = t / 3 * basis[:, 2]
+            elif kind == "saturating":
+                b[:, 0] = (1 - math.exp(-step / 80)) * basis[:, 0]
+                b[:, 1] = 0.3 * (1 - math.exp(-step / 40)) * basis[:, 1]
+            elif kind != "random-walk":
+                raise ValueError(kind)
+            if step:
+                scale = 0.03 if kind != "random-walk" else 0.1
+                noise[name] += scale * torch.randn(m, r, generator=g) / math.sqrt(m * r) * math.sqrt(every / steps) * 4
+            tensors[f"{name}.lora_A.weight"] = a.clone()
+            tensors[f"{name}.lora_B.weight"] = (b + noise[name]) if step else torch.zeros(m, r)
+        out = folder / f"step_{step}"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    return folder
+
+
+def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainSettings) -> list[dict]:
     traj = load_trajectory(folder)
-    feats = compute_features(traj, horizon, sign_align=sign_align)
+    feats = compute_features(traj, horizon, sign_align=False)
     steps = traj.steps
+    if from_step is not None and from_step not in steps:
+        raise SystemExit(f"{folder}: no checkpoint at step {from_step}")
     start = steps.index(from_step) if from_step is not None else len(steps) - 1 - horizon
     if start + horizon >= len(steps):
         raise SystemExit(f"{folder}: no checkpoint {horizon} after step {steps[start]}")
     past = feats.truncate(start + 1)
-    t0 = time.perf_counter()
-    predictor = train(past, settings)
-    fit_s = time.perf_counter() - t0
-    rows = []
+    models, fit_s = {}, {}
     for method in METHODS:
-        j = jump(method, JumpContext(past, traj, start, predictor if method in NEEDS_PREDICTOR else None))
-        rows.append((method, jump_terms(traj, j, start, start + horizon), fit_s if method in NEEDS_PREDICTOR else 0.0))
-    rows.append(("oracle-rank1", oracle_terms(feats, traj, start), 0.0))
-    return [(folder, steps[start], steps[start + horizon], *r) for r in rows]
+        t0 = time.perf_counter()
+        models.update(fit_models(past, [method], settings))
+        fit_s[method] = time.perf_counter() - t0
+    past_backtest = backtest(past, traj, settings)  # what --alpha auto / --method auto see at this point
+    auto_alpha = {r.method: r.best_alpha for r in past_backtest}
+    choice = choose(past_backtest)
+    rows = []
+    terms_by_method: dict[str, Terms] = {}
+    for method in METHODS:
+        terms = jump_terms(traj, jump(method, JumpContext(past, traj, start, models)), start, start + horizon)
+        terms_by_method[method] = terms
+        rows.append({"method": method, "terms": terms, "auto_alpha": auto_alpha[method], "fit_s": fit_s[method]})
+    chosen = terms_by_method.get(choice.method, Terms(1.0, 0.0, 0.0)) if choice.alpha > 0 else Terms(1.0, 0.0, 0.0)
+    rows.append({"method": f"auto ({choice.method if choice.alpha > 0 else 'no jump'})", "terms": chosen,
+                 "auto_alpha": choice.alpha, "fit_s": sum(fit_s.values())})
+    rows.append({"method": "oracle-rank1", "terms": oracle_terms(feats, traj, start), "auto_alpha": 1.0, "fit_s": 0.0})
+    for row in rows:
+        row.update(run=str(folder), from_step=steps[start], to_step=steps[start + horizon])
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="*", type=Path)
+    ap.add_argument("--synthetic", action="store_true", help=f"also write and evaluate {', '.join(SYNTHETIC)} (under .bench/synthetic)")
     ap.add_argument("--horizon", type=int, default=5)
     ap.add_argument("--from-step", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--no-sign-align", action="store_true")
+    ap.add_argument("--epochs", type=int, default=1000, help="next-paper's epochs (the paper: 1000)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every row as JSON here")
     args = ap.parse_args()
-    settings = TrainSettings(epochs=args.epochs, lr=args.lr)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NExt: {args.epochs} epochs, lr {args.lr}, "
-          f"sign alignment {'off' if args.no_sign_align else 'on'}")
-    header = "| trajectory | from -> to | method | cosine | " + " | ".join(f"e({a:g})" for a in ALPHAS) + " | best alpha | e(best) | fit s |"
+    runs = list(args.runs)
+    if args.synthetic:
+        for name in SYNTHETIC:
+            folder = Path(".bench/synthetic") / name
+            if not (folder / "step_200" / "adapter_config.json").is_file():
+                write_synthetic(folder, name.removeprefix("synthetic-"))
+            runs.append(folder)
+    settings = TrainSettings(epochs=args.epochs)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; horizon {args.horizon}; next-paper {args.epochs} epochs")
+    header = ("| trajectory | from -> to | method | cosine | " + " | ".join(f"e({a:g})" for a in ALPHAS)
+              + " | best alpha | e(best) | auto alpha | e(auto) | fit s |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for folder in args.runs:
-        for run, s0, s1, method, terms, fit_s in evaluate(folder, args.horizon, args.from_step, settings, not args.no_sign_align):
-            best = 1.0 if method == "oracle-rank1" else terms.best_alpha()
-            errs = " | ".join(f"{terms.error(a):.3f}" for a in ALPHAS)
-            print(f"| {run} | {s0} -> {s1} | {method} | {terms.cosine():+.3f} | {errs} | {best:g} | "
-                  f"{terms.error(best):.3f} | {fit_s:.1f} |", flush=True)
+    everything = []
+    for folder in runs:
+        for row in evaluate(folder, args.horizon, args.from_step, settings):
+            t: Terms = row["terms"]
+            best = 1.0 if row["method"] == "oracle-rank1" else t.best_alpha()
+            errs = " | ".join(f"{t.error(a):.3f}" for a in ALPHAS)
+            name = folder.name if folder.name != "plain" else folder.parent.name
+            print(f"| {name} | {row['from_step']} -> {row['to_step']} | {row['method']} | {t.cosine():+.3f} | {errs} | "
+                  f"{best:g} | {t.error(best):.3f} | {row['auto_alpha']:g} | {t.error(row['auto_alpha']):.3f} | {row['fit_s']:.1f} |", flush=True)
+            everything.append({**{k: v for k, v in row.items() if k != "terms"}, "cosine": t.cosine(), "best_alpha": best,
+                               "e_best": t.error(best), "e_auto": t.error(row["auto_alpha"]),
+                               "e": {str(a): t.error(a) for a in ALPHAS}, "terms": vars(t)})
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
 
 
 if __name__ == "__main__":

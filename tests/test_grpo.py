@@ -265,6 +265,10 @@ def test_cli_runs_and_prints_json(cli, tmp_path):
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "not empty" in again.stderr and "--overwrite" in again.stderr
     assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
+    # without --json: a readable summary (this path once raised NameError after a finished run)
+    plain = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--overwrite"])
+    assert plain.exit_code == 0, plain.output
+    assert "adapters in" in plain.stderr and "held-out accuracy at step 1" in plain.stderr
 
 
 @pytest.mark.parametrize(

@@ -104,8 +104,9 @@ def grpo(
     except NextrapError as e:
         _fail(str(e))
     _prepare_out(out, overwrite)
+    console = Console(stderr=True)
     try:
-        with rich_progress(Console(stderr=True), transient=json_out, remaining=True) as report:
+        with rich_progress(console, transient=json_out, remaining=True) as report:
             result = train(config, progress=report)
     except NextrapError as e:
         _fail(str(e))
