@@ -64,10 +64,12 @@ def matrices(features: Features) -> list[str]:
 
 
 def _rows(features: Features) -> list[int]:
-    """Rows with a known target and a moved global delta (step-0 adapters are the base model, not a pair)."""
+    """Rows with a known target and a moved global delta (step-0 adapters are the base model, not a pair);
+    of those, the ones whose D is a true h-checkpoint move (i >= h) when there are any: before that D is the
+    whole update so far, whose size relates differently to the next move's."""
     h = features.horizon
-    return [i for i in range(features.n_rows - h)
-            if any(float(features.get(m, "global", "sigma")[i]) > 0 for m in features.modules)]
+    moved = [i for i in range(features.n_rows - h) if any(features.moved(m, i) for m in features.modules)]
+    return [i for i in moved if i >= h] or moved
 
 
 def _solve(x: torch.Tensor, y: torch.Tensor) -> list[float]:
