@@ -7,6 +7,10 @@ mean +- standard error over seeds of held-out accuracy (1000 prompts x 8 samples
 the RL steps it needed to reach plain GRPO's accuracy at N.
 
     .venv/bin/python benchmarks/rlvr_acceleration.py --seeds 0 1 2 3 [--steps 400] [--work .bench]
+    # the same plain runs, other arms: reuse them (WORK2/seed-S/plain links to .bench/seed-S/plain)
+    .venv/bin/python benchmarks/rlvr_acceleration.py --work .bench/auto --alpha auto --plain-from '.bench/seed-{seed}/plain'
+
+Every jump is compared, seed by seed, with the no-jump control that has the same adapter shape (extra rank).
 
 Per-seed results are kept in WORK/seed-S/pipeline.json; a rerun reuses finished seeds (``--fresh`` to redo).
 About 10 minutes per seed on 2 CPU cores at the default settings.
@@ -35,8 +39,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         return json.loads((folder / "pipeline.json").read_text())
     grpo = GRPOConfig(seed=seed, save_every=args.save_every, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
                       eval_samples=args.eval_samples)
-    cfg = PipelineConfig(out=str(folder), steps=args.steps, horizon=args.horizon, alpha=args.alpha, epochs=args.epochs,
-                         methods=tuple(args.methods.split(",")), restart=args.restart, grpo=grpo)
+    alpha = None if args.alpha == "auto" else float(args.alpha)
+    plain = args.plain_from.format(seed=seed) if args.plain_from else None
+    cfg = PipelineConfig(out=str(folder), steps=args.steps, horizon=args.horizon, alpha=alpha, epochs=args.epochs,
+                         methods=tuple(args.methods.split(",")), restart=args.restart, grpo=grpo, plain_from=plain)
     t0 = time.perf_counter()
     run_pipeline(cfg, overwrite=True)
     print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -61,14 +67,17 @@ def summarize(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     rows: dict[str, dict[str, list]] = {}
     for res in results:
-        arms = [Arm(**{k: a[k] for k in ("name", "rl_steps", "curve", "train_seconds", "jump_seconds", "note")}) for a in res["arms"]]
+        arms = [Arm(**{k: a[k] for k in ("name", "rl_steps", "curve", "train_seconds", "jump_seconds", "note")},
+                    control=a.get("control", "")) for a in res["arms"]]
         plain = arms[0]
         target = plain.final[KEY]
         at_end = next((c for c in plain.curve if c["step"] == s1 + s2), None)
         entries = [(f"plain at {s1 + s2} (same budget)", s1 + s2, at_end, None, 0.0)] if at_end else []
         entries += [(a.name, a.rl_steps, a.final, a, a.jump_seconds) for a in arms]
         for name, steps, final, arm, jump_s in entries:
-            row = rows.setdefault(name, {"steps": steps, "sampled": [], "greedy": [], "reach": [], "jump": []})
+            row = rows.setdefault(name, {"steps": steps, "sampled": [], "greedy": [], "reach": [], "jump": [], "notes": [],
+                                         "control": arm.control if arm is not None else ""})
+            row["notes"].append(arm.note if arm is not None else "")
             row["sampled"].append(final[KEY])
             row["greedy"].append(final["eval_greedy_acc"])
             row["jump"].append(jump_s)
@@ -80,19 +89,25 @@ def summarize(results: list[dict]) -> str:
         jump = f"{statistics.mean(row['jump']):.0f}" if any(row["jump"]) else ""
         lines.append(f"| {name} | {row['steps']} | {_mean_se(row['sampled'])} | {_mean_se(row['greedy'])} | "
                      f"{', '.join(row['reach'])} | {jump} |")
-    # paired differences against the no-jump control, the fair comparison
-    control = rows.get("no jump")
-    if control:
-        lines += ["", "paired difference in final sampled accuracy against the no-jump control (mean ± se over seeds):"]
+    notes = {name: row["notes"] for name, row in rows.items() if any(n and n not in ("control", "ceiling") for n in row["notes"])}
+    if notes:
+        lines += ["", "per seed: " + "; ".join(f"{name}: {', '.join(n)}" for name, n in notes.items())]
+    # paired differences against the no-jump control with the same adapter shape, the fair comparison
+    controls = [name for name in names if name.startswith("no jump")]
+    if controls:
+        lines += ["", "paired difference in final sampled accuracy against the no-jump control of the same adapter shape "
+                      "(mean ± se over seeds):"]
         for name in names[1:]:
-            if name == "no jump":
+            if name in controls:
                 continue
-            diffs = [a - b for a, b in zip(rows[name]["sampled"], control["sampled"])]
-            lines.append(f"- {name}: {_mean_se(diffs)}")
+            control = rows[name]["control"] or controls[0]
+            diffs = [a - b for a, b in zip(rows[name]["sampled"], rows[control]["sampled"])]
+            lines.append(f"- {name} vs {control}: {_mean_se(diffs)}")
         plain_end = rows.get(f"plain at {s1 + s2} (same budget)")
-        if plain_end:
-            diffs = [a - b for a, b in zip(plain_end["sampled"], control["sampled"])]
-            lines.append(f"- restart cost (plain at {s1 + s2} minus no jump): {_mean_se(diffs)}")
+        for control in controls:
+            if plain_end:
+                diffs = [a - b for a, b in zip(plain_end["sampled"], rows[control]["sampled"])]
+                lines.append(f"- restart cost (plain at {s1 + s2} minus {control}): {_mean_se(diffs)}")
     return "\n".join(lines)
 
 
@@ -105,7 +120,8 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=1000)
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--horizon", type=int, default=5)
-    ap.add_argument("--alpha", type=float, default=1.5)
+    ap.add_argument("--alpha", default="1.5", help="a number, or auto (each method's backtest-chosen alpha)")
+    ap.add_argument("--plain-from", default=None, help="reuse finished plain runs: a path with {seed}, e.g. '.bench/seed-{seed}/plain'")
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--methods", default="next,linear")
     ap.add_argument("--restart", default="resume")

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,3 +66,31 @@ def test_cli_pipeline_json(tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["s1"] == 6 and [a["name"] for a in out["arms"]] == ["plain", "linear (alpha 1.5)", "no jump", "true future (step 10)"]
+    assert out["arms"][1]["control"] == "no jump"
+
+
+def test_rank_matched_controls_auto_alpha_and_a_reused_plain_run(tmp_path):
+    """Jumps of different adapter shapes each get a control of their shape; --alpha auto records its choice;
+    a finished plain run is reused (not retrained) and one with other settings is refused."""
+    first = run_pipeline(PipelineConfig(out=str(tmp_path / "a"), steps=16, horizon=2, epochs=2, methods=("linear",), grpo=TINY))
+    plain = tmp_path / "a" / "plain"
+    with pytest.raises(NextrapError, match="--alpha auto: the backtest needs 2 x --horizon"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "x"), steps=16, horizon=2, alpha=None, grpo=TINY, plain_from=str(plain)))
+    cfg = PipelineConfig(out=str(tmp_path / "b"), steps=16, s1=10, s2=4, horizon=2, epochs=2, alpha=None, methods=("next-paper", "linear"),
+                         grpo=TINY, plain_from=str(plain))
+    r = run_pipeline(cfg)
+    assert (tmp_path / "b" / "plain").resolve() == plain.resolve()
+    assert r.arms[0].curve == first.arms[0].curve
+    names = [a.name for a in r.arms]
+    assert names == ["plain", "next-paper (alpha auto)", "linear (alpha auto)", "no jump (rank of next-paper)",
+                     "no jump (rank of linear)", "true future (step 14)"]
+    assert r.arms[1].control == "no jump (rank of next-paper)" and r.arms[2].control == "no jump (rank of linear)"
+    assert all(a.note.startswith("chose alpha") for a in r.arms[1:3])
+    for method in ("next-paper", "linear"):
+        jump = load_file(str(tmp_path / "b" / f"jump-{method}" / "adapter_model.safetensors"))
+        control = load_file(str(tmp_path / "b" / f"jump-none-{method}" / "adapter_model.safetensors"))
+        assert {k: v.shape for k, v in jump.items()} == {k: v.shape for k, v in control.items()}
+    with pytest.raises(NextrapError, match="lr = 0.0001, but this pipeline uses 0.001"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "c"), steps=16, horizon=2, grpo=replace(TINY, lr=1e-3), plain_from=str(plain)))
+    with pytest.raises(NextrapError, match="fewer than --steps 20"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "d"), steps=20, horizon=2, grpo=TINY, plain_from=str(plain)))

@@ -258,8 +258,9 @@ def pipeline_cmd(
     s2: Optional[int] = typer.Option(None, "--s2", help="Steps after the jump (default 0.625 N - s1)."),
     save_every: int = typer.Option(10, "--save-every", help="Checkpoint interval (the trajectory's resolution)."),
     horizon: int = typer.Option(5, "--horizon", help="Checkpoints the jump looks ahead."),
-    alpha: float = typer.Option(1.5, "--alpha", help="Jump size for every method."),
+    alpha: str = typer.Option("1.5", "--alpha", help="Jump size for every method, or auto (each method's backtest-chosen alpha, 0 = no jump)."),
     methods: str = typer.Option("next,linear", "--methods", help="Comma list of extend methods to compare."),
+    plain_from: Optional[Path] = typer.Option(None, "--plain-from", help="Reuse this finished `nextrap grpo` run (same settings, >= --steps) as the plain arm."),
     epochs: int = typer.Option(1000, "--epochs", help="NExt predictor epochs."),
     restart: str = typer.Option("resume", "--restart", help="resume: keep AdamW state across the jump | fresh: new optimizer."),
     model: Optional[str] = typer.Option(None, "--model", help="HF causal LM folder (default: the embedded addition model)."),
@@ -291,8 +292,13 @@ def pipeline_cmd(
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, reward=reward, eval_every=eval_every,
                       eval_prompts=eval_prompts, eval_samples=eval_samples)
-    cfg = PipelineConfig(out=str(out), steps=steps, s1=s1, s2=s2, horizon=horizon, alpha=alpha, epochs=epochs, restart=restart,
-                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), grpo=base)
+    with _errors():
+        alphas = parse_alphas(alpha)
+        if alphas is not None and len(alphas) != 1:
+            raise NextrapError(f"--alpha {alpha}: the pipeline takes one alpha (or auto)")
+    cfg = PipelineConfig(out=str(out), steps=steps, s1=s1, s2=s2, horizon=horizon, alpha=alphas[0] if alphas else None,
+                         epochs=epochs, restart=restart, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                         grpo=base, plain_from=str(plain_from) if plain_from else None)
     with _errors(), _progress(not as_json) as report:
         result = run_pipeline(cfg, progress=report, overwrite=overwrite)
         if plot_file is not None:
@@ -321,7 +327,7 @@ def _pipeline_table(r: PipelineResult) -> None:
         greedy = f"{final['eval_greedy_acc']:.3f}" if "eval_greedy_acc" in final else "n/a"
         table.add_row(name, str(n), acc, greedy, "" if secs is None else f"{secs:.0f}", f"{jump_s:.1f}" if jump_s else "", note)
     out_console.print(table)
-    no_jump = next((a for a in r.arms if a.name == "no jump"), None)
+    no_jump = next((a for a in r.arms if a.note == "control"), None)
     if at_end is not None and no_jump is not None and "eval_sampled_acc" in no_jump.final and "eval_sampled_acc" in at_end:
         cost = at_end["eval_sampled_acc"] - no_jump.final["eval_sampled_acc"]
         out_console.print(f"restart cost (plain at {end} minus no jump): {cost:+.3f} sampled accuracy", highlight=False)

@@ -8,10 +8,12 @@ From one start (same model, same seed):
     true future  plain's checkpoint at S1 + h checkpoints, then S2 more steps (the ceiling of any predictor)
 
 Every arm after S1 restarts the same way: load the adapter, keep or reset the AdamW state (``restart``), and
-draw its prompts from the same continuation seed. The NExt jump adds one trainable rank (r + 1); the no-jump
-control gets the same extra rank with zero effect (B column 0, A row random, as PEFT initialises LoRA), so
-the two differ only in where they start from. ``linear`` adds 2r columns: its capacity differs slightly. The restart's own cost shows as
-plain at S1 + S2 against no jump. Outputs stay in ``out`` (per-arm folders, ``pipeline.json``, an optional PNG).
+draw its prompts from the same continuation seed. A jump appends columns to the adapter (1 for next-paper and
+relex, 2r for linear, ...), and extra trainable rank can change training by itself; so every distinct adapter
+shape among the jumps gets its own no-jump control with the same extra rank and zero effect (B columns 0, A
+rows random, as PEFT initialises LoRA): a jump and its control differ only in where they start from. The
+restart's own cost shows as plain at S1 + S2 against no jump. Outputs stay in ``out`` (per-arm folders,
+``pipeline.json``, an optional PNG). ``plain_from`` reuses a finished plain run of the same configuration.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ class PipelineConfig:
     s1: int | None = None  # steps before the jump; default 0.375 N rounded to a save
     s2: int | None = None  # steps after it; default 0.625 N - s1
     horizon: int = 5  # checkpoints the jump looks ahead (the paper: 5 = 50 steps)
-    alpha: float = 1.5
+    alpha: float | None = 1.5  # None: each method's backtest-chosen alpha (extend --alpha auto)
     methods: tuple[str, ...] = ("next", "linear")
     epochs: int = 1000  # NExt predictor epochs
     restart: str = "resume"  # resume: AdamW state carried over; fresh: new optimizer
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    plain_from: str | None = None  # a finished `nextrap grpo` run with this grpo config (>= steps) to reuse as plain
 
     def schedule(self) -> tuple[int, int]:
         k = self.grpo.save_every
@@ -65,6 +68,7 @@ class Arm:
     train_seconds: float  # sum of seconds_per_step over the steps this arm trained (its share of plain included)
     jump_seconds: float = 0.0  # fit + extend
     note: str = ""
+    control: str = ""  # the name of the no-jump arm with the same adapter shape (for paired comparisons)
 
     @property
     def final(self) -> dict[str, float]:
@@ -78,7 +82,7 @@ class PipelineResult:
     s1: int
     s2: int
     horizon: int
-    alpha: float
+    alpha: float | None
     arms: list[Arm]
     backtest: list[dict[str, Any]]
 
@@ -113,8 +117,37 @@ def _check(cfg: PipelineConfig, s1: int, s2: int) -> None:
     if s1 // k < cfg.horizon + 1:  # step 0 is the start, not a move: checkpoints k..s1 must hold one pair
         raise NextrapError(f"--s1 {s1}: the fit needs at least --horizon + 1 = {cfg.horizon + 1} saves after step 0 "
                            f"before the jump (have {s1 // k} with --save-every {k})")
+    if cfg.alpha is None and s1 // k < 2 * cfg.horizon + 1:
+        raise NextrapError(f"--alpha auto: the backtest needs 2 x --horizon + 1 = {2 * cfg.horizon + 1} saves after step 0 "
+                           f"before the jump (have {s1 // k}); raise --s1 or lower --horizon")
     if s2 < 0 or s1 + cfg.horizon * k > cfg.steps:
         raise NextrapError(f"schedule s1 {s1} + horizon {cfg.horizon} x {k} steps must fit in --steps {cfg.steps}")
+    if cfg.plain_from is not None:
+        _check_plain(Path(cfg.plain_from), cfg)
+
+
+_RUN_ONLY = ("out", "steps", "init_adapter", "init_model", "resume_optimizer")  # may differ in a reusable plain run
+
+
+def _check_plain(run: Path, cfg: PipelineConfig) -> None:
+    """A plain run is reusable when it was trained with this configuration for at least ``cfg.steps`` steps."""
+    config_file = run / "grpo_config.json"
+    if not config_file.is_file():
+        raise NextrapError(f"--plain-from {run}: no grpo_config.json (not a `nextrap grpo` run)")
+    saved = json.loads(config_file.read_text())
+    wanted = json.loads(json.dumps(asdict(cfg.grpo)))  # tuples as lists, like the saved file
+    wanted["target_modules"] = sorted(wanted["target_modules"])
+    for key, value in wanted.items():
+        if key not in _RUN_ONLY and saved.get(key) != value:
+            raise NextrapError(f"{config_file}: {key} = {saved.get(key)!r}, but this pipeline uses {value!r}")
+    if saved.get("steps", 0) < cfg.steps or not (run / f"step_{cfg.steps}").is_dir():
+        raise NextrapError(f"{run}: trained {saved.get('steps')} steps, fewer than --steps {cfg.steps} (or step_{cfg.steps} is missing)")
+
+
+def _adapter_shape(folder: Path) -> str:
+    """What makes two adapters train alike: their rank and per-module ranks."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return json.dumps([config.get("r"), config.get("rank_pattern") or {}], sort_keys=True)
 
 
 def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrite: bool = False) -> PipelineResult:
@@ -135,7 +168,11 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
         train(replace(cfg.grpo, out=str(out / name), **changes), progress=step_progress)
         return _metrics(out / name)
 
-    plain_rows = grpo("plain", steps=cfg.steps)
+    if cfg.plain_from is not None:
+        os.symlink(Path(cfg.plain_from).absolute(), out / "plain", target_is_directory=True)
+        plain_rows = [r for r in _metrics(out / "plain") if r["step"] <= cfg.steps]
+    else:
+        plain_rows = grpo("plain", steps=cfg.steps)
     arms = [Arm("plain", cfg.steps, _curve(plain_rows, 0), _seconds(plain_rows))]
     prefix_seconds = _seconds(plain_rows, s1)
 
@@ -150,24 +187,38 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     fit_seconds = time.perf_counter() - t0
 
     # Every continuation draws the same prompts (a seed of its own: plain's would replay plain's first prompts).
-    starts = []  # (arm name, folder, adapter to start from, optimizer state to carry, jump seconds, note)
+    # (arm name, folder, adapter to start from, optimizer state to carry, jump seconds, note, control arm)
+    starts: list[tuple[str, str, Path, Path, float, str, str]] = []
+    shapes: dict[str, str] = {}  # adapter shape -> the first method whose jump has it
     for method in cfg.methods:
         t0 = time.perf_counter()
-        extend(out / "fit", [cfg.alpha], out / f"jump-{method}", method=method)
-        starts.append((f"{method} (alpha {cfg.alpha:g})", f"cont-{method}", out / f"jump-{method}",
-                       out / "plain" / f"step_{s1}", fit_seconds + time.perf_counter() - t0, ""))
-    extend(out / "fit", [0.0], out / "jump-none", method="next")  # rank r + 1 like the NExt jump, zero move...
-    make_appended_rows_trainable(out / "jump-none", cfg.grpo.lora_r, seed=cfg.grpo.seed)  # ...that can still learn
-    starts.append(("no jump", "cont-none", out / "jump-none", out / "plain" / f"step_{s1}", 0.0, "control"))
+        jumped = extend(out / "fit", None if cfg.alpha is None else [cfg.alpha], out / f"jump-{method}", method=method)
+        label = f"alpha {cfg.alpha:g}" if cfg.alpha is not None else "alpha auto"
+        note = "" if cfg.alpha is not None else f"chose alpha {jumped.alphas[0]:g}"
+        shape = _adapter_shape(out / f"jump-{method}")
+        shapes.setdefault(shape, method)
+        starts.append((f"{method} ({label})", f"cont-{method}", out / f"jump-{method}",
+                       out / "plain" / f"step_{s1}", fit_seconds + time.perf_counter() - t0, note, shape))
+    controls = {}
+    for shape, method in shapes.items():
+        # the same extra rank as this method's jump with a zero move, that can still learn
+        folder = "jump-none" if len(shapes) == 1 else f"jump-none-{method}"
+        extend(out / "fit", [0.0], out / folder, method=method)
+        make_appended_rows_trainable(out / folder, cfg.grpo.lora_r, seed=cfg.grpo.seed)
+        controls[shape] = "no jump" if len(shapes) == 1 else f"no jump (rank of {method})"
+        starts.append((controls[shape], folder.replace("jump-", "cont-"), out / folder, out / "plain" / f"step_{s1}", 0.0,
+                       "control", ""))
+    starts = [(*start[:6], controls.get(start[6], "")) for start in starts]
     future = out / "plain" / f"step_{s1 + h * k}"
-    starts.append((f"true future (step {s1 + h * k})", "cont-future", future, future, 0.0, "ceiling"))
+    starts.append((f"true future (step {s1 + h * k})", "cont-future", future, future, 0.0, "ceiling", ""))
 
     before_jump = [r for r in _curve(plain_rows, 0) if r["step"] < s1]
-    for name, folder, adapter, optimizer_from, jump_seconds, note in starts:
+    for name, folder, adapter, optimizer_from, jump_seconds, note, control in starts:
         rows = grpo(folder, steps=s2, seed=cfg.grpo.seed + 1, init_adapter=str(adapter),
                     resume_optimizer=str(optimizer_from) if cfg.restart == "resume" else None)
         # x = RL steps trained: the jump itself is free, so the continuation starts at S1
-        arms.append(Arm(name, s1 + s2, before_jump + _curve(rows, s1), prefix_seconds + _seconds(rows), jump_seconds, note))
+        arms.append(Arm(name, s1 + s2, before_jump + _curve(rows, s1), prefix_seconds + _seconds(rows), jump_seconds, note,
+                        control))
 
     result = PipelineResult(out, cfg.steps, s1, s2, h, cfg.alpha, arms, fitted.to_json()["backtest"])
     (out / "pipeline.json").write_text(json.dumps({**result.to_json(), "config": _config_json(cfg)}, indent=2) + "\n")
@@ -178,6 +229,7 @@ def _config_json(cfg: PipelineConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["grpo"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["grpo"].items()}
     d["methods"] = list(cfg.methods)
+    d["plain_from"] = str(Path(cfg.plain_from).absolute()) if cfg.plain_from else None
     return d
 
 
