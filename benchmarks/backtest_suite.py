@@ -31,6 +31,8 @@ from safetensors.torch import save_file
 
 from nextrap.backtest import Terms, backtest, choose, jump_terms, oracle_terms
 from nextrap.checkpoints import load_trajectory
+from dataclasses import replace
+
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
 from nextrap.predictor import TrainSettings
 from nextrap.trajectory import compute_features
@@ -84,7 +86,11 @@ def write_synthetic(folder: Path, kind: str, seed: int = 0, steps: int = 200, ev
     return folder
 
 
-def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainSettings) -> list[dict]:
+# Ideas for the NExt MLP measured beside the methods (--variants): (row name, sign-aligned features, lr)
+VARIANTS = (("next-paper + sign alignment", True, None), ("next-paper + sign alignment, lr 1e-3", True, 1e-3))
+
+
+def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainSettings, variants: bool = False) -> list[dict]:
     traj = load_trajectory(folder)
     feats = compute_features(traj, horizon, sign_align=False)
     steps = traj.steps
@@ -108,6 +114,13 @@ def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainS
         terms = jump_terms(traj, jump(method, JumpContext(past, traj, start, models)), start, start + horizon)
         terms_by_method[method] = terms
         rows.append({"method": method, "terms": terms, "auto_alpha": auto_alpha[method], "fit_s": fit_s[method]})
+    for name, aligned, lr in VARIANTS if variants else ():
+        feats_v = past.aligned() if aligned else past
+        t0 = time.perf_counter()
+        model = fit_models(feats_v, ["next-paper"], replace(settings, lr=lr or settings.lr))
+        seconds = time.perf_counter() - t0
+        terms = jump_terms(traj, jump("next-paper", JumpContext(feats_v, traj, start, model)), start, start + horizon)
+        rows.append({"method": name, "terms": terms, "auto_alpha": float("nan"), "fit_s": seconds})
     chosen = terms_by_method.get(choice.method, Terms(1.0, 0.0, 0.0)) if choice.alpha > 0 else Terms(1.0, 0.0, 0.0)
     rows.append({"method": f"auto ({choice.method if choice.alpha > 0 else 'no jump'})", "terms": chosen,
                  "auto_alpha": choice.alpha, "fit_s": sum(fit_s.values())})
@@ -124,6 +137,7 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=5)
     ap.add_argument("--from-step", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=1000, help="next-paper's epochs (the paper: 1000)")
+    ap.add_argument("--variants", action="store_true", help="also measure NExt MLP variants (sign alignment, lr 1e-3)")
     ap.add_argument("--json", type=Path, default=None, help="also write every row as JSON here")
     args = ap.parse_args()
     runs = list(args.runs)
@@ -141,15 +155,16 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     everything = []
     for folder in runs:
-        for row in evaluate(folder, args.horizon, args.from_step, settings):
+        for row in evaluate(folder, args.horizon, args.from_step, settings, args.variants):
             t: Terms = row["terms"]
             best = 1.0 if row["method"] == "oracle-rank1" else t.best_alpha()
             errs = " | ".join(f"{t.error(a):.3f}" for a in ALPHAS)
             name = folder.name if folder.name != "plain" else folder.parent.name
+            auto = "n/a | n/a" if math.isnan(row["auto_alpha"]) else f"{row['auto_alpha']:g} | {t.error(row['auto_alpha']):.3f}"
             print(f"| {name} | {row['from_step']} -> {row['to_step']} | {row['method']} | {t.cosine():+.3f} | {errs} | "
-                  f"{best:g} | {t.error(best):.3f} | {row['auto_alpha']:g} | {t.error(row['auto_alpha']):.3f} | {row['fit_s']:.1f} |", flush=True)
+                  f"{best:g} | {t.error(best):.3f} | {auto} | {row['fit_s']:.1f} |", flush=True)
             everything.append({**{k: v for k, v in row.items() if k != "terms"}, "cosine": t.cosine(), "best_alpha": best,
-                               "e_best": t.error(best), "e_auto": t.error(row["auto_alpha"]),
+                               "e_best": t.error(best), "e_auto": None if math.isnan(row["auto_alpha"]) else t.error(row["auto_alpha"]),
                                "e": {str(a): t.error(a) for a in ALPHAS}, "terms": vars(t)})
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
