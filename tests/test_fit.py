@@ -73,3 +73,14 @@ def test_fit_saves_every_method_model_and_an_older_fit_still_extends(trajectory,
     with pytest.raises(NextrapError, match="no fitted next model"):
         nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
     assert nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next-paper").method == "next-paper"
+
+
+def test_fit_only_some_methods(trajectory, tmp_path):
+    res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, methods=("next", "linear"))
+    assert [b.method for b in res.backtest] == ["next", "linear", "oracle-rank1"] and res.group_losses == {}
+    assert not (tmp_path / "fit" / "predictor.safetensors").exists()
+    assert nextrap.extend(tmp_path / "fit", None, tmp_path / "auto", method="auto").method in ("next", "linear")
+    with pytest.raises(NextrapError, match="no fitted next-paper model"):
+        nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next-paper")
+    with pytest.raises(NextrapError, match="--methods nope"):
+        nextrap.fit(trajectory, out=tmp_path / "fit2", methods=("nope",))

@@ -23,6 +23,7 @@ from .fit import FitResult, fit as run_fit
 from .grpo import ALL_LINEAR, GRPOConfig
 from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
+from .methods import METHODS
 from .progress import rich_progress
 from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline
 
@@ -89,14 +90,16 @@ def fit(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     sign_align: bool = typer.Option(True, "--sign-align/--no-sign-align", help="Align singular-vector signs across checkpoints (--no-sign-align = the reference code's behaviour)."),
     backtest: bool = typer.Option(True, "--backtest/--no-backtest", help="Refit on checkpoints up to c-h and measure how well step c is predicted."),
-    backtest_folds: int = typer.Option(1, "--backtest-folds", help="Backtest from c-h, c-h-1, ... and pool the errors (each fold refits NExt)."),
+    backtest_folds: int = typer.Option(1, "--backtest-folds", help="Backtest from c-h, c-h-1, ... and pool the errors (each fold refits the models)."),
+    methods: str = typer.Option(",".join(METHODS), "--methods", help="Methods to fit and backtest (leave out next-paper, the slow one, for a fit in seconds)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Compute rank-1 features of a LoRA trajectory and train the NExt predictor; writes the fit folder."""
     with _errors(), _progress(not as_json) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
-                         run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report)
+                         run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
+                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     if as_json:
         print(json.dumps(result.to_json()))
     else:

@@ -138,7 +138,8 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
                                                  else f"writing the requested alphas with {method} anyway"))
     row = features.n_rows - 1
     if method in FITTED and method not in loaded.models:
-        raise NextrapError(f"{fit_dir}: has no fitted {method} model (written by an older nextrap?); refit it")
+        raise NextrapError(f"{fit_dir}: has no fitted {method} model (left out by `fit --methods`, or written by an "
+                           "older nextrap); refit it")
     try:
         j = jump(method, JumpContext(features, traj, row, loaded.models))
     except FloatingPointError as e:

@@ -182,7 +182,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     for step in range(0, s1 + 1, k):
         os.symlink((out / "plain" / f"step_{step}").absolute(), prefix / f"step_{step}", target_is_directory=True)
     t0 = time.perf_counter()
-    fitted = fit(prefix, out=out / "fit", horizon=h, epochs=cfg.epochs, seed=cfg.grpo.seed,
+    fitted = fit(prefix, out=out / "fit", horizon=h, epochs=cfg.epochs, seed=cfg.grpo.seed, methods=cfg.methods,
                  progress=lambda stage, done, total: report(f"fit: {stage}", done, total))
     fit_seconds = time.perf_counter() - t0
 
