@@ -130,6 +130,31 @@ def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainS
     return rows
 
 
+def summarize(rows: list[dict]) -> str:
+    """Two compact tables (trajectories x methods): e at the auto-chosen alpha, and cosine with the true move."""
+    names = list(dict.fromkeys(Path(r["run"]).name if Path(r["run"]).name != "plain" else Path(r["run"]).parent.name for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"].split(" (")[0] for r in rows)]
+    cell = {}
+    for r in rows:
+        run = Path(r["run"]).name if Path(r["run"]).name != "plain" else Path(r["run"]).parent.name
+        cell[run, r["method"].split(" (")[0]] = r
+    out = []
+    for title, key, fmt in (("e at the auto-chosen alpha (1 = no jump; lower is better)", "e_auto", "{:.3f}"),
+                            ("cosine of the predicted move with the true move", "cosine", "{:+.3f}")):
+        out += ["", title, "", "| trajectory | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+        for run in names:
+            vals = []
+            for m in methods:
+                r = cell.get((run, m))
+                v = None if r is None else r[key]
+                text = "n/a" if v is None else fmt.format(v)
+                if m == "auto" and r is not None and key == "e_auto":
+                    text += f" ({r['method'].split('(')[1].rstrip(')')}, {r['auto_alpha']:g})"
+                vals.append(text)
+            out.append(f"| {run} | " + " | ".join(vals) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", type=Path)
@@ -139,7 +164,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1000, help="next-paper's epochs (the paper: 1000)")
     ap.add_argument("--variants", action="store_true", help="also measure NExt MLP variants (sign alignment, lr 1e-3)")
     ap.add_argument("--json", type=Path, default=None, help="also write every row as JSON here")
+    ap.add_argument("--summarize", type=Path, default=None, help="only print the compact tables of a previous --json")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize(json.loads(args.summarize.read_text())))
+        return
     runs = list(args.runs)
     if args.synthetic:
         for name in SYNTHETIC:
@@ -166,6 +195,7 @@ def main() -> None:
             everything.append({**{k: v for k, v in row.items() if k != "terms"}, "cosine": t.cosine(), "best_alpha": best,
                                "e_best": t.error(best), "e_auto": None if math.isnan(row["auto_alpha"]) else t.error(row["auto_alpha"]),
                                "e": {str(a): t.error(a) for a in ALPHAS}, "terms": vars(t)})
+    print(summarize(everything))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
 

@@ -11,7 +11,8 @@ that no real method reaches), the best combination of moves that are known at c:
     r1(D)      the rank-1 part of D
 
 and prints the cosine with T each combination could reach, next to the rank-1 oracle (T's own top singular
-part). Best e over alpha is sqrt(1 - cosine^2), so cosine is the whole story for a fixed direction.
+part). Best e over alpha is sqrt(1 - cosine^2), so cosine is the whole story for a fixed direction. The last
+column, alpha*, is the straight line's best alpha <D, T> / ||D||^2: how big the next move is next to the last.
 
     .venv/bin/python benchmarks/span_ceiling.py .bench/seed-0/plain --from-steps 100 150 200 300
 """
@@ -47,8 +48,8 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=5)
     args = ap.parse_args()
     h = args.horizon
-    print("| trajectory | from -> to | " + " | ".join("+".join(s) for s in SETS) + " | oracle rank-1 |")
-    print("|" + "---|" * (len(SETS) + 3))
+    print("| trajectory | from -> to | " + " | ".join("+".join(s) for s in SETS) + " | oracle rank-1 | alpha* |")
+    print("|" + "---|" * (len(SETS) + 4))
     for run in [r for r in args.runs if r.is_dir()]:
         traj = load_trajectory(run)
         groups = list(shape_groups(traj.modules).values())
@@ -77,7 +78,9 @@ def main() -> None:
                 cells.append(f"{_cos(coef @ x, target):+.3f}")
             oracle = _cos(_rank1(diff(c + h, c)), target)
             name = run.name if run.name != "plain" else run.parent.name
-            print(f"| {name} | {step} -> {traj.steps[c + h]} | " + " | ".join(cells) + f" | {oracle:+.3f} |", flush=True)
+            d = cands["D"]
+            alpha = float(d @ target / (d @ d))
+            print(f"| {name} | {step} -> {traj.steps[c + h]} | " + " | ".join(cells) + f" | {oracle:+.3f} | {alpha:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
