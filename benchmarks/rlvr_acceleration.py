@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--alpha", default="1.5", help="a number, or auto (each method's backtest-chosen alpha)")
     ap.add_argument("--plain-from", default=None, help="reuse finished plain runs: a path with {seed}, e.g. '.bench/seed-{seed}/plain'")
     ap.add_argument("--epochs", type=int, default=1000)
-    ap.add_argument("--methods", default="next,linear")
+    ap.add_argument("--methods", default="next-paper,next")
     ap.add_argument("--restart", default="resume")
     ap.add_argument("--work", default=".bench")
     ap.add_argument("--fresh", action="store_true")

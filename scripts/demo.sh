@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on what ships in the repository, no download.
 #  1. train -> jump -> train on the embedded default (tiny Llama + 2-digit addition): plain GRPO against
-#     NExt and linear jumps, a no-jump control and a jump to the true future (a small budget: ~5 minutes
+#     NExt as published and our next, a rank-matched no-jump control for each and a jump to the true future (a small budget: ~6 minutes
 #     on 2 CPU cores; benchmarks/rlvr_acceleration.py runs the full-size comparison over seeds);
 #  2. fit -> extend -> load on the checked-in fixture trajectory, with the backtest and --method auto.
 set -euo pipefail
@@ -15,14 +15,14 @@ echo "== nextrap pipeline: 200 plain GRPO steps vs 80 + jump + 40 (embedded defa
 "$BIN/nextrap" pipeline --out "$OUT/pipeline" --steps 200 --s1 80 --s2 40 --horizon 3 --eval-every 20 \
     --eval-prompts 500 --eval-samples 4 --epochs 300 --plot "$OUT/pipeline.png"
 
-echo "== nextrap fit on the fixture trajectory: rank-1 features, NExt predictor, backtest of every method"
+echo "== nextrap fit on the fixture trajectory: rank-1 features, every method's model, backtest of every method"
 "$BIN/nextrap" fit fixtures/lora-trajectory --out "$OUT/fit" --backtest-folds 3
 
 echo "== nextrap extend --method auto --alpha auto: the jump with the lowest backtest error (or none)"
 "$BIN/nextrap" extend --fit "$OUT/fit" --method auto --alpha auto --out "$OUT/auto"
 
-echo "== nextrap extend: NExt as PEFT adapters (rank r+1) for several alphas; linear merged into the base"
-"$BIN/nextrap" extend --fit "$OUT/fit" --alpha 0.5:2.0:0.5 --out "$OUT/jumped"
+echo "== nextrap extend: NExt as published as PEFT adapters (rank r+1) for several alphas; linear merged into the base"
+"$BIN/nextrap" extend --fit "$OUT/fit" --alpha 0.5:2.0:0.5 --method next-paper --out "$OUT/jumped"
 "$BIN/nextrap" extend --fit "$OUT/fit" --alpha 1.5 --method linear --format merged --base fixtures/tiny-llama --out "$OUT/merged-linear"
 
 echo "== load the jumped checkpoints"

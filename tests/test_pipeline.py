@@ -18,25 +18,26 @@ def test_every_arm_runs_and_restarts_alike(tmp_path):
     cfg = PipelineConfig(out=str(tmp_path / "p"), steps=16, horizon=2, epochs=3, grpo=TINY)
     r = run_pipeline(cfg)
     assert (r.s1, r.s2) == (6, 4)
-    assert [a.name for a in r.arms] == ["plain", "next (alpha 1.5)", "linear (alpha 1.5)", "no jump", "true future (step 10)"]
+    assert [a.name for a in r.arms] == ["plain", "next-paper (alpha 1.5)", "next (alpha 1.5)", "no jump (rank of next-paper)",
+                                        "no jump (rank of next)", "true future (step 10)"]
     assert r.arms[0].rl_steps == 16 and all(a.rl_steps == 10 for a in r.arms[1:])
     for arm in r.arms[1:]:
         steps = [c["step"] for c in arm.curve]
         assert steps[0] == 0 and steps[-1] == 10 and 6 in steps
     # the no-jump control is plain's step-6 adapter plus one rank like the NExt jump's, with no effect (B column
     # zero) but trainable (A row nonzero: a zero A row and B column would have zero gradients forever)
-    none = load_file(str(tmp_path / "p" / "jump-none" / "adapter_model.safetensors"))
+    none = load_file(str(tmp_path / "p" / "jump-none-next-paper" / "adapter_model.safetensors"))
     plain6 = load_file(str(tmp_path / "p" / "plain" / "step_6" / "adapter_model.safetensors"))
-    jumped = load_file(str(tmp_path / "p" / "jump-next" / "adapter_model.safetensors"))
+    jumped = load_file(str(tmp_path / "p" / "jump-next-paper" / "adapter_model.safetensors"))
     for k, v in plain6.items():
         assert none[k].shape == jumped[k].shape
         assert torch.equal(none[k][: v.shape[0], : v.shape[1]], v)
         extra = none[k][:, 4:] if ".lora_B." in k else none[k][4:]
         assert (extra == 0).all() if ".lora_B." in k else (extra != 0).all()
     saved = json.loads((tmp_path / "p" / "pipeline.json").read_text())
-    assert saved["s1"] == 6 and len(saved["arms"]) == 5 and saved["config"]["grpo"]["save_every"] == 2
+    assert saved["s1"] == 6 and len(saved["arms"]) == 6 and saved["config"]["grpo"]["save_every"] == 2
     # every continuation drew the same prompts: its own seed, the same for all arms
-    cfgs = [json.loads((tmp_path / "p" / d / "grpo_config.json").read_text()) for d in ("cont-next", "cont-none", "cont-future")]
+    cfgs = [json.loads((tmp_path / "p" / d / "grpo_config.json").read_text()) for d in ("cont-next", "cont-none-next", "cont-future")]
     assert len({c["seed"] for c in cfgs}) == 1 and cfgs[0]["seed"] != 0
 
 

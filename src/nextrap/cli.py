@@ -262,7 +262,7 @@ def pipeline_cmd(
     save_every: int = typer.Option(10, "--save-every", help="Checkpoint interval (the trajectory's resolution)."),
     horizon: int = typer.Option(5, "--horizon", help="Checkpoints the jump looks ahead."),
     alpha: str = typer.Option("1.5", "--alpha", help="Jump size for every method, or auto (each method's backtest-chosen alpha, 0 = no jump)."),
-    methods: str = typer.Option("next,linear", "--methods", help="Comma list of extend methods to compare."),
+    methods: str = typer.Option("next-paper,next", "--methods", help="Comma list of extend methods to compare (next equals linear where its held-out pair says so)."),
     plain_from: Optional[Path] = typer.Option(None, "--plain-from", help="Reuse this finished `nextrap grpo` run (same settings, >= --steps) as the plain arm."),
     epochs: int = typer.Option(1000, "--epochs", help="NExt predictor epochs."),
     restart: str = typer.Option("resume", "--restart", help="resume: keep AdamW state across the jump | fresh: new optimizer."),

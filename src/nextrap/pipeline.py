@@ -47,7 +47,7 @@ class PipelineConfig:
     s2: int | None = None  # steps after it; default 0.625 N - s1
     horizon: int = 5  # checkpoints the jump looks ahead (the paper: 5 = 50 steps)
     alpha: float | None = 1.5  # None: each method's backtest-chosen alpha (extend --alpha auto)
-    methods: tuple[str, ...] = ("next", "linear")
+    methods: tuple[str, ...] = ("next-paper", "next")
     epochs: int = 1000  # NExt predictor epochs
     restart: str = "resume"  # resume: AdamW state carried over; fresh: new optimizer
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
