@@ -92,22 +92,24 @@ def summarize(results: list[dict]) -> str:
     notes = {name: row["notes"] for name, row in rows.items() if any(n and n not in ("control", "ceiling") for n in row["notes"])}
     if notes:
         lines += ["", "per seed: " + "; ".join(f"{name}: {', '.join(n)}" for name, n in notes.items())]
-    # paired differences against the no-jump control with the same adapter shape, the fair comparison
-    controls = [name for name in names if name.startswith("no jump")]
-    if controls:
-        lines += ["", "paired difference in final sampled accuracy against the no-jump control of the same adapter shape "
-                      "(mean ± se over seeds):"]
-        for name in names[1:]:
-            if name in controls:
+    # paired differences, seed by seed, against that seed's no-jump control with the same adapter shape
+    diffs: dict[str, list[float]] = {}
+    for res in results:
+        arms = {a["name"]: a for a in res["arms"]}
+        controls = [a for a in res["arms"] if a.get("note") == "control"]
+        plain_end = next((c for c in res["arms"][0]["curve"] if c["step"] == s1 + s2), None)
+        for a in res["arms"][1:]:
+            if a.get("note") == "control" or not controls:
                 continue
-            control = rows[name]["control"] or controls[0]
-            diffs = [a - b for a, b in zip(rows[name]["sampled"], rows[control]["sampled"])]
-            lines.append(f"- {name} vs {control}: {_mean_se(diffs)}")
-        plain_end = rows.get(f"plain at {s1 + s2} (same budget)")
-        for control in controls:
-            if plain_end:
-                diffs = [a - b for a, b in zip(plain_end["sampled"], rows[control]["sampled"])]
-                lines.append(f"- restart cost (plain at {s1 + s2} minus {control}): {_mean_se(diffs)}")
+            control = arms.get(a.get("control") or "", controls[0])
+            diffs.setdefault(f"{a['name']} minus {control['name']}", []).append(a["final"][KEY] - control["final"][KEY])
+        if plain_end and controls:
+            diffs.setdefault(f"restart cost (plain at {s1 + s2} minus {controls[0]['name']})", []).append(
+                plain_end[KEY] - controls[0]["final"][KEY])
+    if diffs:
+        lines += ["", "paired difference in final sampled accuracy, seed by seed against the no-jump control with the "
+                      "same adapter shape (mean ± se over seeds; n = seeds):"]
+        lines += [f"- {name}: {_mean_se(values)} (n = {len(values)})" for name, values in diffs.items()]
     return "\n".join(lines)
 
 

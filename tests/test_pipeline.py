@@ -93,5 +93,11 @@ def test_rank_matched_controls_auto_alpha_and_a_reused_plain_run(tmp_path):
         assert {k: v.shape for k, v in jump.items()} == {k: v.shape for k, v in control.items()}
     with pytest.raises(NextrapError, match="lr = 0.0001, but this pipeline uses 0.001"):
         run_pipeline(PipelineConfig(out=str(tmp_path / "c"), steps=16, horizon=2, grpo=replace(TINY, lr=1e-3), plain_from=str(plain)))
+    continued = tmp_path / "continued"
+    continued.mkdir()
+    saved = json.loads((plain / "grpo_config.json").read_text())
+    (continued / "grpo_config.json").write_text(json.dumps({**saved, "init_adapter": str(plain / "step_8")}))
+    with pytest.raises(NextrapError, match="init_adapter .*a continued run"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "e"), steps=16, horizon=2, grpo=TINY, plain_from=str(continued)))
     with pytest.raises(NextrapError, match="fewer than --steps 20"):
         run_pipeline(PipelineConfig(out=str(tmp_path / "d"), steps=20, horizon=2, grpo=TINY, plain_from=str(plain)))

@@ -109,8 +109,7 @@ def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tup
 def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     """How many folds the trajectory allows: the earliest start must leave NExt one training pair."""
     h, c = features.horizon, features.n_rows - 1
-    moved = [i for i in range(features.n_rows)
-             if any(float(features.get(m, "global", "sigma")[i]) > 0 for m in features.modules)]
+    moved = [i for i in range(features.n_rows) if any(features.moved(m, i) for m in features.modules)]
     first = moved[0] if moved else features.n_rows
     earliest = first + h if any(m in FITTED for m in methods) else first
     return max(0, c - h - earliest + 1)
@@ -169,7 +168,9 @@ def choose(results: list[BacktestResult], method: str | None = None, alphas: lis
         options = [(r.best_error, r.best_alpha)] if alphas is None else [(r.terms.error(a), a) for a in alphas]
         error, alpha = min(options)
         scored.append((error, alpha, r))
-    error, best_alpha, r = min(scored, key=lambda x: x[0])
+    # on a tie (e.g. next falling back to the straight line in the backtest) the method without a fitted model
+    # wins: the simpler jump is the one the backtest actually measured
+    error, best_alpha, r = min(scored, key=lambda x: (round(x[0], 9), x[2].method in FITTED))
     if error > 1.0 - min_gain or best_alpha == 0:
         return Choice(method or r.method, 0.0, 1.0, f"no jump: nothing beat standing still by {min_gain:.0%} in the "
                                                     f"backtest (best e = {error:.3f} for {r.method} at alpha {best_alpha:g})")

@@ -96,7 +96,11 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     if not results:
         raise NextrapError("--method auto / --alpha auto choose by backtest, but the fit has none "
                            "(it needs 2h + 1 checkpoints and no --no-backtest)")
-    choice = choose(results, method=None if method == "auto" else method, alphas=alphas)
+    try:
+        choice = choose(results, method=None if method == "auto" else method, alphas=alphas)
+    except ValueError as e:
+        raise NextrapError(f"--alpha auto: {e} in the fit's manifest.json (fitted with other --methods, or by an older "
+                           "nextrap); refit or give --alpha") from None
     return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
 
 
@@ -104,6 +108,8 @@ def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) ->
     """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
     keep = {n for n in j.factors if float(features.get(n, "global", "energy")[row]) >= min_energy}
     factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
+    if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
+        raise NextrapError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
     return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 

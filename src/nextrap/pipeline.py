@@ -126,7 +126,8 @@ def _check(cfg: PipelineConfig, s1: int, s2: int) -> None:
         _check_plain(Path(cfg.plain_from), cfg)
 
 
-_RUN_ONLY = ("out", "steps", "init_adapter", "init_model", "resume_optimizer")  # may differ in a reusable plain run
+_RUN_ONLY = ("out", "steps", "device", "eval_batch")  # may differ in a reusable plain run: not its math
+_FROM_SCRATCH = ("init_adapter", "init_model", "resume_optimizer")  # a plain run starts from none of these
 
 
 def _check_plain(run: Path, cfg: PipelineConfig) -> None:
@@ -137,8 +138,11 @@ def _check_plain(run: Path, cfg: PipelineConfig) -> None:
     saved = json.loads(config_file.read_text())
     wanted = json.loads(json.dumps(asdict(cfg.grpo)))  # tuples as lists, like the saved file
     wanted["target_modules"] = sorted(wanted["target_modules"])
+    for key in _FROM_SCRATCH:
+        if saved.get(key):
+            raise NextrapError(f"{config_file}: {key} = {saved[key]!r}: a continued run, not a plain one")
     for key, value in wanted.items():
-        if key not in _RUN_ONLY and saved.get(key) != value:
+        if key not in _RUN_ONLY and key not in _FROM_SCRATCH and saved.get(key) != value:
             raise NextrapError(f"{config_file}: {key} = {saved.get(key)!r}, but this pipeline uses {value!r}")
     if saved.get("steps", 0) < cfg.steps or not (run / f"step_{cfg.steps}").is_dir():
         raise NextrapError(f"{run}: trained {saved.get('steps')} steps, fewer than --steps {cfg.steps} (or step_{cfg.steps} is missing)")
@@ -193,6 +197,8 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     for method in cfg.methods:
         t0 = time.perf_counter()
         jumped = extend(out / "fit", None if cfg.alpha is None else [cfg.alpha], out / f"jump-{method}", method=method)
+        if jumped.alphas == [0.0]:  # auto chose no jump: the appended rank must still be able to learn, as in a control
+            make_appended_rows_trainable(out / f"jump-{method}", cfg.grpo.lora_r, seed=cfg.grpo.seed)
         label = f"alpha {cfg.alpha:g}" if cfg.alpha is not None else "alpha auto"
         note = "" if cfg.alpha is not None else f"chose alpha {jumped.alphas[0]:g}"
         shape = _adapter_shape(out / f"jump-{method}")

@@ -11,9 +11,10 @@ shape and type pool their data): with D_i the top singular triple of W_i - W_{i-
 of the local delta (sign-aligned),
     u_hat = normalize(a_D u_D + a_G u_G + a_L u_L),   v_hat likewise with its own weights,
     sigma_hat = sigma_D * exp(mean log(sigma_T / sigma_D)),
-fitted in closed form (ridge least squares) on every checkpoint pair with a known target. How much of the
-prediction replaces D's own rank-1 part, rho in [0, 1], is chosen on the last pair held out (weights refitted
-without it): rho = 0, the straight line, when the prediction does not beat D's own rank-1 part there.
+with G and L signed to agree with D, fitted in closed form (ridge least squares) on the pairs whose D is a true
+h-checkpoint move. How much of the prediction replaces D's own rank-1 part, rho in [0, 1], is chosen on the
+last pair held out (weights refitted without it and without the pairs overlapping it): rho = 0, the straight
+line, when the prediction does not beat D's own rank-1 part there or when there are too few pairs to check.
 """
 
 from __future__ import annotations
@@ -47,15 +48,28 @@ class NextModel:
     validation: dict[str, float] = field(default_factory=dict)  # rank-1 errors on the held-out pair
 
 
-def _rank1(features: Features, module: str, kind: str, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (sigma, u, v)
+
+
+def _rank1(features: Features, module: str, kind: str, row: int) -> Triple:
     return tuple(features.get(module, kind, part)[row].double() for part in ("sigma", "u", "v"))  # type: ignore[return-value]
 
 
-def inputs(features: Features, module: str, row: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Rank-1 triples at ``row``: D (of W_row - W_{row-h}, the straight line's move), G (global), L (local)."""
+def _agree(x: Triple, ref: Triple) -> Triple:
+    """x with the sign of its (u, v) pair chosen to agree with ref's: u v^T is unchanged, but the series are
+    each sign-aligned only along their own checkpoints, so G's and L's sign relative to D is arbitrary."""
+    if float(x[1] @ ref[1] + x[2] @ ref[2]) < 0:
+        return x[0], -x[1], -x[2]
+    return x
+
+
+def inputs(features: Features, module: str, row: int) -> dict[str, Triple]:
+    """Rank-1 triples at ``row``: D (of W_row - W_{row-h}, the straight line's move), G (global), L (local),
+    G and L signed to agree with D."""
     h = features.horizon
     d = _rank1(features, module, "target", row - h) if row >= h else _rank1(features, module, "global", row)
-    return {"D": d, "G": _rank1(features, module, "global", row), "L": _rank1(features, module, "local", row)}
+    return {"D": d, "G": _agree(_rank1(features, module, "global", row), d),
+            "L": _agree(_rank1(features, module, "local", row), d)}
 
 
 def matrices(features: Features) -> list[str]:
@@ -64,50 +78,47 @@ def matrices(features: Features) -> list[str]:
 
 
 def _rows(features: Features) -> list[int]:
-    """Rows with a known target and a moved global delta (step-0 adapters are the base model, not a pair);
-    of those, the ones whose D is a true h-checkpoint move (i >= h) when there are any: before that D is the
-    whole update so far, whose size relates differently to the next move's."""
+    """Training rows: a known target and a moved global delta (step-0 adapters are the base model, not a
+    pair); of those, the ones whose D is a true h-checkpoint move (i >= h) when there are any: before that D
+    is the whole update so far, whose size relates differently to the next move's."""
     h = features.horizon
     moved = [i for i in range(features.n_rows - h) if any(features.moved(m, i) for m in features.modules)]
     return [i for i in moved if i >= h] or moved
 
 
-def _solve(x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Ridge least squares y ~ x @ w for x [N, k, d], y [N, d] (pooled over rows and modules)."""
-    gram = torch.einsum("nkd,nld->kl", x, x)
-    rhs = torch.einsum("nkd,nd->k", x, y)
+def _fit_weights(features: Features, rows: list[int]) -> tuple[list[float], list[float], float]:
+    """Ridge least squares u_T ~ sum_k w_k u_k (and v likewise) pooled over rows and modules, accumulated as
+    3 x 3 normal equations; the mean log sigma ratio."""
+    k = len(INPUTS)
+    gram_u, rhs_u = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    gram_v, rhs_v = torch.zeros_like(gram_u), torch.zeros_like(rhs_u)
+    logs = []
+    for i in rows:
+        for m in matrices(features):
+            inp = inputs(features, m, i)
+            target = _agree(_rank1(features, m, "target", i), inp["D"])
+            if float(inp["D"][0]) <= 0 or float(target[0]) <= 0:
+                continue  # a module that did not move: no direction to learn from
+            xu = torch.stack([inp[name][1] for name in INPUTS])
+            xv = torch.stack([inp[name][2] for name in INPUTS])
+            gram_u += xu @ xu.T
+            rhs_u += xu @ target[1]
+            gram_v += xv @ xv.T
+            rhs_v += xv @ target[2]
+            logs.append(math.log(float(target[0]) / float(inp["D"][0])))
+    if not logs:
+        raise ValueError("no module moved on any training pair")
+    return _solve(gram_u, rhs_u), _solve(gram_v, rhs_v), sum(logs) / len(logs)
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> list[float]:
     ridge = RIDGE * float(gram.trace()) / gram.shape[0] + 1e-30
     return torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).tolist()
 
 
-def _fit_weights(features: Features, rows: list[int]) -> tuple[list[float], list[float], float]:
-    xs_u, ys_u, xs_v, ys_v, logs = [], [], [], [], []
-    for i in rows:
-        for m in matrices(features):
-            sigma_t, u_t, v_t = _rank1(features, m, "target", i)
-            inp = inputs(features, m, i)
-            if float(inp["D"][0]) <= 0 or float(sigma_t) <= 0:
-                continue  # a module that did not move: no direction to learn from
-            xs_u.append(torch.stack([inp[k][1] for k in INPUTS]))
-            xs_v.append(torch.stack([inp[k][2] for k in INPUTS]))
-            ys_u.append(u_t)
-            ys_v.append(v_t)
-            logs.append(math.log(float(sigma_t) / float(inp["D"][0])))
-    if not logs:
-        raise ValueError("no module moved on any training pair")
-    by_len_u = _pool(xs_u, ys_u)
-    by_len_v = _pool(xs_v, ys_v)
-    return _solve(*by_len_u), _solve(*by_len_v), sum(logs) / len(logs)
-
-
-def _pool(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack vectors of different lengths by zero-padding: padding adds nothing to the Gram matrix."""
-    d = max(x.shape[-1] for x in xs)
-    pad = torch.nn.functional.pad
-    return (torch.stack([pad(x, (0, d - x.shape[-1])) for x in xs]), torch.stack([pad(y, (0, d - y.shape[-1])) for y in ys]))
-
-
-def _predict(features: Features, module: str, row: int, wu: list[float], wv: list[float], log_ratio: float):
+def _predict(features: Features, module: str, row: int, wu: list[float], wv: list[float],
+             log_ratio: float) -> tuple[float, torch.Tensor, torch.Tensor, Triple]:
+    """(sigma_hat, u_hat, v_hat) of the next move's rank-1 part, and D's own triple."""
     inp = inputs(features, module, row)
     u = sum(w * inp[k][1] for w, k in zip(wu, INPUTS))
     v = sum(w * inp[k][2] for w, k in zip(wv, INPUTS))
@@ -116,31 +127,38 @@ def _predict(features: Features, module: str, row: int, wu: list[float], wv: lis
     return float(inp["D"][0]) * math.exp(log_ratio), u, v, inp["D"]
 
 
-def _inner(a: tuple, b: tuple) -> float:
+def _inner(a: Triple, b: Triple) -> float:
     """<sigma_a u_a v_a^T, sigma_b u_b v_b^T> without forming the matrices."""
     return float(a[0]) * float(b[0]) * float(a[1] @ b[1]) * float(a[2] @ b[2])
 
 
 def _choose_rho(features: Features, rows: list[int]) -> tuple[float, dict[str, float]]:
-    """Fit without the last pair, predict it: the best share rho of (prediction - D's rank-1) to add to D's."""
-    if len(rows) < 2:
+    """Fit without the last pair, predict it: the best share rho of (prediction - D's rank-1) to add to D's.
+
+    The pairs whose target overlaps the held-out one (i > i* - h) are left out of that fit too, or the
+    held-out move would leak into it. rho is chosen on the rank-1 parts (a proxy: the features hold no more),
+    ||D1 + rho (P - D1) - T1||, and is 0 when fewer than two pairs allow the check."""
+    held = rows[-1] if rows else None
+    train_rows = [i for i in rows if held is not None and i <= held - features.horizon]
+    if not train_rows:
         return 0.0, {"held_out_pairs": 0}
-    wu, wv, lr = _fit_weights(features, rows[:-1])
-    i = rows[-1]
+    try:
+        wu, wv, lr = _fit_weights(features, train_rows)
+    except ValueError:
+        return 0.0, {"held_out_pairs": 0}
     num = den = base = 0.0
     for m in matrices(features):
-        target = _rank1(features, m, "target", i)
-        sigma, u, v, d = _predict(features, m, i, wu, wv, lr)
+        sigma, u, v, d = _predict(features, m, held, wu, wv, lr)
+        target = _rank1(features, m, "target", held)
         pred = (torch.tensor(sigma, dtype=torch.float64), u, v)
         # ||D1 + rho (P - D1) - T1||^2 is quadratic in rho: num = <P - D1, T1 - D1>, den = ||P - D1||^2
-        pd = _inner(pred, pred) - 2 * _inner(pred, d) + _inner(d, d)
         num += _inner(pred, target) - _inner(pred, d) - _inner(d, target) + _inner(d, d)
-        den += pd
+        den += _inner(pred, pred) - 2 * _inner(pred, d) + _inner(d, d)
         base += _inner(d, d) - 2 * _inner(d, target) + _inner(target, target)
     rho = min(max(num / den, 0.0), 1.0) if den > 0 else 0.0
     after = base - 2 * rho * num + rho**2 * den
-    return rho, {"held_out_step": features.steps[i], "error_rank1_straight": math.sqrt(max(base, 0.0)),
-                 "error_rank1_next": math.sqrt(max(after, 0.0))}
+    return rho, {"held_out_pairs": 1, "held_out_step": features.steps[held], "training_pairs": len(train_rows),
+                 "error_rank1_straight": math.sqrt(max(base, 0.0)), "error_rank1_next": math.sqrt(max(after, 0.0))}
 
 
 def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None) -> NextModel:
@@ -170,7 +188,7 @@ def jump(ctx: JumpContext) -> Jump:
         factors[m] = (torch.stack([ra * u, -rb * ud], 1), torch.stack([ra * v, rb * vd], 1))
         sigmas[m] = sigma
     if model.rho == 0:  # the straight line: no zero columns in the adapter
-        return Jump("next", straight.factors, sigmas, straight.difference)
+        return Jump("next", straight.factors, straight.sigma, straight.difference)
     return combine("next", straight, Jump("next", factors, sigmas))
 
 
@@ -186,6 +204,8 @@ def saved_in(folder: Path) -> bool:
 def load(folder: Path, settings: Any = None) -> NextModel:
     try:
         data = json.loads((folder / CONFIG).read_text())
+        if len(data["weights_u"]) != len(INPUTS) or len(data["weights_v"]) != len(INPUTS):
+            raise KeyError(f"weights_u and weights_v need {len(INPUTS)} values")
         return NextModel(data["weights_u"], data["weights_v"], data["log_ratio"], data["rho"], data["sign_align"], data["pairs"],
                          data.get("validation", {}))
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
