@@ -79,8 +79,13 @@ def test_fit_only_some_methods(trajectory, tmp_path):
     res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, methods=("next", "linear"))
     assert [b.method for b in res.backtest] == ["next", "linear", "oracle-rank1"] and res.group_losses == {}
     assert not (tmp_path / "fit" / "predictor.safetensors").exists()
-    assert nextrap.extend(tmp_path / "fit", None, tmp_path / "auto", method="auto").method in ("next", "linear")
+    auto = nextrap.extend(tmp_path / "fit", None, tmp_path / "auto", method="auto")
+    best = min((b for b in res.backtest if b.method != "oracle-rank1"), key=lambda b: (round(b.best_error, 9), b.method == "next"))
+    assert auto.method == best.method and auto.alphas == [best.best_alpha]
     with pytest.raises(NextrapError, match="no fitted next-paper model"):
         nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next-paper")
+    with pytest.raises(NextrapError, match="--alpha auto: no backtest for method 'expo' in the fit's manifest.json"):
+        nextrap.extend(tmp_path / "fit", None, tmp_path / "out", method="expo")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(NextrapError, match="--methods nope"):
         nextrap.fit(trajectory, out=tmp_path / "fit2", methods=("nope",))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -103,42 +105,87 @@ def test_next_with_rho_zero_is_exactly_linear(setup):
     lin = jump("linear", JumpContext(feats, traj, 16))
     for m in traj.modules:
         assert torch.equal(j.factors[m.name][0], lin.factors[m.name][0])
+        assert torch.equal(j.factors[m.name][1], lin.factors[m.name][1])
 
 
-def test_next_learns_a_turning_direction(setup):
-    """A synthetic trajectory whose rank-1 direction turns at a constant rate: the shared predictor must beat
-    the straight line's own rank-1 part on the held-out pair, and rho must be positive."""
+def _turning_features(n: int = 16, h: int = 3, d: int = 12):
+    """Features of modules whose rank-1 direction turns at a constant rate while growing linearly."""
     import math
 
     from nextrap.trajectory import Features
 
-    n, h, d = 16, 3, 12
     gen = torch.Generator().manual_seed(0)
     tensors, modules = {}, []
+
+    def r1(x):
+        uu, s, vh = torch.linalg.svd(x)
+        return s[0], uu[:, 0], vh[0]
+
     for k in range(4):
         basis_u = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
         basis_v = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
+
         def w(i):
-            t = 0.08 * i
-            u = basis_u @ torch.tensor([math.cos(t), math.sin(t)], dtype=torch.float64)
+            u = basis_u @ torch.tensor([math.cos(0.08 * i), math.sin(0.08 * i)], dtype=torch.float64)
             return (1 + i) * torch.outer(u, basis_v[:, 0])
-        def r1(x):
-            uu, s, vh = torch.linalg.svd(x)
-            return s[0], uu[:, 0], vh[0]
+
         name = f"m{k}"
         modules.append(name)
         rows = {"global": [r1(w(i)) for i in range(n)], "local": [r1(w(i) - (w(i - 1) if i else 0 * w(0))) for i in range(n)],
                 "target": [r1(w(i + h) - w(i)) if i + h < n else None for i in range(n)]}
         for kind, triples in rows.items():
+            signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)  # (u, v) -> (-u, -v) as an SVD may
             for j, part in enumerate(("sigma", "u", "v")):
-                size = 1 if part == "sigma" else d
-                t = torch.full((n, size) if size > 1 else (n,), float("nan"))
+                t = torch.full((n, d) if part != "sigma" else (n,), float("nan"))
                 for i, tr in enumerate(triples):
                     if tr is not None:
-                        t[i] = tr[j].float()
+                        t[i] = tr[j].float() * (signs[i] if part != "sigma" else 1.0)
                 tensors[f"{name}:{kind}:{part}"] = t
         tensors[f"{name}:global:energy"] = torch.ones(n)
-    feats = Features(list(range(0, 10 * n, 10)), h, False, modules, tensors)
+    return Features(list(range(0, 10 * n, 10)), h, False, modules, tensors)
+
+
+def test_next_learns_a_turning_direction():
+    """Constant turning: the shared predictor's direction beats the straight line's own rank-1 part clearly on
+    the held-out pair (so rho > 0), and u_hat points closer to the true next direction than u_D does."""
+    feats = _turning_features()
     model = next_method.fit(feats)
-    assert model.rho > 0
-    assert model.validation["error_rank1_next"] < model.validation["error_rank1_straight"]
+    assert model.rho > 0.5
+    assert model.validation["error_rank1_next"] < 0.5 * model.validation["error_rank1_straight"]
+    row = feats.n_rows - 1 - feats.horizon  # the last row with a known target
+    aligned = feats.aligned()
+    for m in feats.modules:
+        sigma, u, v, (sd, ud, vd) = next_method._predict(aligned, m, row, model.weights_u, model.weights_v, model.log_ratio)
+        u_true = aligned.get(m, "target", "u")[row].double()
+        assert abs(float(u @ u_true)) > abs(float(ud @ u_true))
+
+
+def test_next_fit_sees_only_the_rows_it_is_given():
+    feats = _turning_features()
+    k = 12
+    changed = feats.truncate(feats.n_rows)
+    for key, t in changed.tensors.items():
+        t[k:] = torch.randn_like(t[k:])  # whatever comes after row k
+    a, b = next_method.fit(feats.truncate(k)), next_method.fit(changed.truncate(k))
+    assert (a.weights_u, a.weights_v, a.log_ratio, a.rho) == (b.weights_u, b.weights_v, b.log_ratio, b.rho)
+
+
+def test_next_ignores_a_module_that_never_moves(setup):
+    traj, feats = setup
+    still = feats.truncate(feats.n_rows)
+    name = feats.modules[0]
+    for kind in ("global", "local", "target"):
+        still.tensors[f"{name}:{kind}:sigma"] = torch.where(torch.isnan(still.get(name, kind, "sigma")), float("nan"), 0.0)
+        for part in ("u", "v"):
+            t = still.get(name, kind, part)
+            still.tensors[f"{name}:{kind}:{part}"] = torch.where(torch.isnan(t), float("nan"), 0.0)
+    model = next_method.fit(still)
+    assert all(math.isfinite(w) for w in (*model.weights_u, *model.weights_v, model.log_ratio, model.rho))
+
+
+def test_a_malformed_next_model_is_a_one_line_error(tmp_path):
+    from nextrap.errors import NextrapError
+
+    (tmp_path / "next.json").write_text('{"weights_u": [1.0], "weights_v": [1, 0, 0]}')
+    with pytest.raises(NextrapError, match="next.json: cannot read the next model"):
+        next_method.load(tmp_path)
