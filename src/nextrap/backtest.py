@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -90,7 +91,7 @@ def evaluate_jump(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int, alp
 
 def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Terms:
     """Terms of jumping by the true move's own best rank-1 part: c = j = sigma_1^2 per module."""
-    kept = sum(float(features.get(m, "target", "sigma")[from_row].double() ** 2) for m in features.modules)
+    kept = oracle_kept(features, from_row)
     t = 0.0
     for names in shape_groups(traj.modules).values():
         b_to, a_to = traj.factors(from_row + features.horizon, names)
@@ -98,6 +99,12 @@ def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Ter
         p, q = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
         t += float(inner_factored(p, q, p, q).sum())
     return Terms(t, kept, kept)
+
+
+def oracle_kept(features: Features, from_row: int) -> float:
+    """sum of sigma_1^2 of every module's target delta (a 1-D parameter's raw delta is its own rank-1 part)."""
+    return sum(float(features.get(m, "target", "vec")[from_row].double().square().sum()) if features.is_vector(m)
+               else float(features.get(m, "target", "sigma")[from_row].double() ** 2) for m in features.modules)
 
 
 def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tuple[float, float]:
@@ -115,9 +122,15 @@ def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     return max(0, c - h - earliest + 1)
 
 
-def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
-             alpha: float = 1.0, folds: int = 1) -> list[BacktestResult]:
-    """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ..."""
+# (jumps per method, from_row, to_row) -> (terms per method, t = ||W_to - W_from||^2): how a trajectory that is
+# not a LoraTrajectory (full parameters, streamed) measures the moves
+Measure = Callable[[dict[str, Jump], int, int], tuple[dict[str, Terms], float]]
+
+
+def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
+             alpha: float = 1.0, folds: int = 1, measure: Measure | None = None) -> list[BacktestResult]:
+    """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...
+    ``measure`` replaces the exact LoRA factor-space terms (see ``Measure``)."""
     h, c = features.horizon, features.n_rows - 1
     available = max_folds(features, methods)
     if available < 1:
@@ -128,9 +141,17 @@ def backtest(features: Features, traj: LoraTrajectory, settings: TrainSettings, 
     for start in starts:
         past = features.truncate(start + 1)
         models = fit_models(past, methods, settings)
-        for method in methods:
-            pooled[method] += jump_terms(traj, jump(method, JumpContext(past, traj, start, models)), start, start + h)
-        pooled["oracle-rank1"] += oracle_terms(features, traj, start)
+        jumps = {method: jump(method, JumpContext(past, traj, start, models)) for method in methods}
+        if measure is None:
+            for method, j in jumps.items():
+                pooled[method] += jump_terms(traj, j, start, start + h)
+            pooled["oracle-rank1"] += oracle_terms(features, traj, start)
+        else:
+            terms, t = measure(jumps, start, start + h)
+            for method in methods:
+                pooled[method] += terms[method]
+            kept = oracle_kept(features, start)
+            pooled["oracle-rank1"] += Terms(t, kept, kept)
     if pooled["oracle-rank1"].t == 0:
         raise ValueError(f"checkpoints at steps {features.steps[starts[-1]]}..{features.steps[c]} are identical: "
                          "there is no movement to backtest against")

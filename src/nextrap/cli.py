@@ -62,6 +62,10 @@ def _fit_summary(r: FitResult) -> None:
     for d, (first, last) in r.group_losses.items():
         table.add_row(f"predictor loss, length {d}", f"{first:.4g} -> {last:.4g}")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
+    if r.streaming:  # full-parameter fit
+        st = r.streaming
+        table.add_row("streaming", f"--svd {st['svd']}, peak {st['peak_bytes'] / 1e6:.1f} MB of {st['max_memory_bytes'] / 1e6:.1f} MB"
+                      + (f", sigma error <= {st['sigma_rel_error_max']:.1e}" if st["svd"] == "fast" else ""))
     out_console.print(table)
     if not r.backtest:
         out_console.print(f"backtest: skipped ({r.backtest_skipped})", highlight=False)
@@ -92,14 +96,18 @@ def fit(
     backtest: bool = typer.Option(True, "--backtest/--no-backtest", help="Refit on checkpoints up to c-h and measure how well step c is predicted."),
     backtest_folds: int = typer.Option(1, "--backtest-folds", help="Backtest from c-h, c-h-1, ... and pool the errors (each fold refits the models)."),
     methods: str = typer.Option(",".join(METHODS), "--methods", help="Methods to fit and backtest (leave out next-paper, the slow one, for a fit in seconds)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Full-parameter mode: CKPTS holds one Hugging Face model folder per step, and this is the model they started from."),
+    svd: str = typer.Option("exact", "--svd", help="Full-parameter mode: exact (batched SVD) | fast (randomized top-1; its error bound is reported)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
-    """Compute rank-1 features of a LoRA trajectory and train the NExt predictor; writes the fit folder."""
+    """Compute rank-1 features of a LoRA (or, with --base, full-parameter) trajectory and fit the methods; writes the fit folder."""
     with _errors(), _progress(not as_json) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
                          run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
-                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                         base=base, svd=svd, max_memory=max_memory)
     if as_json:
         print(json.dumps(result.to_json()))
     else:

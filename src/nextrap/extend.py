@@ -19,7 +19,8 @@ from .files import atomic_dir, check_replaceable, write_json
 from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
-from .methods import FITTED, METHODS, Jump, JumpContext, jump
+from .fullfit import write_full_merged
+from .methods import FITTED, LORA_ONLY, METHODS, Jump, JumpContext, jump
 from .trajectory import Features
 
 FORMATS = ("adapter", "merged")
@@ -126,13 +127,17 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError(f"--format {fmt}: use adapter or merged")
     if method not in (*METHODS, "auto"):
         raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
-    if fmt == "merged" and base is None:
-        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
     shard_bytes = parse_size(max_shard_size)
     out = Path(out)
     check_replaceable(out, overwrite, _MARKERS)
     loaded = load_fit(fit_dir)
     features, traj = loaded.features, loaded.trajectory
+    full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
+    fmt = "merged" if full else fmt
+    if fmt == "merged" and base is None and not full:
+        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
+    if full and method in LORA_ONLY:
+        raise NextrapError(f"--method {method}: reads LoRA factors; not available for the full-parameter fit {fit_dir}")
     results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}
@@ -160,13 +165,15 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         "min_energy": min_energy,
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
         "choice": vars(choice) if choice else None,
-        "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules},
+        "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
     }
     folders = []
     with atomic_dir(out, overwrite=overwrite, markers=_MARKERS) as tmp:
         for alpha in alphas:
             folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
-            if fmt == "adapter":
+            if full:
+                write_full_merged(folder, traj, row, j, alpha, shard_bytes)
+            elif fmt == "adapter":
                 write_adapter(folder, traj, row, j, alpha)
             else:
                 write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
@@ -174,4 +181,4 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        {m: float(prediction[f"{m}:sigma"]) for m in features.modules}, choice, errors, warnings)
+                        dict(provenance["predicted_sigma"]), choice, errors, warnings)

@@ -39,6 +39,7 @@ class FitResult:
     backtest: list[BacktestResult] = field(default_factory=list)
     backtest_skipped: str = ""  # why there is no backtest, if there is none
     seconds: dict[str, float] = field(default_factory=dict)
+    streaming: dict[str, Any] = field(default_factory=dict)  # full-parameter fits: svd, budget, peak, sigma error
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,7 +48,7 @@ class FitResult:
             "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
             "models": self.models,
             "backtest": [asdict(b) for b in self.backtest], "backtest_skipped": self.backtest_skipped or None,
-            "seconds": self.seconds,
+            "seconds": self.seconds, **({"streaming": self.streaming} if self.streaming else {}),
         }
 
 
@@ -80,9 +81,11 @@ def _inputs(traj: LoraTrajectory) -> list[dict[str, Any]]:
 
 def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
         device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
-        overwrite: bool = False, progress: ProgressFn | None = None, methods: tuple[str, ...] | list[str] = METHODS) -> FitResult:
+        overwrite: bool = False, progress: ProgressFn | None = None, methods: tuple[str, ...] | list[str] = METHODS,
+        base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
     """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
-    ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time."""
+    ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
+    With ``base``, ``ckpts`` holds full-parameter model folders, streamed under ``max_memory`` (``fullfit``)."""
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -100,18 +103,28 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    traj = load_trajectory(ckpts)
-    inputs = _inputs(traj)
-    done = 0
+    full = None
+    if base is not None:  # full-parameter checkpoints: features streamed under --max-memory
+        from .fullfit import prepare_full
 
-    def on_modules(k: int) -> None:
-        nonlocal done
-        done += k
-        report("rank-1 features", done, len(traj.modules))
+        full = prepare_full(ckpts, base, horizon, svd, max_memory, settings.device, report)
+        traj, inputs, features = full.trajectory, full.inputs, full.features
+        methods = tuple(m for m in methods if m in full.methods)
+        if not methods:
+            raise NextrapError(f"--methods: none of them works on full-parameter checkpoints; use {', '.join(full.methods)}")
+    else:
+        traj = load_trajectory(ckpts)
+        inputs = _inputs(traj)
+        done = 0
 
-    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
-    # that align do it on the fly (Features.aligned).
-    features = compute_features(traj, horizon, sign_align=False, progress=on_modules, device=settings.device)
+        def on_modules(k: int) -> None:
+            nonlocal done
+            done += k
+            report("rank-1 features", done, len(traj.modules))
+
+        # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
+        # that align do it on the fly (Features.aligned).
+        features = compute_features(traj, horizon, sign_align=False, progress=on_modules, device=settings.device)
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -129,15 +142,17 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         t0 = time.perf_counter()
         report("backtest", 0, 1)
         try:
-            results = backtest(features, traj, settings, methods=methods, folds=backtest_folds)
+            results = backtest(features, traj, settings, methods=methods, folds=backtest_folds,
+                               measure=full.measure if full else None)
         except (ValueError, FloatingPointError) as e:
             skipped = str(e)
         report("backtest", 1, 1)
         seconds["backtest"] = time.perf_counter() - t0
 
-    energy = torch.stack([features.get(m, "global", "energy") for m in features.modules])  # [modules, rows]
+    energy = torch.stack([features.get(m, "global", "energy") for m in features.modules
+                          if not features.is_vector(m)])  # [modules, rows]; 1-D parameters have no SVD
     result = FitResult(
-        out=out, steps=traj.steps, horizon=horizon, n_modules=len(traj.modules),
+        out=out, steps=traj.steps, horizon=horizon, n_modules=len(features.modules),
         energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
         group_losses={g.length: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups} if "next-paper" in models else {},
         backtest=results, backtest_skipped=skipped, seconds=seconds,
@@ -150,6 +165,9 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
                      "hidden": settings.hidden, "methods": list(methods)},
         "versions": versions(), "summary": result.to_json(),
     }
+    if full:
+        manifest.update(full.manifest())  # kind "full", base, streaming (svd, budget, peak)
+        result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
     manifest["summary"].pop("out")
     with atomic_dir(out, overwrite=overwrite, markers=(MANIFEST,)) as tmp:
         features.save(tmp / TRAJECTORY)
@@ -180,14 +198,29 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
     models = load_models(path, FITTED, TrainSettings())
     if "source" not in manifest or "steps" not in manifest or "inputs" not in manifest:
         raise NextrapError(f"{path / MANIFEST}: not a nextrap fit manifest (no source, steps or inputs)")
-    traj = load_trajectory(manifest["source"])
+    if manifest.get("kind") == "full":
+        from .fullfit import reopen
+
+        traj = reopen(manifest)
+    else:
+        traj = load_trajectory(manifest["source"])
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
     if verify_inputs:
         for entry in manifest["inputs"]:
             for f in entry["files"]:
                 file = Path(entry["path"]) / f["name"]
-                if not file.is_file() or file.stat().st_size != f["bytes"] or sha256(file) != f["sha256"]:
+                if not _unchanged(file, f):
                     raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
     return FitFolder(path, manifest, features, models, traj)
+
+
+def _unchanged(file: Path, record: dict[str, Any]) -> bool:
+    """Whether ``file`` still matches its manifest record: size plus sha256 (LoRA fits) or plus modification
+    time (full-parameter fits, whose checkpoints are too large to hash twice)."""
+    if not file.is_file() or file.stat().st_size != record["bytes"]:
+        return False
+    if "sha256" in record:
+        return sha256(file) == record["sha256"]
+    return file.stat().st_mtime_ns == record.get("mtime_ns")
 

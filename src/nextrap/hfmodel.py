@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -49,7 +49,8 @@ def weight_map(base: Path) -> dict[str, Path]:
     raise NextrapError(f"{base}: no {SINGLE} or {INDEX} (a Hugging Face model folder with safetensors weights is needed)")
 
 
-def _header(files: set[Path]) -> dict[str, tuple[list[int], str]]:
+def read_header(files: set[Path]) -> dict[str, tuple[list[int], str]]:
+    """Every tensor's (shape, safetensors dtype) in ``files``, from the headers alone."""
     info = {}
     for path in sorted(files):
         if not path.is_file():
@@ -88,7 +89,7 @@ def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump,
     """Write base + (W_row - W_0) + alpha * jump as a Hugging Face model folder; returns a small summary."""
     base = Path(base)
     wmap = weight_map(base)
-    info = _header(set(wmap.values()))
+    info = read_header(set(wmap.values()))
     by_key = {m.base_key: m for m in traj.modules}
     missing = [k for k in by_key if k not in info]
     if missing:
@@ -103,11 +104,32 @@ def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump,
         if key not in info:
             raise NextrapError(f"{traj.checkpoints[row].weights}: tensor {key} (modules_to_save) has no counterpart in {base}")
 
-    keys = list(info)
+    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
+    for group in shape_groups(traj.modules).values():
+        b, a = traj.factors(row, group)
+        factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
+
+    def merged(key: str, w: torch.Tensor) -> torch.Tensor:
+        if key in by_key:
+            name = by_key[key].name
+            return (w.to(torch.float64) + _dense_delta(traj, name, *factors[name], j, alpha)).to(w.dtype)
+        return extra[key].to(w.dtype) if key in extra else w
+
+    shards, total = write_sharded(out, info, lambda keys: ((k, merged(k, w)) for k, w in _iter_tensors(keys, wmap)), max_shard_bytes)
+    copy_model_files(base, out)
+    return {"shards": shards, "total_bytes": total, "modules_merged": len(by_key)}
+
+
+def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
+                  tensors: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]], max_shard_bytes: int) -> tuple[int, int]:
+    """Write the tensors named in ``info`` (name -> (shape, safetensors dtype), in order) the Hugging Face way:
+    ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus the index above ``max_shard_bytes``.
+
+    ``tensors(keys)`` yields (name, tensor) for one shard's keys, so only one shard is ever in memory. NaN or
+    Inf in a float tensor is refused. Returns (number of shards, total bytes)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for key in keys:
-        shape, dtype = info[key]
+    for key, (shape, dtype) in info.items():
         nbytes = _DTYPE_BYTES.get(dtype, 4) * int(torch.Size(shape).numel())
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
@@ -115,31 +137,25 @@ def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump,
         shards[-1].append(key)
         size += nbytes
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-
     out.mkdir(parents=True, exist_ok=True)
-    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
-    for group in shape_groups(traj.modules).values():
-        b, a = traj.factors(row, group)
-        factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
     weight_index, total = {}, 0
     for fname, shard in zip(names, shards):
-        tensors = {}
-        for key, w in _iter_tensors(shard, wmap):
-            if key in by_key:
-                name = by_key[key].name
-                delta = _dense_delta(traj, name, *factors[name], j, alpha)
-                w = (w.to(torch.float64) + delta).to(w.dtype)
-            elif key in extra:
-                w = extra[key].to(w.dtype)
+        written = {}
+        for key, w in tensors(shard):
             if w.is_floating_point() and not torch.isfinite(w).all():
                 raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
-            tensors[key] = w.contiguous()
+            written[key] = w.contiguous()
             weight_index[key] = fname
             total += w.numel() * w.element_size()
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        save_file(written, str(out / fname), metadata={"format": "pt"})
+        del written
     if len(shards) > 1:
         write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
-    for f in base.iterdir():  # config, generation config, tokenizer, chat template...
+    return len(shards), total
+
+
+def copy_model_files(src: Path, out: Path) -> None:
+    """Copy every non-weight file of a model folder: config, generation config, tokenizer, chat template..."""
+    for f in Path(src).iterdir():
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX and not f.name.startswith("."):
             shutil.copy2(f, out / f.name)
-    return {"shards": len(shards), "total_bytes": total, "modules_merged": len(by_key)}

@@ -39,8 +39,10 @@ def jump(ctx: JumpContext) -> Jump:
     if model is None:
         raise ValueError("the next-paper method needs a fitted predictor")
     pred = predict(model, ctx.features, ctx.row)
-    factors = {m: rank1_factors(float(p["sigma"]), p["u"], p["v"]) for m, p in pred.items()}
-    return Jump("next-paper", factors, {m: float(p["sigma"]) for m, p in pred.items()})
+    # a 1-D parameter's prediction is its raw delta vector: P = vec [m, 1], Q = [[1]]
+    factors = {m: (p["vec"].double()[:, None], torch.ones(1, 1, dtype=torch.float64)) if "vec" in p
+               else rank1_factors(float(p["sigma"]), p["u"], p["v"]) for m, p in pred.items()}
+    return Jump("next-paper", factors, {m: float(p["vec"].norm() if "vec" in p else p["sigma"]) for m, p in pred.items()})
 
 
 def save(model: Predictor, folder: Path) -> dict[str, Any]:

@@ -7,34 +7,49 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import shape_groups
+from ..checkpoints import LoraTrajectory, shape_groups
 from . import Jump, JumpContext
 
 
-def jump(ctx: JumpContext) -> Jump:
-    feats, traj, row, h = ctx.features, ctx.trajectory, ctx.row, ctx.features.horizon
-    steps = torch.tensor(feats.steps[: row + 1], dtype=torch.float64)
-    # the step h checkpoints ahead, assuming the run keeps its saving interval
-    interval = float(steps[-1] - steps[-2]) if row >= 1 else 1.0
-    target_step = float(steps[-1]) + h * interval
-    factors, coeffs = {}, {}
+def _coefficients(ctx: JumpContext, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """a_i = u^T G_i v for every checkpoint i <= row: exact from LoRA factors, or streamed from full checkpoints."""
+    traj, row = ctx.trajectory, ctx.row
+    if not isinstance(traj, LoraTrajectory):
+        from ..fullmoves import projections
+
+        return projections(traj, directions, list(range(row + 1)), traj.budget, traj.device)
+    out = {}
     for names in shape_groups(traj.modules).values():
         scale = traj.scales(names)[:, None]
         per_ckpt = [traj.factors(i, names) for i in range(row + 1)]
         for j, name in enumerate(names):
-            u = feats.get(name, "global", "u")[row].double()
-            v = feats.get(name, "global", "v")[row].double()
-            a = torch.stack([scale[j, 0] * (u @ b[j]) @ (a_[j] @ v) for b, a_ in per_ckpt])  # u^T s B A v
-            start = int((a != 0).nonzero()[0]) if (a != 0).any() else row
-            x, y = steps[start:], a[start:]
-            if len(x) >= 2:
-                xm, ym = x.mean(), y.mean()
-                slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
-                predicted = ym + slope * (target_step - xm)
-            else:
-                predicted = a[-1]
-            delta = float(predicted - a[-1])
-            root = abs(delta) ** 0.5
-            factors[name] = ((root if delta >= 0 else -root) * u[:, None], root * v[:, None])
-            coeffs[name] = delta
+            u, v = directions[name]
+            out[name] = torch.stack([scale[j, 0] * (u @ b[j]) @ (a_[j] @ v) for b, a_ in per_ckpt])  # u^T s B A v
+    return out
+
+
+def jump(ctx: JumpContext) -> Jump:
+    feats, row, h = ctx.features, ctx.row, ctx.features.horizon
+    steps = torch.tensor(feats.steps[: row + 1], dtype=torch.float64)
+    # the step h checkpoints ahead, assuming the run keeps its saving interval
+    interval = float(steps[-1] - steps[-2]) if row >= 1 else 1.0
+    target_step = float(steps[-1]) + h * interval
+    # 1-D parameters of a full-parameter fit have no direction to fix: they keep their last value
+    directions = {m: (feats.get(m, "global", "u")[row].double(), feats.get(m, "global", "v")[row].double())
+                  for m in feats.modules if not feats.is_vector(m)}
+    factors, coeffs = {}, {}
+    for name, a in _coefficients(ctx, directions).items():
+        u, v = directions[name]
+        start = int((a != 0).nonzero()[0]) if (a != 0).any() else row
+        x, y = steps[start:], a[start:]
+        if len(x) >= 2:
+            xm, ym = x.mean(), y.mean()
+            slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
+            predicted = ym + slope * (target_step - xm)
+        else:
+            predicted = a[-1]
+        delta = float(predicted - a[-1])
+        root = abs(delta) ** 0.5
+        factors[name] = ((root if delta >= 0 else -root) * u[:, None], root * v[:, None])
+        coeffs[name] = delta
     return Jump("relex", factors, coeffs)

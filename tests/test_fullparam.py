@@ -1,0 +1,365 @@
+"""Full-parameter trajectories: layouts, streamed rank-1 features against a dense SVD, the memory budget, the
+prefetching reader, and fit -> extend to a loadable Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import BASE, FAST_EPOCHS
+from nextrap.errors import NextrapError
+from nextrap.fullparam import load_full_trajectory
+from nextrap.hfmodel import INDEX
+from nextrap.lowrank import top1_dense
+from nextrap.predictor import TrainSettings, make_groups, predict, train
+from nextrap.randsvd import top1_randomized
+from nextrap.streaming import Meter, Reader, compute_full_features
+
+H = 2
+STEPS = list(range(0, 100, 10))  # 10 checkpoints; step 0 is the base itself (a zero delta)
+BUDGET = 1_000_000  # bytes: below the trajectory's ~2.3 MB on disk, above one parameter's needs
+
+
+def _path(sd: dict, t: float, g: torch.Generator, dirs: dict) -> dict:
+    """The base moved to time t in [0, 1]: a rank-1 part whose left vector turns by 60 degrees and whose size
+    grows sublinearly, plus noise; 1-D parameters drift along a fixed direction."""
+    out = {}
+    for k, w in sd.items():
+        if w.dim() == 2:
+            u1, u2, v = dirs[k]
+            theta = math.pi / 3 * t
+            u = math.cos(theta) * u1 + math.sin(theta) * u2
+            out[k] = w + 0.02 * t**0.7 * (u @ v.T) + 2e-4 * t * torch.randn(w.shape, generator=g)
+        else:
+            out[k] = w + 0.01 * t * dirs[k]
+    return out
+
+
+def save_model(folder: Path, sd: dict, dtype: torch.dtype, shards: int = 1) -> Path:
+    """A Hugging Face model folder: the tiny Llama's config and tokenizer plus ``sd`` in ``dtype``."""
+    folder.mkdir(parents=True)
+    for f in BASE.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy2(f, folder / f.name)
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    if shards == 1:
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    keys, wmap = list(sd), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k] for k in keys[i::shards]}, str(folder / name), metadata={"format": "pt"})
+        wmap.update({k: name for k in keys[i::shards]})
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    return folder
+
+
+def make_run(root: Path, steps: list[int] = STEPS, layout: str = "step_{}") -> Path:
+    """One folder per step: bf16 and fp32 alternate, every third one sharded with an index."""
+    sd = load_file(str(BASE / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    dirs = {k: tuple(torch.randn(w.shape[i], 1, generator=g) / math.sqrt(w.shape[i]) for i in (0, 0, 1))
+            if w.dim() == 2 else torch.randn(w.shape, generator=g) for k, w in sd.items()}
+    for i, step in enumerate(steps):
+        moved = _path(sd, step / steps[-1], g, dirs) if step else sd
+        save_model(root / layout.format(step), moved, torch.bfloat16 if i % 2 else torch.float32, shards=2 if i % 3 == 2 else 1)
+    return root
+
+
+def dense(run: Path, name: str, row: int) -> torch.Tensor:
+    folder = run / f"step_{STEPS[row]}" if row >= 0 else BASE
+    files = sorted(folder.glob("*.safetensors"))
+    return next(load_file(str(f))[name] for f in files if name in load_file(str(f))).double()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("full") / "ckpts")
+
+
+@pytest.fixture(scope="module")
+def exact(run: Path):
+    return compute_full_features(load_full_trajectory(run, BASE), H, svd="exact", budget=BUDGET)
+
+
+def test_layouts_are_read_sharded_and_in_any_float_dtype(run):
+    traj = load_full_trajectory(run, BASE)
+    assert traj.steps == STEPS
+    assert (run / "step_20" / INDEX).is_file() and (run / "step_10" / "model.safetensors").is_file()
+    assert {p.name for p in traj.params} == set(load_file(str(BASE / "model.safetensors")))
+    assert traj.tensor(1, "model.norm.weight").dtype == torch.bfloat16
+
+
+def test_features_match_a_dense_svd_under_a_budget_smaller_than_the_trajectory(run, exact):
+    feats, stats = exact
+    on_disk = sum(f.stat().st_size for f in run.rglob("*.safetensors"))
+    assert stats.peak <= BUDGET < on_disk
+    assert stats.batches > 6  # the budget split same-shape parameters into several batches
+    assert "model.layers.0.self_attn.q_proj.weight:global:sigma" in feats.tensors
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        w = [dense(run, name, r) for r in range(-1, len(STEPS))]  # w[r + 1] is row r; w[0] the base
+        for r in range(len(STEPS)):
+            deltas = {"global": w[r + 1] - w[0], "local": w[r + 1] - w[r], "target": w[r + 1 + H] - w[r + 1] if r + H < len(STEPS) else None}
+            for kind, d in deltas.items():
+                sigma = feats.get(name, kind, "sigma")[r]
+                if d is None:
+                    assert math.isnan(float(sigma))
+                    continue
+                ref = top1_dense(d[None])
+                if float(ref.sigma) == 0:  # step 0 is the base: zero delta, zero features, no NaN
+                    assert float(sigma) == 0 and not feats.get(name, kind, "u")[r].any()
+                    continue
+                assert abs(float(sigma) / float(ref.sigma) - 1) < 1e-5, (name, kind, r)
+                assert abs(float(feats.get(name, kind, "u")[r].double() @ ref.u[0])) > 1 - 1e-5
+                assert abs(float(feats.get(name, kind, "v")[r].double() @ ref.v[0])) > 1 - 1e-5
+                if kind == "global":
+                    assert float(feats.get(name, kind, "energy")[r]) == pytest.approx(float(ref.energy), rel=1e-4)
+
+
+def test_one_dimensional_parameters_are_raw_delta_vectors(run, exact):
+    feats, _ = exact
+    name = "model.layers.1.input_layernorm.weight"
+    assert feats.is_vector(name) and not feats.is_vector("model.layers.1.mlp.up_proj.weight")
+    assert f"{name}:global:sigma" not in feats.tensors
+    w = [dense(run, name, r) for r in range(-1, len(STEPS))]
+    assert torch.allclose(feats.get(name, "global", "vec")[5].double(), w[6] - w[0], atol=1e-6)
+    assert torch.allclose(feats.get(name, "local", "vec")[5].double(), w[6] - w[5], atol=1e-6)
+    assert torch.allclose(feats.get(name, "target", "vec")[5].double(), w[6 + H] - w[6], atol=1e-6)
+    assert torch.isnan(feats.get(name, "target", "vec")[-1]).all()
+
+
+def test_vectors_join_the_predictor_of_their_length_and_come_back_unnormalized(exact):
+    feats, _ = exact
+    groups = {g.length: g.members for g in make_groups(feats)}
+    assert ("model.norm.weight", "vec") in groups[64] and ("model.layers.0.self_attn.q_proj.weight", "u") in groups[64]
+    assert all(p == "sigma" for _, p in groups[1])
+    pred = predict(train(feats, TrainSettings(epochs=3)), feats, len(STEPS) - 1)
+    assert set(pred["model.norm.weight"]) == {"vec"} and pred["model.norm.weight"]["vec"].shape == (64,)
+    assert float(pred["model.layers.0.self_attn.q_proj.weight"]["u"].norm()) == pytest.approx(1.0)
+
+
+def test_fast_svd_error_bound_is_honest(run, exact):
+    g = torch.Generator().manual_seed(1)
+    for noise in (0.0, 0.05, 0.3, 1.0):  # from exactly rank 1 to a flat spectrum
+        x = torch.randn(4, 96, 1, generator=g, dtype=torch.float64) @ torch.randn(4, 1, 80, generator=g, dtype=torch.float64)
+        x = x / 10 + noise * torch.randn(4, 96, 80, generator=g, dtype=torch.float64) / 10
+        r1, bound = top1_randomized(x)
+        ref = top1_dense(x)
+        assert ((ref.sigma - r1.sigma) / ref.sigma <= bound + 1e-12).all() and (r1.sigma <= ref.sigma * (1 + 1e-12)).all()
+    feats, _ = exact
+    fast, stats = compute_full_features(load_full_trajectory(run, BASE), H, svd="fast", budget=BUDGET)
+    assert stats.peak <= BUDGET and 0 < stats.sigma_error_max < 1
+    for name in feats.modules:
+        if feats.is_vector(name):
+            continue
+        for kind in ("global", "local", "target"):
+            a, b = fast.get(name, kind, "sigma"), feats.get(name, kind, "sigma")
+            ok = b > 0
+            assert ((b[ok] - a[ok]).abs() / b[ok] <= stats.sigma_error_max + 1e-5).all(), (name, kind)
+
+
+def test_a_parameter_larger_than_the_budget_is_named(run):
+    traj = load_full_trajectory(run, BASE)
+    with pytest.raises(NextrapError, match=r"parameter model\.\S+ \[\d+, \d+\] needs .* --max-memory budget 0\.5 MB"):
+        compute_full_features(traj, H, budget=500_000)
+
+
+def test_reader_reads_the_next_stack_while_the_current_one_is_computed(run, monkeypatch):
+    traj = load_full_trajectory(run, BASE)
+    names = ["model.norm.weight"]
+    started: list[int] = []
+    second = threading.Event()
+    real = type(traj).read_into
+
+    def spy(self, row, names_, out):
+        started.append(row)
+        if len(started) == 2:
+            second.set()
+        return real(self, row, names_, out)
+
+    monkeypatch.setattr(type(traj), "read_into", spy)
+    meter = Meter(None)
+    reader = Reader(traj, [(r, names) for r in (-1, 0, 1, 2)], (64, 1), torch.float32, torch.device("cpu"), meter)
+    it = iter(reader)
+    row, t = next(it)
+    assert second.wait(5), "the reader did not prefetch while the consumer held the first stack"
+    assert row == -1 and torch.equal(t[0, :, 0], dense(run, names[0], -1).float())
+    assert [r for r, _ in it] == [0, 1, 2]
+    reader.close()
+
+    def boom(self, row, names_, out):
+        raise NextrapError("disk on fire")
+
+    monkeypatch.setattr(type(traj), "read_into", boom)
+    reader = Reader(traj, [(0, names)], (64, 1), torch.float32, torch.device("cpu"), meter)
+    with pytest.raises(NextrapError, match="disk on fire"):
+        list(reader)
+    reader.close()
+
+
+def test_layout_errors_name_the_file(tmp_path):
+    sd = load_file(str(BASE / "model.safetensors"))
+    ckpts = tmp_path / "ckpts"
+    save_model(ckpts / "step_10", sd, torch.float32)
+    missing = {k: v for k, v in sd.items() if k != "model.norm.weight"}
+    save_model(ckpts / "step_20", missing, torch.float32)
+    with pytest.raises(NextrapError, match=r"step_20: has no parameter model\.norm\.weight"):
+        load_full_trajectory(ckpts, BASE)
+    shutil.rmtree(ckpts / "step_20")
+    save_model(ckpts / "step_20", {**sd, "model.norm.weight": torch.zeros(3)}, torch.float32)
+    with pytest.raises(NextrapError, match=r"step_20/model\.safetensors: model\.norm\.weight has shape \[3\]"):
+        load_full_trajectory(ckpts, BASE)
+
+
+def test_verl_layout_stops_at_latest_checkpointed_iteration(tmp_path):
+    root = make_run(tmp_path / "verl", steps=[10, 20, 30, 40], layout="global_step_{}/actor/huggingface")
+    (root / "latest_checkpointed_iteration.txt").write_text("30\n")
+    (root / "global_step_40" / "actor" / "huggingface" / "model.safetensors").write_bytes(b"partial")  # still being written
+    traj = load_full_trajectory(root, BASE)
+    assert traj.steps == [10, 20, 30]
+    assert traj.checkpoints[0].path == root / "global_step_10" / "actor" / "huggingface"
+
+
+# --- fit -> extend on a full-parameter trajectory -------------------------------------------------------------
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_fit(run, tmp_path_factory):
+    import nextrap
+
+    out = tmp_path_factory.mktemp("full-fit") / "fit"
+    result = nextrap.fit(run, out=out, base=BASE, horizon=H, epochs=FAST_EPOCHS, max_memory="1MB")
+    return out, result
+
+
+def test_full_fit_streams_under_the_budget_and_backtests_by_streaming(run, full_fit):
+    from nextrap.trajectory import Features
+
+    out, result = full_fit
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "full" and manifest["base"] == str(BASE.absolute())
+    assert manifest["streaming"]["peak_bytes"] <= 1_000_000 and manifest["streaming"]["svd"] == "exact"
+    assert Features.load(out / "trajectory.safetensors").is_vector("model.norm.weight")
+    by_method = {b.method: b for b in result.backtest}
+    assert set(by_method) == {"next", "next-paper", "linear", "expo", "relex", "oracle-rank1"}
+    c = len(STEPS) - 1
+    s = c - H  # the backtest jumps from c - h and compares with c; linear's move is W_s - W_{s-h}
+    t = cc = j = 0.0
+    for name in _state(run / f"step_{STEPS[c]}"):
+        true = dense(run, name, c) - dense(run, name, s)
+        move = dense(run, name, s) - dense(run, name, s - H)
+        t, cc, j = t + float((true * true).sum()), cc + float((true * move).sum()), j + float((move * move).sum())
+    terms = by_method["linear"].terms
+    assert (terms.t, terms.c, terms.j) == pytest.approx((t, cc, j), rel=1e-9)
+
+
+def test_extend_writes_a_loadable_model_equal_to_w_c_plus_alpha_move(run, full_fit, tmp_path):
+    import nextrap
+    from transformers import AutoModelForCausalLM
+
+    fit_dir, _ = full_fit
+    res = nextrap.extend(fit_dir, [1.5], tmp_path / "linear", method="linear", max_shard_size="100KB")
+    out = res.out
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / INDEX).is_file()
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    written = _state(out)
+    c = len(STEPS) - 1
+    for name, w in written.items():
+        w_c = dense(run, name, c)
+        stored = load_file(str(run / f"step_{STEPS[c]}" / "model.safetensors"))[name]
+        expected = (w_c + 1.5 * (w_c - dense(run, name, c - H))).to(stored.dtype)
+        assert w.dtype == stored.dtype and torch.equal(w, expected), name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.state_dict()["model.norm.weight"], written["model.norm.weight"].float())
+
+    from nextrap.fit import load_fit
+    from nextrap.methods import JumpContext, jump
+
+    loaded = load_fit(fit_dir)
+    nextrap.extend(fit_dir, [0.5], tmp_path / "paper", method="next-paper")
+    j = jump("next-paper", JumpContext(loaded.features, None, c, loaded.models))
+    written = _state(tmp_path / "paper")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight"):
+        p, q = j.factors[name]
+        w_c = dense(run, name, c)
+        expected = (w_c + 0.5 * (p @ q.mT).reshape(w_c.shape)).to(written[name].dtype)
+        assert torch.equal(written[name], expected), name
+    AutoModelForCausalLM.from_pretrained(tmp_path / "paper")
+
+
+def test_relex_streams_its_projections_and_next_keeps_the_straight_line(run, full_fit, tmp_path):
+    import nextrap
+    from nextrap.fit import load_fit
+    from nextrap.methods import JumpContext, jump
+
+    fit_dir, _ = full_fit
+    loaded = load_fit(fit_dir)
+    c = len(STEPS) - 1
+    j = jump("relex", JumpContext(loaded.features, loaded.trajectory, c, loaded.models))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    u, v = (loaded.features.get(name, "global", p)[c].double() for p in ("u", "v"))
+    a = torch.stack([u @ (dense(run, name, r) - dense(run, name, -1)) @ v for r in range(c + 1)])
+    x = torch.tensor(STEPS, dtype=torch.float64)[1:]  # row 0 is the base itself: a_0 = 0, left out of the line
+    slope = ((x - x.mean()) * (a[1:] - a[1:].mean())).sum() / ((x - x.mean()) ** 2).sum()
+    line_ahead = a[1:].mean() + slope * (STEPS[c] + H * 10 - x.mean())
+    assert j.sigma[name] == pytest.approx(float(line_ahead - a[c]), rel=1e-6)
+    assert "model.norm.weight" not in j.factors  # 1-D parameters have no direction: they keep their value
+    for method in ("relex", "next"):
+        res = nextrap.extend(fit_dir, [1.0], tmp_path / method, method=method)
+        written = _state(res.out)
+        assert torch.equal(written["model.norm.weight"], _state(run / f"step_{STEPS[c]}")["model.norm.weight"]) == (method == "relex")
+
+
+def test_extend_refuses_non_finite_weights_and_leaves_nothing(full_fit, tmp_path):
+    import nextrap
+
+    with pytest.raises(NextrapError, match="NaN or Inf"):
+        nextrap.extend(full_fit[0], [1e100], tmp_path / "inf", method="linear")
+    assert not (tmp_path / "inf").exists() and not list(tmp_path.glob(".inf*"))
+
+
+def test_cli_full_fit_with_fast_svd_and_a_too_small_budget(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from nextrap.cli import app
+
+    runner = CliRunner()
+    args = ["fit", str(run), "--base", str(BASE), "--horizon", str(H), "--epochs", "3", "--no-backtest"]
+    r = runner.invoke(app, [*args, "--svd", "fast", "--max-memory", "1MB", "--out", str(tmp_path / "fast")])
+    assert r.exit_code == 0, r.output
+    assert "--svd fast" in r.output and "sigma error <=" in r.output  # the fast SVD's error bound is reported
+    streaming = json.loads((tmp_path / "fast" / "manifest.json").read_text())["streaming"]
+    assert streaming["svd"] == "fast" and 0 < streaming["sigma_rel_error_max"] < 1 and streaming["peak_bytes"] <= 10**6
+    r = runner.invoke(app, [*args, "--json", "--max-memory", "300KB", "--out", str(tmp_path / "small")])
+    assert r.exit_code == 1 and "--max-memory budget 0.3 MB" in r.output
+    assert not (tmp_path / "small").exists()
+
+
+def test_extend_refuses_a_checkpoint_changed_since_the_fit(run, full_fit, tmp_path):
+    import os
+
+    import nextrap
+
+    weights = run / f"step_{STEPS[-1]}" / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(NextrapError, match=f"{weights}: changed since it was fitted"):
+            nextrap.extend(full_fit[0], [1.0], tmp_path / "out", method="linear")
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not (tmp_path / "out").exists()
