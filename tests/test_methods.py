@@ -151,7 +151,7 @@ def test_next_learns_a_turning_direction():
     feats = _turning_features()
     model = next_method.fit(feats)
     assert model.rho > 0.5
-    assert model.validation["error_rank1_next"] < 0.5 * model.validation["error_rank1_straight"]
+    assert model.validation["error_next"] < 0.5 * model.validation["error_straight"]
     row = feats.n_rows - 1 - feats.horizon  # the last row with a known target
     aligned = feats.aligned()
     for m in feats.modules:
@@ -189,3 +189,28 @@ def test_a_malformed_next_model_is_a_one_line_error(tmp_path):
     (tmp_path / "next.json").write_text('{"weights_u": [1.0], "weights_v": [1, 0, 0]}')
     with pytest.raises(NextrapError, match="next.json: cannot read the next model"):
         next_method.load(tmp_path)
+
+
+def test_next_measures_its_held_out_pair_exactly_on_lora(setup):
+    """The share rho is chosen on the true moves (from the LoRA factors), not only on their rank-1 parts."""
+    traj, feats = setup
+    row, h = 10, H
+    gen = torch.Generator().manual_seed(3)
+    preds = {}
+    for m in traj.modules[:6]:
+        u = torch.randn(m.out_features, generator=gen, dtype=torch.float64)
+        v = torch.randn(m.in_features, generator=gen, dtype=torch.float64)
+        d1 = next_method._rank1(feats, m.name, "target", row - h)
+        preds[m.name] = ((torch.tensor(0.3, dtype=torch.float64), u / u.norm(), v / v.norm()), d1)
+    num, straight = next_method._exact_terms(traj, feats, row, preds)
+    want_num = want_straight = 0.0
+    for name, (p, d1) in preds.items():
+        d = _delta(traj, row, name) - _delta(traj, row - h, name)
+        t = _delta(traj, row + h, name) - _delta(traj, row, name)
+        pm, dm = p[0] * torch.outer(p[1], p[2]), d1[0] * torch.outer(d1[1], d1[2])
+        want_num += float(((pm - dm) * (t - d)).sum())
+        want_straight += float(((d - t) ** 2).sum())
+    assert num == pytest.approx(want_num, rel=1e-9, abs=1e-12)
+    assert straight == pytest.approx(want_straight, rel=1e-9)
+    model = next_method.fit(feats, trajectory=traj)
+    assert model.validation["exact"] is True and model.validation["error_next"] <= model.validation["error_straight"] + 1e-12

@@ -140,7 +140,7 @@ def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tu
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
     for start in starts:
         past = features.truncate(start + 1)
-        models = fit_models(past, methods, settings)
+        models = fit_models(past, methods, settings, trajectory=traj)
         jumps = {method: jump(method, JumpContext(past, traj, start, models)) for method in methods}
         if measure is None:
             for method, j in jumps.items():

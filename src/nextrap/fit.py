@@ -129,7 +129,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
 
     t0 = time.perf_counter()
     try:
-        models = fit_models(features, methods, settings, on_epoch=lambda m, done, total: report(f"fit {m}", done, total))
+        models = fit_models(features, methods, settings, on_epoch=lambda m, done, total: report(f"fit {m}", done, total),
+                            trajectory=traj)
     except (ValueError, FloatingPointError) as e:
         raise NextrapError(f"{ckpts}: {e}") from None
     seconds["predictor"] = time.perf_counter() - t0

@@ -2,8 +2,9 @@
 ``Jump`` (the predicted move per module) and the jumped weights are W_row + alpha * move.
 
 A method is one module here with ``jump(ctx) -> Jump``; a method that learns from the trajectory also has
-``fit(features, settings, on_epoch) -> model``, ``save(model, folder)`` and ``load(folder, settings) -> model``.
-Adding a method means adding one module and one line to ``_modules``.
+``fit(features, settings, on_epoch, trajectory) -> model``, ``save(model, folder)``, ``saved_in(folder)`` and
+``load(folder, settings) -> model``. Adding a method means adding its module to ``_modules`` and its name to
+``METHODS`` (and ``FITTED`` when it learns).
 
 A move is low-rank factors per module (P [m, k], Q [n, k], move = P @ Q.T) plus, optionally, a checkpoint
 difference W_row - W_ref. On a LoRA trajectory the difference is exact in factors and folded into them; on a
@@ -94,13 +95,14 @@ def _module(method: str) -> ModuleType:
 
 
 def fit_models(features: Features, methods: tuple[str, ...] | list[str], settings: Any,
-               on_epoch: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Fit the model of every method in ``methods`` that learns one. ``on_epoch(method, done, total)``."""
+               on_epoch: Callable[[str, int, int], None] | None = None, trajectory: Any = None) -> dict[str, Any]:
+    """Fit the model of every method in ``methods`` that learns one, on the rows of ``features`` only (a
+    ``trajectory`` lets a method measure those rows exactly). ``on_epoch(method, done, total)``."""
     models = {}
     for method in methods:
         if method in FITTED:
             report = (lambda e, total, m=method: on_epoch(m, e, total)) if on_epoch else None
-            models[method] = _module(method).fit(features, settings, report)
+            models[method] = _module(method).fit(features, settings, report, trajectory)
     return models
 
 

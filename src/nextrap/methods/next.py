@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 import torch
 
+from ..checkpoints import LoraTrajectory, shape_groups
 from ..errors import NextrapError
 from ..files import write_json
-from ..trajectory import Features
+from ..lowrank import inner_factored
+from ..trajectory import Features, pair_factors
 from . import Jump, JumpContext, combine, difference_jump
 
 CONFIG = "next.json"
@@ -132,12 +134,14 @@ def _inner(a: Triple, b: Triple) -> float:
     return float(a[0]) * float(b[0]) * float(a[1] @ b[1]) * float(a[2] @ b[2])
 
 
-def _choose_rho(features: Features, rows: list[int]) -> tuple[float, dict[str, float]]:
-    """Fit without the last pair, predict it: the best share rho of (prediction - D's rank-1) to add to D's.
+def _choose_rho(features: Features, rows: list[int], trajectory: Any = None) -> tuple[float, dict[str, Any]]:
+    """Fit without the last pair, predict it: the best share rho of (prediction P - D's rank-1 D1) to add to D.
 
-    The pairs whose target overlaps the held-out one (i > i* - h) are left out of that fit too, or the
-    held-out move would leak into it. rho is chosen on the rank-1 parts (a proxy: the features hold no more),
-    ||D1 + rho (P - D1) - T1||, and is 0 when fewer than two pairs allow the check."""
+    The error of D + rho (P - D1) against the true move T is quadratic in rho: ||D - T||^2 - 2 rho num +
+    rho^2 den with num = <P - D1, T - D> and den = ||P - D1||^2. On a LoRA trajectory both are exact (from the
+    factors); otherwise only the rank-1 parts are known and T, D stand in as T1, D1 (a proxy that misses how
+    the rest of D relates to P). The pairs whose target overlaps the held-out one (i > i* - h) are left out of
+    that fit, or the held-out move would leak into it; rho is 0 when no pair is left for it."""
     held = rows[-1] if rows else None
     train_rows = [i for i in rows if held is not None and i <= held - features.horizon]
     if not train_rows:
@@ -146,28 +150,60 @@ def _choose_rho(features: Features, rows: list[int]) -> tuple[float, dict[str, f
         wu, wv, lr = _fit_weights(features, train_rows)
     except ValueError:
         return 0.0, {"held_out_pairs": 0}
-    num = den = base = 0.0
+    preds = {}
     for m in matrices(features):
-        sigma, u, v, d = _predict(features, m, held, wu, wv, lr)
-        target = _rank1(features, m, "target", held)
-        pred = (torch.tensor(sigma, dtype=torch.float64), u, v)
-        # ||D1 + rho (P - D1) - T1||^2 is quadratic in rho: num = <P - D1, T1 - D1>, den = ||P - D1||^2
-        num += _inner(pred, target) - _inner(pred, d) - _inner(d, target) + _inner(d, d)
-        den += _inner(pred, pred) - 2 * _inner(pred, d) + _inner(d, d)
-        base += _inner(d, d) - 2 * _inner(d, target) + _inner(target, target)
+        sigma, u, v, d1 = _predict(features, m, held, wu, wv, lr)
+        preds[m] = ((torch.tensor(sigma, dtype=torch.float64), u, v), d1)
+    exact = isinstance(trajectory, LoraTrajectory)
+    if exact:
+        num, straight = _exact_terms(trajectory, features, held, preds)
+    else:
+        num, straight = 0.0, 0.0
+        for m, (pred, d1) in preds.items():
+            t1 = _rank1(features, m, "target", held)
+            num += _inner(pred, t1) - _inner(pred, d1) - _inner(d1, t1) + _inner(d1, d1)
+            straight += _inner(d1, d1) - 2 * _inner(d1, t1) + _inner(t1, t1)
+    den = sum(_inner(p, p) - 2 * _inner(p, d1) + _inner(d1, d1) for p, d1 in preds.values())
     rho = min(max(num / den, 0.0), 1.0) if den > 0 else 0.0
-    after = base - 2 * rho * num + rho**2 * den
+    after = straight - 2 * rho * num + rho**2 * den
     return rho, {"held_out_pairs": 1, "held_out_step": features.steps[held], "training_pairs": len(train_rows),
-                 "error_rank1_straight": math.sqrt(max(base, 0.0)), "error_rank1_next": math.sqrt(max(after, 0.0))}
+                 "exact": exact, "error_straight": math.sqrt(max(straight, 0.0)), "error_next": math.sqrt(max(after, 0.0))}
 
 
-def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None) -> NextModel:
+def _exact_terms(traj: LoraTrajectory, features: Features, row: int, preds: dict[str, tuple[Triple, Triple]]) -> tuple[float, float]:
+    """num = sum <P - D1, T - D> and ||D - T||^2 over modules, with D = W_row - W_{row-h}, T = W_{row+h} - W_row,
+    exactly from the LoRA factors (a rank-1 X = sigma u v^T meets W_a - W_b as sigma u^T (W_a - W_b) v)."""
+    h = features.horizon
+    num = straight = 0.0
+    for names in shape_groups(traj.modules).values():
+        names = [n for n in names if n in preds]
+        if not names:
+            continue
+        scale = traj.scales(names)
+        (bp, ap), (bc, ac), (bt, at) = (traj.factors(r, names) for r in (row - h, row, row + h))
+        for j, m in enumerate(names):
+            def with_move(x: Triple, b_new, a_new, b_old, a_old) -> float:
+                sigma, u, v = x
+                return float(sigma) * float(scale[j]) * float((u @ b_new[j]) @ (a_new[j] @ v) - (u @ b_old[j]) @ (a_old[j] @ v))
+            pred, d1 = preds[m]
+            num += (with_move(pred, bt, at, bc, ac) - with_move(pred, bc, ac, bp, ap)
+                    - with_move(d1, bt, at, bc, ac) + with_move(d1, bc, ac, bp, ap))
+        # ||D - T||^2 = ||2 W_row - W_{row-h} - W_{row+h}||^2, in factors
+        p_d, q_d = pair_factors(bc, ac, bp, ap, scale)
+        p_t, q_t = pair_factors(bt, at, bc, ac, scale)
+        p, q = torch.cat([p_d, -p_t], -1), torch.cat([q_d, q_t], -1)
+        straight += float(inner_factored(p, q, p, q).sum())
+    return num, straight
+
+
+def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None,
+        trajectory: Any = None) -> NextModel:
     sign_align = getattr(settings, "sign_align", True)
     aligned = features.aligned() if sign_align else features
     rows = _rows(aligned)
     if not rows:
         raise ValueError("no training pairs: need more checkpoints than the horizon")
-    rho, validation = _choose_rho(aligned, rows)
+    rho, validation = _choose_rho(aligned, rows, trajectory)
     wu, wv, log_ratio = _fit_weights(aligned, rows)
     if on_epoch:
         on_epoch(1, 1)  # closed form: one step

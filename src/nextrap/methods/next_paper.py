@@ -22,7 +22,8 @@ WEIGHTS = "predictor.safetensors"
 CONFIG = "predictor.json"
 
 
-def fit(features: Features, settings: TrainSettings, on_epoch: Callable[[int, int], None] | None = None) -> Predictor:
+def fit(features: Features, settings: TrainSettings, on_epoch: Callable[[int, int], None] | None = None,
+        trajectory: Any = None) -> Predictor:
     report = (lambda e: on_epoch(e + 1, settings.epochs)) if on_epoch else None
     return train(features, settings, on_epoch=report)
 
