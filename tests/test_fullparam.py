@@ -153,9 +153,14 @@ def test_fast_svd_error_bound_is_honest(run, exact):
         r1, bound = top1_randomized(x)
         ref = top1_dense(x)
         assert ((ref.sigma - r1.sigma) / ref.sigma <= bound + 1e-12).all() and (r1.sigma <= ref.sigma * (1 + 1e-12)).all()
+    # A flat spectrum and no power iterations: the Ritz value is ~10% low, and the bound must still cover it
+    flat = torch.randn(4, 96, 80, generator=g, dtype=torch.float64)
+    r1, bound = top1_randomized(flat, iters=0)
+    error = (top1_dense(flat).sigma - r1.sigma) / top1_dense(flat).sigma
+    assert (error > 0.05).all() and (error <= bound).all()
     feats, _ = exact
     fast, stats = compute_full_features(load_full_trajectory(run, BASE), H, svd="fast", budget=BUDGET)
-    assert stats.peak <= BUDGET and 0 < stats.sigma_error_max < 1
+    assert stats.peak <= BUDGET and 0 < stats.sigma_error_max  # rigorous, hence loose on noise-dominated local deltas
     for name in feats.modules:
         if feats.is_vector(name):
             continue
@@ -343,7 +348,8 @@ def test_cli_full_fit_with_fast_svd_and_a_too_small_budget(run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "--svd fast" in r.output and "sigma error <=" in r.output  # the fast SVD's error bound is reported
     streaming = json.loads((tmp_path / "fast" / "manifest.json").read_text())["streaming"]
-    assert streaming["svd"] == "fast" and 0 < streaming["sigma_rel_error_max"] < 1 and streaming["peak_bytes"] <= 10**6
+    assert streaming["svd"] == "fast" and 0 < streaming["sigma_rel_error_max"] and streaming["peak_bytes"] <= 10**6
+    assert streaming["energy"] == "upper bound"
     r = runner.invoke(app, [*args, "--json", "--max-memory", "300KB", "--out", str(tmp_path / "small")])
     assert r.exit_code == 1 and "--max-memory budget 0.3 MB" in r.output
     assert not (tmp_path / "small").exists()
@@ -363,3 +369,91 @@ def test_extend_refuses_a_checkpoint_changed_since_the_fit(run, full_fit, tmp_pa
     finally:
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert not (tmp_path / "out").exists()
+
+
+# --- the process's real peak memory ------------------------------------------------------------------------------
+
+_REAL_PEAK = """
+import json, shutil, sys, torch
+torch.set_num_threads(1)
+import nextrap
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+ckpts, base, out, budget, svd, warm_ckpts, warm_base = sys.argv[1:8]
+methods = ("linear", "relex")  # the streamed passes; the predictors' training is not streamed
+# One small fit first: imports and torch's one-time initialisation (LAPACK, OpenMP, allocator arenas) are not
+# what the budget governs, and would otherwise dominate a test-sized trajectory.
+nextrap.fit(warm_ckpts, out=out, base=warm_base, horizon=1, epochs=3, max_memory="1MB", svd=svd, methods=methods)
+shutil.rmtree(out)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+rss0 = status("VmRSS")
+res = nextrap.fit(ckpts, out=out, base=base, horizon=1, epochs=3, max_memory=budget, svd=svd, methods=methods)
+print(json.dumps({"growth": status("VmHWM") - rss0, "accounted": res.streaming["peak_bytes"], "backtest": len(res.backtest)}))
+"""
+REAL_BUDGET = 24_000_000
+# First use of each new shape's LAPACK/QR workspaces, Python objects and glibc's page granularity; measured 2-9 MB
+# over the budget at 24 MB (with glibc's adaptive mmap threshold and no trim, the same fit grew past 400 MB at 70 MB).
+REAL_ALLOWANCE = 12_000_000
+
+
+def _square_run(root: Path, n: int = 512, params: int = 6, steps: int = 5) -> int:
+    """fp32 512 x 512 matrices and two norms, base + ``steps`` checkpoints; returns the bytes on disk."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.w.weight": torch.randn(n, n, generator=g) for i in range(params)}
+    base.update({f"model.layers.{i}.norm.weight": torch.ones(n) for i in range(2)})
+    (root / "base").mkdir(parents=True)
+    save_file(base, str(root / "base" / "model.safetensors"))
+    for s in range(steps):
+        (root / "ckpts" / f"step_{10 * s}").mkdir(parents=True)
+        save_file({k: v + 0.01 * s * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                  str(root / "ckpts" / f"step_{10 * s}" / "model.safetensors"))
+    return sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the real peak")
+@pytest.mark.parametrize("svd", ["exact", "fast"])
+def test_the_process_real_peak_stays_within_the_budget(run, tmp_path, svd):
+    import os
+    import subprocess
+    import sys
+
+    on_disk = _square_run(tmp_path)
+    assert on_disk > REAL_BUDGET + REAL_ALLOWANCE
+    args = [str(tmp_path / "ckpts"), str(tmp_path / "base"), str(tmp_path / "fit"), str(REAL_BUDGET), svd, str(run), str(BASE)]
+    done = subprocess.run([sys.executable, "-c", _REAL_PEAK, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["backtest"] > 0 and measured["accounted"] <= REAL_BUDGET
+    assert measured["growth"] <= REAL_BUDGET + REAL_ALLOWANCE, measured
+
+
+def test_a_final_save_beside_the_checkpoints_is_skipped_as_for_lora(tmp_path):
+    root = make_run(tmp_path / "trl", steps=[10, 20, 30], layout="checkpoint-{}")
+    shutil.copy2(root / "checkpoint-20" / "model.safetensors", root / "model.safetensors")  # TRL's save_model
+    assert load_full_trajectory(root, BASE).steps == [10, 20, 30]
+    with pytest.raises(NextrapError, match="is a single model"):
+        load_full_trajectory(root / "checkpoint-10", BASE)
+
+
+def test_min_energy_on_a_full_fit_judges_matrices_and_always_jumps_vectors(run, full_fit, tmp_path):
+    import nextrap
+
+    res = nextrap.extend(full_fit[0], [1.0], tmp_path / "paper", method="next-paper", min_energy=1.0)  # no noisy matrix passes
+    everything = nextrap.extend(full_fit[0], [1.0], tmp_path / "all", method="next-paper")
+    written, last, jumped = _state(res.out), _state(run / f"step_{STEPS[-1]}"), _state(everything.out)
+    assert torch.equal(written["model.layers.0.mlp.up_proj.weight"], last["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(written["model.norm.weight"], jumped["model.norm.weight"])  # a vector's delta is rank 1
+    with pytest.raises(NextrapError, match="--min-energy needs a method whose move is explicit"):
+        nextrap.extend(full_fit[0], [1.0], tmp_path / "linear", method="linear", min_energy=0.5)
+
+
+def test_row_and_column_parameters_are_vectors():
+    from nextrap.fullparam import Param
+
+    assert Param("a", (1, 64)).is_vector and Param("b", (64, 1)).is_vector and not Param("c", (2, 64)).is_vector
+    assert Param("a", (1, 64)).matrix_shape == (64, 1)

@@ -54,11 +54,12 @@ def _progress(enabled: bool):
 def _fit_summary(r: FitResult) -> None:
     table = Table(title=f"nextrap fit -> {r.out}", show_header=False, title_justify="left")
     table.add_row("checkpoints", f"{len(r.steps)} (steps {r.steps[0]} .. {r.steps[-1]})")
-    table.add_row("LoRA modules", str(r.n_modules))
+    table.add_row("modules" if r.streaming else "LoRA modules", str(r.n_modules))  # full fits: parameters
     table.add_row("horizon", f"{r.horizon} checkpoints")
     shown = [s for s in r.steps if r.energy_median[s] > 0]  # a step-0 adapter has no delta, hence no energy
     picks = dict.fromkeys([shown[0], shown[len(shown) // 2], shown[-1]]) if shown else {}
-    table.add_row("rank-1 energy σ1/Σσ (median)", ", ".join(f"{r.energy_median[s]:.3f} at step {s}" for s in picks) or "n/a")
+    upper = " (upper bound, --svd fast)" if r.streaming.get("energy") == "upper bound" else ""
+    table.add_row(f"rank-1 energy σ1/Σσ (median){upper}", ", ".join(f"{r.energy_median[s]:.3f} at step {s}" for s in picks) or "n/a")
     for d, (first, last) in r.group_losses.items():
         table.add_row(f"predictor loss, length {d}", f"{first:.4g} -> {last:.4g}")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))

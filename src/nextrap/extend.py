@@ -20,7 +20,7 @@ from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
-from .methods import FITTED, LORA_ONLY, METHODS, Jump, JumpContext, jump
+from .methods import FITTED, METHODS, Jump, JumpContext, jump
 from .trajectory import Features
 
 FORMATS = ("adapter", "merged")
@@ -105,9 +105,17 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
 
 
+def _energy(features: Features, module: str, row: int) -> float:
+    """Rank-1 energy of ``module``'s global delta at ``row``; a 1-D parameter's delta is one vector (a rank-1
+    matrix), so its energy is 1: --min-energy never holds vectors back."""
+    if module not in features.modules:
+        raise NextrapError(f"--min-energy: the move has module {module}, which the fit's features do not")
+    return 1.0 if features.is_vector(module) else float(features.get(module, "global", "energy")[row])
+
+
 def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) -> Jump:
     """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
-    keep = {n for n in j.factors if float(features.get(n, "global", "energy")[row]) >= min_energy}
+    keep = {n for n in j.factors if _energy(features, n, row) >= min_energy}
     factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
     if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
         raise NextrapError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
@@ -136,8 +144,6 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     fmt = "merged" if full else fmt
     if fmt == "merged" and base is None and not full:
         raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
-    if full and method in LORA_ONLY:
-        raise NextrapError(f"--method {method}: reads LoRA factors; not available for the full-parameter fit {fit_dir}")
     results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}

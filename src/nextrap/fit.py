@@ -107,11 +107,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     if base is not None:  # full-parameter checkpoints: features streamed under --max-memory
         from .fullfit import prepare_full
 
-        full = prepare_full(ckpts, base, horizon, svd, max_memory, settings.device, report)
+        full = prepare_full(ckpts, base, horizon, svd, max_memory, settings.device, report, backtest=run_backtest)
         traj, inputs, features = full.trajectory, full.inputs, full.features
-        methods = tuple(m for m in methods if m in full.methods)
-        if not methods:
-            raise NextrapError(f"--methods: none of them works on full-parameter checkpoints; use {', '.join(full.methods)}")
     else:
         traj = load_trajectory(ckpts)
         inputs = _inputs(traj)

@@ -9,14 +9,14 @@ from typing import Any, Callable
 
 from .backtest import Measure, Terms
 from .fullparam import FullTrajectory, load_full_trajectory
-from .hfmodel import INDEX, copy_model_files, parse_size, read_header, write_sharded
-from .methods import LORA_ONLY, METHODS, Jump
-from .fullmoves import jumped_tensor, move_terms
-from .streaming import StreamStats, compute_full_features
+from .errors import NextrapError
+from .hfmodel import DTYPE_BYTES, INDEX, copy_model_files, parse_size, read_header, write_sharded
+from .methods import Jump
+from .fullmoves import factor_bytes, jumped_bytes, jumped_tensor, move_terms, preflight
+from .streaming import StreamStats, compute_full_features, feature_bytes, heap_hygiene
 from .trajectory import Features
 
 DEFAULT_MAX_MEMORY = "8GB"
-
 
 
 def _files(folder: Path, files: set[Path]) -> list[dict[str, Any]]:
@@ -55,9 +55,24 @@ def write_full_merged(out: Path, traj: FullTrajectory, row: int, j: Jump, alpha:
     tensor without a move, and the config and tokenizer files, come from checkpoint ``row``."""
     ckpt = traj.checkpoints[row]
     info = read_header(set(ckpt.files.values()))
+    _check_extend_budget(traj, info, j, ckpt.files)
+    heap_hygiene()
     shards, total = write_sharded(out, info, lambda keys: ((k, jumped_tensor(traj, j, row, k, alpha)) for k in keys), max_shard_bytes)
     copy_model_files(ckpt.path, out)
     return {"shards": shards, "total_bytes": total, "modules_merged": len(traj.params)}
+
+
+def _check_extend_budget(traj: FullTrajectory, info: dict[str, tuple[list[int], str]], j: Jump, files: dict[str, Path]) -> None:
+    """Writing holds the features, the move's factors and one jumped tensor (shards are written tensor by tensor):
+    refuse up front when that exceeds the fit's --max-memory."""
+    if traj.budget is None:
+        return
+    held = feature_bytes(traj) + factor_bytes({j.method: j})
+    need, name = jumped_bytes(traj, {k: DTYPE_BYTES.get(dtype, 8) for k, (_, dtype) in info.items()}, traj.budget)
+    if held + need > traj.budget:
+        raise NextrapError(f"{files[name]}: jumping {name} needs {need / 1e6:.3g} MB beside "
+                           f"{held / 1e6:.3g} MB of features and moves, more than the fit's --max-memory "
+                           f"{traj.budget / 1e6:.3g} MB; refit with a larger --max-memory")
 
 
 @dataclass
@@ -68,7 +83,6 @@ class FullFit:
     inputs: list[dict[str, Any]]
     features: Features
     measure: Measure
-    methods: tuple[str, ...]  # the methods that work without LoRA factors
     budget: int
     svd: str
     stats: list[StreamStats] = field(default_factory=list)  # the feature pass, then each backtest pass
@@ -79,16 +93,21 @@ class FullFit:
         return {"kind": "full", "base": str(self.trajectory.base.absolute()),
                 "streaming": {"svd": self.svd, "max_memory_bytes": self.budget,
                               "peak_bytes": max(s.peak for s in self.stats), "feature_batches": first.batches,
-                              "sigma_rel_error_max": first.sigma_error_max, "passes": len(self.stats)}}
+                              "sigma_rel_error_max": first.sigma_error_max, "passes": len(self.stats),
+                              # fast: sigma_1 over the sum of the 16 Ritz values, an upper bound of the true energy
+                              "energy": "upper bound" if self.svd == "fast" else "exact"}}
 
 
 def prepare_full(ckpts: Path | str, base: Path | str, horizon: int, svd: str = "exact", max_memory: str | None = None,
-                 device: str = "cpu", progress: Callable[[str, int, int], None] | None = None) -> FullFit:
-    """Read and fingerprint a full-parameter trajectory and stream its rank-1 features under ``max_memory``."""
+                 device: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
+                 backtest: bool = True) -> FullFit:
+    """Read and fingerprint a full-parameter trajectory and stream its rank-1 features under ``max_memory``
+    (every later pass, the ``backtest``'s included, is checked against the budget first)."""
     budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
     traj = load_full_trajectory(ckpts, base)
     traj.budget, traj.device = budget, device
     inputs = full_inputs(traj)
+    preflight(traj, budget, svd, backtest)
     done = 0
 
     def on_params(k: int) -> None:
@@ -101,5 +120,4 @@ def prepare_full(ckpts: Path | str, base: Path | str, horizon: int, svd: str = "
     features, stats = compute_full_features(traj, horizon, svd=svd, budget=budget, device=device, sign_align=False,
                                             progress=on_params)
     collected = [stats]
-    return FullFit(traj, inputs, features, streamed_measure(traj, budget, device, collected),
-                   tuple(m for m in METHODS if m not in LORA_ONLY), budget, svd, collected)
+    return FullFit(traj, inputs, features, streamed_measure(traj, budget, device, collected), budget, svd, collected)

@@ -31,11 +31,13 @@ class Param:
 
     @property
     def is_vector(self) -> bool:
-        return len(self.shape) == 1
+        # [1, d] and [d, 1] too: their delta is one vector, and a length-1 singular vector would join sigma's
+        # predictor group (length 1) in ``predictor.make_groups``
+        return len(self.shape) == 1 or (len(self.shape) == 2 and 1 in self.shape)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return (self.shape[0], 1) if self.is_vector else (self.shape[0], math.prod(self.shape[1:]))
+        return (self.numel, 1) if self.is_vector else (self.shape[0], math.prod(self.shape[1:]))
 
     @property
     def numel(self) -> int:
@@ -104,10 +106,10 @@ def discover_full(root: Path | str) -> list[FullCheckpoint]:
     root = Path(root)
     if not root.is_dir():
         raise NextrapError(f"{root}: not a folder")
-    if is_model(root):
-        raise NextrapError(f"{root}: is a single model; pass the folder that holds one model folder per saved step")
-    folders = find_folders(root, is_model)
+    folders = find_folders(root, is_model)  # never root itself: TRL's final save beside checkpoint-N has no step
     if not folders:
+        if is_model(root):
+            raise NextrapError(f"{root}: is a single model; pass the folder that holds one model folder per saved step")
         shards = next(root.rglob("model_world_size_*_rank_*.pt"), None)
         if shards is not None:
             raise NextrapError(f"{shards.parent}: verl FSDP shards without Hugging Face weights; merge them first "

@@ -3,13 +3,14 @@ writing a merged model the Hugging Face way (``model-0000i-of-0000N.safetensors`
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoints import LoraTrajectory, open_weights, relative_name, shape_groups
 from .errors import NextrapError
@@ -19,7 +20,10 @@ from .methods import Jump
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
@@ -125,12 +129,16 @@ def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
     """Write the tensors named in ``info`` (name -> (shape, safetensors dtype), in order) the Hugging Face way:
     ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus the index above ``max_shard_bytes``.
 
-    ``tensors(keys)`` yields (name, tensor) for one shard's keys, so only one shard is ever in memory. NaN or
+    ``tensors(keys)`` yields (name, tensor) for one shard's keys in order; each is written to disk as it comes
+    (the header is known from ``info``), so one tensor at a time is in memory, whatever the shard size. NaN or
     Inf in a float tensor is refused. Returns (number of shards, total bytes)."""
+    unknown = next((k for k, (_, dtype) in info.items() if dtype not in DTYPE_BYTES), None)
+    if unknown is not None:
+        raise NextrapError(f"tensor {unknown}: dtype {info[unknown][1]} cannot be written")
     shards: list[list[str]] = [[]]
     size = 0
     for key, (shape, dtype) in info.items():
-        nbytes = _DTYPE_BYTES.get(dtype, 4) * int(torch.Size(shape).numel())
+        nbytes = _tensor_bytes(shape, dtype)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -140,18 +148,39 @@ def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
     out.mkdir(parents=True, exist_ok=True)
     weight_index, total = {}, 0
     for fname, shard in zip(names, shards):
-        written = {}
-        for key, w in tensors(shard):
-            if w.is_floating_point() and not torch.isfinite(w).all():
-                raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
-            written[key] = w.contiguous()
-            weight_index[key] = fname
-            total += w.numel() * w.element_size()
-        save_file(written, str(out / fname), metadata={"format": "pt"})
-        del written
+        total += _write_safetensors(out / fname, shard, info, tensors(shard))
+        weight_index.update({key: fname for key in shard})
     if len(shards) > 1:
         write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
     return len(shards), total
+
+
+def _tensor_bytes(shape: list[int], dtype: str) -> int:
+    return DTYPE_BYTES[dtype] * int(torch.Size(shape).numel())
+
+
+def _write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
+                       tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """One safetensors file (the format: u64 header length, JSON header padded to 8 bytes, then the data),
+    written tensor by tensor; returns its data bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in keys:
+        shape, dtype = info[key]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + _tensor_bytes(shape, dtype)]}
+        offset += _tensor_bytes(shape, dtype)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for want, (key, w) in zip(keys, tensors):
+            shape, dtype = info[key]
+            if key != want or list(w.shape) != shape or _ST_DTYPES.get(w.dtype) != dtype:
+                raise NextrapError(f"{path}: tensor {key} {list(w.shape)} {w.dtype} does not match its header ({want} {shape} {dtype})")
+            if w.is_floating_point() and not torch.isfinite(w).all():
+                raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
+            f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset
 
 
 def copy_model_files(src: Path, out: Path) -> None:

@@ -85,7 +85,6 @@ def _modules() -> dict[str, ModuleType]:
 
 METHODS: tuple[str, ...] = ("next", "next-paper", "linear", "expo", "relex")
 FITTED: tuple[str, ...] = ("next", "next-paper")  # methods that learn a model from the trajectory
-LORA_ONLY: tuple[str, ...] = ()  # methods that read LoRA factors beyond the features (relex streams full checkpoints)
 
 
 def _module(method: str) -> ModuleType:
