@@ -103,7 +103,7 @@ def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainS
     models, fit_s = {}, {}
     for method in METHODS:
         t0 = time.perf_counter()
-        models.update(fit_models(past, [method], settings))
+        models.update(fit_models(past, [method], settings, trajectory=traj))  # as `fit` does: rows <= start only
         fit_s[method] = time.perf_counter() - t0
     past_backtest = backtest(past, traj, settings)  # what --alpha auto / --method auto see at this point
     auto_alpha = {r.method: r.best_alpha for r in past_backtest}
