@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,8 +32,6 @@ from safetensors.torch import save_file
 
 from nextrap.backtest import Terms, backtest, choose, jump_terms, oracle_terms
 from nextrap.checkpoints import load_trajectory
-from dataclasses import replace
-
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
 from nextrap.predictor import TrainSettings
 from nextrap.trajectory import compute_features
@@ -130,13 +129,19 @@ def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainS
     return rows
 
 
+def run_name(path: Path | str) -> str:
+    """A trajectory's short name: the folder, or its parent for a pipeline's ``plain`` run."""
+    path = Path(path)
+    return path.parent.name if path.name == "plain" else path.name
+
+
 def summarize(rows: list[dict]) -> str:
     """Two compact tables (trajectories x methods): e at the auto-chosen alpha, and cosine with the true move."""
-    names = list(dict.fromkeys(Path(r["run"]).name if Path(r["run"]).name != "plain" else Path(r["run"]).parent.name for r in rows))
+    names = list(dict.fromkeys(run_name(r["run"]) for r in rows))
     methods = [m for m in dict.fromkeys(r["method"].split(" (")[0] for r in rows)]
     cell = {}
     for r in rows:
-        run = Path(r["run"]).name if Path(r["run"]).name != "plain" else Path(r["run"]).parent.name
+        run = run_name(r["run"])
         cell[run, r["method"].split(" (")[0]] = r
     out = []
     for title, key, fmt in (("e at the auto-chosen alpha (1 = no jump; lower is better)", "e_auto", "{:.3f}"),
@@ -188,7 +193,7 @@ def main() -> None:
             t: Terms = row["terms"]
             best = 1.0 if row["method"] == "oracle-rank1" else t.best_alpha()
             errs = " | ".join(f"{t.error(a):.3f}" for a in ALPHAS)
-            name = folder.name if folder.name != "plain" else folder.parent.name
+            name = run_name(folder)
             auto = "n/a | n/a" if math.isnan(row["auto_alpha"]) else f"{row['auto_alpha']:g} | {t.error(row['auto_alpha']):.3f}"
             print(f"| {name} | {row['from_step']} -> {row['to_step']} | {row['method']} | {t.cosine():+.3f} | {errs} | "
                   f"{best:g} | {t.error(best):.3f} | {auto} | {row['fit_s']:.1f} |", flush=True)

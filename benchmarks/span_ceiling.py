@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nextrap.checkpoints import load_trajectory, shape_groups
+from nextrap.lowrank import top1_dense
 
 SETS = (("D",), ("r1D",), ("D", "r1D"), ("D", "Dprev"), ("D", "G", "r1G"), ("D", "r1L"), ("D", "Dprev", "G", "r1G", "r1L", "r1D"))
 
@@ -32,8 +33,8 @@ SETS = (("D",), ("r1D",), ("D", "r1D"), ("D", "Dprev"), ("D", "G", "r1G"), ("D",
 def _rank1(mats: list[torch.Tensor]) -> torch.Tensor:
     out = []
     for m in mats:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        out.append((s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).flatten())
+        r1 = top1_dense(m)
+        out.append((r1.sigma[:, None, None] * r1.u[:, :, None] * r1.v[:, None, :]).flatten())
     return torch.cat(out)
 
 

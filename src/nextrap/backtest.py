@@ -116,7 +116,7 @@ def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tup
 def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     """How many folds the trajectory allows: the earliest start must leave NExt one training pair."""
     h, c = features.horizon, features.n_rows - 1
-    moved = [i for i in range(features.n_rows) if any(features.moved(m, i) for m in features.modules)]
+    moved = features.moved_rows()
     first = moved[0] if moved else features.n_rows
     earliest = first + h if any(m in FITTED for m in methods) else first
     return max(0, c - h - earliest + 1)

@@ -103,8 +103,8 @@ class LoraTrajectory:
         """B [n, out, r] and A [n, r, in] of checkpoint ``index`` for modules ``names`` (all of one shape)."""
         ckpt = self.checkpoints[index]
         with open_weights(ckpt.weights) as f:
-            b = torch.stack([_read(f, ckpt.weights, self._keys[n][1]).to(dtype) for n in names])
-            a = torch.stack([_read(f, ckpt.weights, self._keys[n][0]).to(dtype) for n in names])
+            b = torch.stack([read_tensor(f, ckpt.weights, self._keys[n][1]).to(dtype) for n in names])
+            a = torch.stack([read_tensor(f, ckpt.weights, self._keys[n][0]).to(dtype) for n in names])
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise NextrapError(f"{ckpt.weights}: LoRA factors contain NaN or Inf")
         return b, a
@@ -113,7 +113,7 @@ class LoraTrajectory:
         """The non-LoRA tensors of checkpoint ``index`` (e.g. modules_to_save), unchanged."""
         ckpt = self.checkpoints[index]
         with open_weights(ckpt.weights) as f:
-            return {k: _read(f, ckpt.weights, k) for k in self.extra_keys}
+            return {k: read_tensor(f, ckpt.weights, k) for k in self.extra_keys}
 
 
 class _TorchFile:
@@ -165,7 +165,8 @@ def tensor_shape(f: Any, key: str) -> list[int]:
     return list(sl.get_shape()) if hasattr(sl, "get_shape") else list(sl.shape)
 
 
-def _read(f: Any, path: Path, key: str) -> torch.Tensor:
+def read_tensor(f: Any, path: Path, key: str) -> torch.Tensor:
+    """``f.get_tensor(key)`` with a one-line error naming the file."""
     try:
         return f.get_tensor(key)
     except Exception as e:  # noqa: BLE001

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import find_folders, first_line, open_weights, step_folders
+from .checkpoints import find_folders, open_weights, read_tensor, step_folders
 from .errors import NextrapError
 from .hfmodel import INDEX, SINGLE, read_header, weight_map
 
@@ -80,10 +80,7 @@ class FullTrajectory:
         for path, idx in by_file.items():
             with open_weights(path) as f:
                 for j in idx:
-                    try:
-                        t = f.get_tensor(names[j])
-                    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                        raise NextrapError(f"{path}: cannot read tensor {names[j]} ({first_line(e)})") from None
+                    t = read_tensor(f, path, names[j])
                     out[j].copy_(t.reshape(out.shape[1:]))  # converts the dtype in place: no float copy of t
                     del t
         return out
@@ -92,7 +89,7 @@ class FullTrajectory:
         """One tensor of checkpoint ``row`` as stored (dtype and shape)."""
         path = self.files(row)[name]
         with open_weights(path) as f:
-            return f.get_tensor(name)
+            return read_tensor(f, path, name)
 
 
 def is_model(folder: Path) -> bool:

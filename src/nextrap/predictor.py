@@ -93,8 +93,7 @@ def group_tensors(features: Features, group: Group, rows: slice | list[int]) -> 
 def training_rows(features: Features) -> list[int]:
     """Rows i with i + h <= c (target known) and a nonzero global delta: a saved step-0 adapter (B = 0) is the
     base model itself, W_0 in the paper's notation, not a training pair (so c = 15, h = 5 gives its 10 pairs)."""
-    moved = [i for i in range(features.n_rows) if any(features.moved(m, i) for m in features.modules)]
-    return [i for i in moved if i + features.horizon < features.n_rows]
+    return [i for i in features.moved_rows() if i + features.horizon < features.n_rows]
 
 
 def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int], None] | None = None) -> Predictor:

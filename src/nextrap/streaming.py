@@ -29,7 +29,7 @@ from .errors import NextrapError
 from .fullparam import FullTrajectory, Param
 from .lowrank import Rank1, align_signs, top1_dense
 from .randsvd import top1_randomized
-from .trajectory import KINDS, VEC, Features
+from .trajectory import KINDS, VEC, Features, store_rows
 
 SVD_MODES = ("exact", "fast")
 # Live [m, n] stacks per parameter in the feature pass: base, previous, current, future, one delta, two in the
@@ -329,8 +329,4 @@ def _store(tensors: dict[str, torch.Tensor], names: list[str], rows: dict[str, l
             parts = {"sigma": sigma, "u": u, "v": v}
             if kind == "global":
                 parts["energy"] = torch.stack([r.energy for r in per_row], 1)
-        for part, t in parts.items():
-            for j, name in enumerate(names):
-                full = torch.full((n_rows, *t.shape[2:]), float("nan"), dtype=torch.float32)
-                full[:t.shape[1]] = t[j]
-                tensors[f"{name}:{kind}:{part}"] = full
+        store_rows(tensors, names, kind, parts, n_rows)

@@ -51,6 +51,10 @@ class Features:
             return bool(self.get(module, "global", VEC)[row].abs().sum() > 0)
         return float(self.get(module, "global", "sigma")[row]) > 0
 
+    def moved_rows(self) -> list[int]:
+        """Rows where some module has moved from W_0 (a saved step-0 adapter, B = 0, is the base model)."""
+        return [i for i in range(self.n_rows) if any(self.moved(m, i) for m in self.modules)]
+
     @property
     def n_rows(self) -> int:
         return len(self.steps)
@@ -138,6 +142,16 @@ def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True
     return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors)
 
 
+def store_rows(tensors: dict[str, torch.Tensor], names: list[str], kind: str, parts: dict[str, torch.Tensor], n_rows: int) -> None:
+    """Write ``parts`` ([modules, rows, ...] each) as ``{name}:{kind}:{part}`` float32 tensors of ``n_rows``
+    rows, the rows past the computed ones NaN (targets without a future)."""
+    for part, t in parts.items():
+        for j, name in enumerate(names):
+            full = torch.full((n_rows, *t.shape[2:]), float("nan"), dtype=torch.float32)
+            full[:t.shape[1]] = t[j].to(torch.float32)
+            tensors[f"{name}:{kind}:{part}"] = full
+
+
 def _store(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor]],
            n_rows: int, sign_align: bool) -> None:
     k = max(p.shape[-1] for p, _ in pairs)  # local row 0 has rank r, the others 2r: pad with zero columns
@@ -145,13 +159,7 @@ def _store(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pairs:
     q = torch.stack([torch.nn.functional.pad(q, (0, k - q.shape[-1])) for _, q in pairs], 1)
     r1 = top1_factored(p, q)
     u, v = align_signs(r1.u, r1.v) if sign_align else (r1.u, r1.v)
-    r1.sigma, r1.energy, u, v = r1.sigma.cpu(), r1.energy.cpu(), u.cpu(), v.cpu()
-    rows = len(pairs)
-    for j, name in enumerate(names):
-        parts = {"sigma": r1.sigma[j], "u": u[j], "v": v[j]}
-        if kind == "global":
-            parts["energy"] = r1.energy[j]
-        for part, t in parts.items():
-            full = torch.full((n_rows, *t.shape[1:]), float("nan"), dtype=torch.float32)
-            full[:rows] = t.to(torch.float32)
-            tensors[f"{name}:{kind}:{part}"] = full
+    parts = {"sigma": r1.sigma.cpu(), "u": u.cpu(), "v": v.cpu()}
+    if kind == "global":
+        parts["energy"] = r1.energy.cpu()
+    store_rows(tensors, names, kind, parts, n_rows)

@@ -67,6 +67,13 @@ def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
     return Jump(name, factors, sizes)
 
 
+def rank1_factors(sigma: float, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Q) with P Q^T = sigma u v^T, sigma split evenly so an appended adapter column stays balanced."""
+    root = abs(sigma) ** 0.5
+    sign = -1.0 if sigma < 0 else 1.0
+    return (sign * root * u.double())[:, None], (root * v.double())[:, None]
+
+
 def combine(name: str, first: Jump, second: Jump) -> Jump:
     """The sum of two moves (factors concatenated per module; at most one may carry a symbolic difference)."""
     if first.difference is not None and second.difference is not None:

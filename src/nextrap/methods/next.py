@@ -31,6 +31,7 @@ from ..checkpoints import LoraTrajectory, shape_groups
 from ..errors import NextrapError
 from ..files import write_json
 from ..lowrank import inner_factored
+from ..predictor import training_rows
 from ..trajectory import Features, pair_factors
 from . import Jump, JumpContext, combine, difference_jump
 
@@ -76,16 +77,15 @@ def inputs(features: Features, module: str, row: int) -> dict[str, Triple]:
 
 def matrices(features: Features) -> list[str]:
     """The modules with a rank-1 decomposition (1-D parameters of a full-parameter fit have none)."""
-    return [m for m in features.modules if f"{m}:global:u" in features.tensors]
+    return [m for m in features.modules if not features.is_vector(m)]
 
 
 def _rows(features: Features) -> list[int]:
     """Training rows: a known target and a moved global delta (step-0 adapters are the base model, not a
     pair); of those, the ones whose D is a true h-checkpoint move (i >= h) when there are any: before that D
     is the whole update so far, whose size relates differently to the next move's."""
-    h = features.horizon
-    moved = [i for i in range(features.n_rows - h) if any(features.moved(m, i) for m in features.modules)]
-    return [i for i in moved if i >= h] or moved
+    pairs = training_rows(features)
+    return [i for i in pairs if i >= features.horizon] or pairs
 
 
 def _fit_weights(features: Features, rows: list[int]) -> tuple[list[float], list[float], float]:

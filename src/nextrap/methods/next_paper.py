@@ -16,7 +16,7 @@ from ..errors import NextrapError
 from ..files import read_json, write_json
 from ..predictor import Group, Predictor, TrainSettings, load as load_predictor, predict, train
 from ..trajectory import Features
-from . import Jump, JumpContext
+from . import Jump, JumpContext, rank1_factors
 
 WEIGHTS = "predictor.safetensors"
 CONFIG = "predictor.json"
@@ -26,13 +26,6 @@ def fit(features: Features, settings: TrainSettings, on_epoch: Callable[[int, in
         trajectory: Any = None) -> Predictor:
     report = (lambda e: on_epoch(e + 1, settings.epochs)) if on_epoch else None
     return train(features, settings, on_epoch=report)
-
-
-def rank1_factors(sigma: float, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, Q) with P Q^T = sigma u v^T, sigma split evenly so an appended adapter column stays balanced."""
-    root = abs(sigma) ** 0.5
-    sign = -1.0 if sigma < 0 else 1.0
-    return (sign * root * u.double())[:, None], (root * v.double())[:, None]
 
 
 def jump(ctx: JumpContext) -> Jump:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoints import LoraTrajectory, shape_groups
-from . import Jump, JumpContext
+from . import Jump, JumpContext, rank1_factors
 
 
 def _coefficients(ctx: JumpContext, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -49,7 +49,6 @@ def jump(ctx: JumpContext) -> Jump:
         else:
             predicted = a[-1]
         delta = float(predicted - a[-1])
-        root = abs(delta) ** 0.5
-        factors[name] = ((root if delta >= 0 else -root) * u[:, None], root * v[:, None])
+        factors[name] = rank1_factors(delta, u, v)
         coeffs[name] = delta
     return Jump("relex", factors, coeffs)
