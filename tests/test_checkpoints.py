@@ -144,3 +144,30 @@ def test_corrupt_safetensors_is_a_one_line_error(tmp_path):
     with pytest.raises(NextrapError) as err:
         load_trajectory(tmp_path).factors(1, ["base_model.model.layers.0.q"])
     assert str(weights) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("broken", ["step_3", "step_1"])
+def test_adapter_weights_without_their_config_are_an_error_naming_the_folder(tmp_path, broken):
+    _traj(tmp_path, ["step_0", "step_1", "step_2", "step_3"])
+    (tmp_path / broken / "adapter_config.json").unlink()
+    with pytest.raises(NextrapError, match=rf"{broken}: has adapter_model.safetensors but no adapter_config.json"):
+        discover(tmp_path)
+
+
+def test_integer_lora_factors_are_refused(tmp_path):
+    tensors = lora_tensors(0, TWO_MODULES)
+    key = "base_model.model.layers.0.q.lora_B.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    write_adapter(tmp_path / "step_1", tensors, LORA_CONFIG)
+    write_adapter(tmp_path / "step_2", lora_tensors(1, TWO_MODULES), LORA_CONFIG)
+    with pytest.raises(NextrapError, match=rf"step_1/adapter_model.safetensors: {key} is not stored as floats"):
+        load_trajectory(tmp_path)
+
+
+def test_nextraps_own_outputs_inside_a_run_folder_are_not_checkpoints(tmp_path):
+    from nextrap.files import OUTPUT_MARKER
+
+    _traj(tmp_path, ["step_1", "step_2"])
+    jumped = write_adapter(tmp_path / "jumped", lora_tensors(5, TWO_MODULES), LORA_CONFIG)
+    (jumped / OUTPUT_MARKER).write_text("{}")
+    assert [c.step for c in discover(tmp_path)] == [1, 2]

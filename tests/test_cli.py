@@ -66,3 +66,32 @@ def test_extend_auto_and_loud_warning(fitted, tmp_path):
     assert info["choice"] == out["choice"]
     res = runner.invoke(app, ["extend", "--fit", str(fitted), "--alpha", "4", "--method", "expo", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0 and "warning:" in res.stderr and "worse than not jumping" in res.stderr
+
+
+def test_overwrite_never_deletes_a_users_folder_that_has_a_manifest(trajectory, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "manifest.json").write_text("{}")
+    (mine / "notes.txt").write_text("precious")
+    before = tree_digest(mine)
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(mine), "--overwrite", "--epochs", "2", "--json"])
+    assert res.exit_code == 1
+    assert "not an output of nextrap" in res.output and "refusing to replace it" in res.output
+    assert tree_digest(mine) == before and (mine / "sub").is_dir()
+
+
+def test_outputs_inside_the_checkpoint_folder_are_refused_and_the_run_stays_fittable(trajectory, tmp_path):
+    before = tree_digest(trajectory)
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(trajectory / "fit"), "--epochs", "2", "--json"])
+    assert res.exit_code == 1 and "inside the checkpoint folder" in res.output
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--methods", "linear", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--method", "linear", "--alpha", "1",
+                              "--out", str(trajectory / "jumped"), "--json"])
+    assert res.exit_code == 1 and "inside the checkpoint folder" in res.output
+    assert tree_digest(trajectory) == before
+    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--method", "linear", "--alpha", "1",
+                              "--out", str(tmp_path / "jumped"), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--methods", "linear", "--overwrite", "--json"])
+    assert res.exit_code == 0, res.output  # replacing our own fit is allowed

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from nextrap.errors import NextrapError
-from nextrap.files import atomic_dir
+from nextrap.files import OUTPUT_MARKER, atomic_dir, check_apart, check_replaceable, write_marker
 
 
 def test_output_appears_only_on_success(tmp_path):
@@ -15,39 +17,100 @@ def test_output_appears_only_on_success(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("a")
     assert (target / "a.txt").read_text() == "a"
+    assert json.loads((target / OUTPUT_MARKER).read_text())["files"] == ["a.txt"]
 
 
 def test_existing_output_is_refused_unless_overwrite_and_kept_on_failure(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "old.txt").write_text("old")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.bin").write_text("x")
     with pytest.raises(NextrapError, match="already exists"):
         with atomic_dir(target):
             pass
     with pytest.raises(RuntimeError):
-        with atomic_dir(target, overwrite=True, markers=("old.txt",)):
+        with atomic_dir(target, overwrite=True):
             raise RuntimeError
     assert (target / "old.txt").read_text() == "old"
-    with atomic_dir(target, overwrite=True, markers=("old.txt",)) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_overwrite_never_replaces_a_folder_nextrap_did_not_make(tmp_path):
-    from nextrap.files import check_replaceable
-
+@pytest.mark.parametrize("planted", ["notes.txt", "sub/deep.txt", "sub"])
+def test_overwrite_refuses_a_user_folder_that_merely_has_our_file_names(tmp_path, planted):
     mine = tmp_path / "mine"
-    (mine / "alpha-1.0").mkdir(parents=True)
-    (mine / "alpha-1.0" / "nextrap.json").write_text("{}")
-    check_replaceable(mine, True, ("nextrap.json", "alpha-*/nextrap.json"))
-    check_replaceable(tmp_path / "missing", False, ())
-    (tmp_path / "empty").mkdir()
-    check_replaceable(tmp_path / "empty", True, ("nextrap.json",))
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "thesis.tex").write_text("precious")
+    mine.mkdir()
+    (mine / "manifest.json").write_text(json.dumps({"format": "nextrap-fit/1"}))
+    (mine / "nextrap.json").write_text("{}")
+    (mine / planted).parent.mkdir(parents=True, exist_ok=True)
+    if planted == "sub":
+        (mine / "sub").mkdir(exist_ok=True)
+    else:
+        (mine / planted).write_text("precious")
+    before = sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*"))
     with pytest.raises(NextrapError, match="not an output of nextrap"):
-        with atomic_dir(home, overwrite=True, markers=("nextrap.json",)):
+        with atomic_dir(mine, overwrite=True):
             pass
-    assert (home / "thesis.tex").read_text() == "precious"
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == before
+
+
+def test_overwrite_refuses_our_output_once_a_user_added_a_file(tmp_path):
+    out = tmp_path / "jumped"
+    with atomic_dir(out) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"x")
+    check_replaceable(out, True)
+    (out / "my-notes.md").write_text("keep me")
+    with pytest.raises(NextrapError, match="my-notes.md was not written by nextrap"):
+        check_replaceable(out, True)
+    (out / "my-notes.md").unlink()
+    (out / OUTPUT_MARKER).write_text("{not json")
+    with pytest.raises(NextrapError, match="not a valid nextrap output marker"):
+        check_replaceable(out, True)
+
+
+def test_a_legacy_fit_folder_is_replaceable_only_when_it_holds_nothing_else(tmp_path):
+    legacy = tmp_path / "fit"
+    legacy.mkdir()
+    (legacy / "manifest.json").write_text(json.dumps({"format": "nextrap-fit/1"}))
+    (legacy / "trajectory.safetensors").write_bytes(b"x")
+    check_replaceable(legacy, True)
+    (legacy / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(NextrapError, match="not a nextrap fit manifest"):
+        check_replaceable(legacy, True)
+
+
+def test_a_workspace_owns_the_names_it_declares(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    write_marker(ws, "pipeline", trees=("plain", "jump-*"))
+    (ws / "plain" / "step_10").mkdir(parents=True)
+    (ws / "jump-next").mkdir()
+    (ws / "jump-next" / "adapter_model.safetensors").write_bytes(b"x")
+    check_replaceable(ws, True)
+    (ws / "thesis.tex").write_text("precious")
+    with pytest.raises(NextrapError, match="thesis.tex was not written by nextrap"):
+        check_replaceable(ws, True)
+
+
+def test_empty_or_missing_targets_are_fine_and_a_file_is_refused(tmp_path):
+    check_replaceable(tmp_path / "missing", False)
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NextrapError, match="not a folder"):
+        check_replaceable(tmp_path / "afile", True)
+
+
+def test_outputs_never_go_inside_an_input_or_around_one(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    with pytest.raises(NextrapError, match="inside the checkpoint folder"):
+        check_apart(ckpts / "jumped", {"the checkpoint folder": ckpts})
+    with pytest.raises(NextrapError, match="inside the checkpoint folder"):
+        check_apart(ckpts, {"the checkpoint folder": ckpts})
+    with pytest.raises(NextrapError, match="holds the checkpoint folder"):
+        check_apart(tmp_path, {"the checkpoint folder": ckpts})
+    check_apart(tmp_path / "jumped", {"the checkpoint folder": ckpts, "the base model": None})

@@ -237,7 +237,7 @@ def test_verl_layout_stops_at_latest_checkpointed_iteration(tmp_path):
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("model*.safetensors")):
         out.update(load_file(str(f)))
     return out
 
@@ -290,6 +290,13 @@ def test_extend_writes_a_loadable_model_equal_to_w_c_plus_alpha_move(run, full_f
         assert w.dtype == stored.dtype and torch.equal(w, expected), name
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.state_dict()["model.norm.weight"], written["model.norm.weight"].float())
+    # the summary's prediction is the stored triple of W_c - W_{c-h}: checked against a dense SVD
+    prediction = load_file(str(out / "prediction.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    move = (dense(run, name, c) - dense(run, name, c - H)).reshape(dense(run, name, c).shape[0], -1)
+    top = torch.linalg.svdvals(move)[0]
+    assert abs(float(prediction[f"{name}:sigma"]) - float(top)) <= 1e-4 * float(top)
+    assert res.to_json()["predicted_sigma_median"] is not None
 
     from nextrap.fit import load_fit
     from nextrap.methods import JumpContext, jump

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import NextrapError
+from .files import OUTPUT_MARKER
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -165,6 +166,15 @@ def tensor_shape(f: Any, key: str) -> list[int]:
     return list(sl.get_shape()) if hasattr(sl, "get_shape") else list(sl.shape)
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' header names of the float dtypes torch reads
+
+
+def is_float(f: Any, key: str) -> bool:
+    """Whether tensor ``key`` is stored as floats (from the header alone for safetensors)."""
+    sl = f.get_slice(key)
+    return sl.get_dtype() in FLOAT_DTYPES if hasattr(sl, "get_dtype") else sl.is_floating_point()
+
+
 def read_tensor(f: Any, path: Path, key: str) -> torch.Tensor:
     """``f.get_tensor(key)`` with a one-line error naming the file."""
     try:
@@ -231,6 +241,8 @@ def find_folders(root: Path, is_checkpoint: Callable[[Path], bool]) -> list[Path
 
 
 def _find(folder: Path, is_checkpoint: Callable[[Path], bool], depth: int) -> list[Path]:
+    if (folder / OUTPUT_MARKER).is_file():
+        return []  # nextrap's own output (a fit, a jumped adapter) is never one of the run's checkpoints
     if is_checkpoint(folder):
         return [folder]
     if depth >= _MAX_DEPTH:
@@ -275,12 +287,22 @@ def is_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file()
 
 
+def _has_adapter_files(folder: Path) -> bool:
+    """A PEFT adapter's config or weights: a folder with only one of them is a broken save, not a non-checkpoint."""
+    return is_adapter(folder) or any((folder / w).is_file() for w in ADAPTER_WEIGHTS)
+
+
 def discover(root: Path | str) -> list[Checkpoint]:
     """All adapter folders under ``root`` with their steps, sorted by step."""
     root = Path(root)
     if not root.is_dir():
         raise NextrapError(f"{root}: not a folder")
-    folders = find_folders(root, is_adapter)
+    folders = find_folders(root, _has_adapter_files)
+    for folder in folders:
+        if not is_adapter(folder):
+            weights = next(w for w in ADAPTER_WEIGHTS if (folder / w).is_file())
+            raise NextrapError(f"{folder}: has {weights} but no {ADAPTER_CONFIG} (an incomplete save?); "
+                               "restore the config or move the folder out")
     if not folders:
         if is_adapter(root):
             raise NextrapError(f"{root}: is a single adapter; pass the folder that holds one adapter per saved step")
@@ -328,6 +350,7 @@ def _read_modules(ckpt: Checkpoint, config: dict[str, Any]) -> tuple[list[LoraMo
     with open_weights(ckpt.weights) as f:
         keys = list(f.keys())
         shapes = {k: tensor_shape(f, k) for k in keys}
+        floats = {k: is_float(f, k) for k in keys}
     parts: dict[str, dict[str, str]] = {}
     extra: list[str] = []
     for key in keys:
@@ -344,6 +367,9 @@ def _read_modules(ckpt: Checkpoint, config: dict[str, Any]) -> tuple[list[LoraMo
     for name in sorted(parts):
         if set(parts[name]) != {"A", "B"}:
             raise NextrapError(f"{ckpt.weights}: module {name} has lora_{next(iter(parts[name]))} but not its pair")
+        for part in ("A", "B"):
+            if not floats[parts[name][part]]:
+                raise NextrapError(f"{ckpt.weights}: {parts[name][part]} is not stored as floats; LoRA factors must be float")
         a_shape, b_shape = shapes[parts[name]["A"]], shapes[parts[name]["B"]]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise NextrapError(f"{ckpt.weights}: module {name} has LoRA shapes A {a_shape}, B {b_shape}; only linear LoRA is supported")

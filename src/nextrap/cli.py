@@ -149,7 +149,8 @@ def extend(
         e = result.backtest_error.get(a)
         table.add_row(alpha_folder(a).removeprefix("alpha-"), "n/a" if e is None else f"{e:.3f}", str(folder))
     out_console.print(table)
-    out_console.print(f"median predicted σ of the move: {result.to_json()['predicted_sigma_median']:.4g}; "
+    median = result.to_json()["predicted_sigma_median"]
+    out_console.print(f"median predicted σ of the move: {'n/a' if median is None else f'{median:.4g}'}; "
                       f"horizon {result.horizon} checkpoints", highlight=False)
 
 

@@ -15,16 +15,15 @@ from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
 from .checkpoints import shape_groups
 from .errors import NextrapError
-from .files import atomic_dir, check_replaceable, write_json
+from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import load_fit
 from .hfmodel import parse_size, write_merged
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
 from .methods import FITTED, METHODS, Jump, JumpContext, jump
-from .trajectory import Features
+from .trajectory import VEC, Features
 
 FORMATS = ("adapter", "merged")
-_MARKERS = ("nextrap.json", "alpha-*/nextrap.json")  # what --overwrite may replace
 PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
 
@@ -79,14 +78,38 @@ class ExtendResult:
                 "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings}
 
 
-def _prediction_tensors(j: Jump) -> dict[str, torch.Tensor]:
-    """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's)."""
+def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
+    """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's).
+
+    A full-parameter checkpoint difference (linear, expo) is never formed in memory, but its triple is one the
+    fit already stored: W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c. A
+    module whose move is such a difference plus low-rank factors (``next`` with rho > 0 on full parameters)
+    has no stored triple and is left out."""
     out = {}
     for name, (p, q) in j.factors.items():
+        if j.difference is not None:
+            continue
         r1 = top1_factored(p[None], q[None])
         out[f"{name}:sigma"] = r1.sigma.to(torch.float32)
         out[f"{name}:u"] = r1.u[0].to(torch.float32)
         out[f"{name}:v"] = r1.v[0].to(torch.float32)
+    if j.difference is None:
+        return out
+    row, ref = j.difference
+    kind, at = ("global", row) if ref is None else ("target", ref)
+    if ref is not None and row - ref != features.horizon:
+        return out
+    for name in features.modules:
+        if name in j.factors:
+            continue
+        if features.is_vector(name):  # a 1-D delta is its own rank-1 part: sigma = its norm, v = [1]
+            vec = features.get(name, kind, VEC)[at].to(torch.float32)
+            norm = vec.norm()
+            sigma, u, v = norm.reshape(1), vec / norm if norm > 0 else vec, torch.ones(1)
+        else:
+            sigma = features.get(name, kind, "sigma")[at:at + 1]
+            u, v = features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
+        out[f"{name}:sigma"], out[f"{name}:u"], out[f"{name}:v"] = sigma, u, v
     return out
 
 
@@ -137,8 +160,10 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
     shard_bytes = parse_size(max_shard_size)
     out = Path(out)
-    check_replaceable(out, overwrite, _MARKERS)
+    check_apart(out, {"the fit folder": fit_dir, "the base model": base})
+    check_replaceable(out, overwrite)
     loaded = load_fit(fit_dir)
+    check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
     full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
     fmt = "merged" if full else fmt
@@ -163,7 +188,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
     if min_energy > 0:
         j = _only_energetic(j, features, row, min_energy)
-    prediction = _prediction_tensors(j)
+    prediction = _prediction_tensors(j, features)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
@@ -174,7 +199,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
     }
     folders = []
-    with atomic_dir(out, overwrite=overwrite, markers=_MARKERS) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="extend") as tmp:
         for alpha in alphas:
             folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
             if full:

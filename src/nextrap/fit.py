@@ -15,7 +15,7 @@ from . import __version__
 from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, load_trajectory
 from .errors import NextrapError
-from .files import atomic_dir, check_replaceable, read_json, sha256, write_json
+from .files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
 from .predictor import TrainSettings
 from .trajectory import Features, compute_features
@@ -97,7 +97,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     if epochs < 1:
         raise NextrapError(f"--epochs {epochs}: must be at least 1")
     out = Path(out)
-    check_replaceable(out, overwrite, (MANIFEST,))  # fail before the expensive part
+    check_apart(out, {"the checkpoint folder": ckpts, "the base model": base})
+    check_replaceable(out, overwrite)  # fail before the expensive part
     settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device), sign_align=sign_align)
     report = progress or (lambda *_: None)
     seconds: dict[str, float] = {}
@@ -167,7 +168,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         manifest.update(full.manifest())  # kind "full", base, streaming (svd, budget, peak)
         result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
     manifest["summary"].pop("out")
-    with atomic_dir(out, overwrite=overwrite, markers=(MANIFEST,)) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
         features.save(tmp / TRAJECTORY)
         result.models = save_models(models, tmp)
         manifest["summary"]["models"] = result.models

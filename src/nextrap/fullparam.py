@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import find_folders, open_weights, read_tensor, step_folders
+from .checkpoints import FLOAT_DTYPES, find_folders, open_weights, read_tensor, step_folders
 from .errors import NextrapError
 from .hfmodel import INDEX, SINGLE, read_header, weight_map
-
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -128,12 +126,14 @@ def load_full_trajectory(root: Path | str, base: Path | str) -> FullTrajectory:
                 raise NextrapError(f"{c.path}: has no parameter {name} (the base {base} has it)")
             if info[name][0] != shape:
                 raise NextrapError(f"{c.files[name]}: {name} has shape {info[name][0]}, but the base has {shape} ({base_files[name]})")
+            if base_info[name][1] in FLOAT_DTYPES and info[name][1] not in FLOAT_DTYPES:
+                raise NextrapError(f"{c.files[name]}: {name} is stored as {info[name][1]}, not floats like the base ({base_files[name]})")
         extra = sorted(set(info) - set(base_info))
         if extra:
             raise NextrapError(f"{c.files[extra[0]]}: parameter {extra[0]} is not in the base {base}")
     params, skipped = [], []
     for name, (shape, dtype) in base_info.items():
-        if dtype in _FLOAT_DTYPES and math.prod(shape) > 1 and len(shape) >= 1:
+        if dtype in FLOAT_DTYPES and math.prod(shape) > 1 and len(shape) >= 1:
             params.append(Param(name, tuple(shape)))
         else:
             skipped.append(name)  # integer buffers and scalars: copied from the jumped-from checkpoint

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .adapter import make_appended_rows_trainable
 from .errors import NextrapError
 from .plotting import pyplot
-from .files import check_replaceable
+from .files import check_replaceable, write_marker
 from .extend import extend
 from .fit import fit
 from .grpo import GRPOConfig, train
@@ -154,15 +154,19 @@ def _adapter_shape(folder: Path) -> str:
     return json.dumps([config.get("r"), config.get("rank_pattern") or {}], sort_keys=True)
 
 
+WORKSPACE = ("plain", "prefix", "fit", "jump-*", "cont-*", "pipeline.json")  # what a pipeline writes into --out
+
+
 def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrite: bool = False) -> PipelineResult:
     """Run every arm (see the module docstring) and write ``pipeline.json``; returns the results."""
     s1, s2 = cfg.schedule()
     _check(cfg, s1, s2)
     out = Path(cfg.out)
-    check_replaceable(out, overwrite, ("pipeline.json", "plain/grpo_config.json"))
+    check_replaceable(out, overwrite)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    write_marker(out, "pipeline", trees=WORKSPACE)  # a workspace grows for hours: it owns these names whole
     k, h = cfg.grpo.save_every, cfg.horizon
     report = progress or (lambda *_: None)
 
