@@ -291,3 +291,23 @@ def test_cli_help_lists_the_options(cli):
     assert r.exit_code == 0
     for option in ("--model", "--init-adapter", "--advantage", "--eval-samples", "--overwrite", "--json"):
         assert option in r.output
+
+
+def test_the_embedded_default_model_ships_inside_the_wheel(tmp_path):
+    """`nextrap grpo` without --model must work from an installed wheel, not only from a checkout."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import nextrap
+    from nextrap.grpo import default_model_dir
+
+    folder = default_model_dir()
+    assert Path(nextrap.__file__).parent in folder.parents
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("nextrap-*.whl"))).namelist()
+    for f in folder.iterdir():
+        assert f"nextrap/embedded/addition-lm/{f.name}" in names

@@ -57,8 +57,9 @@ class GRPOError(NextrapError):
 
 
 def default_model_dir() -> Path:
-    """The embedded default model: fixtures/addition-lm in the repository checkout."""
-    return Path(__file__).resolve().parents[2] / "fixtures" / "addition-lm"
+    """The embedded default model, shipped inside the package (``fixtures/addition-lm`` in a checkout links to
+    it), so it is found from a wheel as well as from a checkout."""
+    return Path(__file__).resolve().parent / "embedded" / "addition-lm"
 
 
 @dataclass
