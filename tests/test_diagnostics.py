@@ -265,3 +265,30 @@ def test_cli_inspect_errors_are_one_line(known, tmp_path, monkeypatch):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and "matplotlib" in lines[0]
     assert not (tmp_path / "p.png").exists()
+
+
+def test_inspect_reads_a_full_parameter_trajectory_with_its_base(tmp_path):
+    """`nextrap inspect FULL --base BASE --json` gives layout, steps and rank-1 energies from a dense SVD."""
+    import statistics
+
+    from conftest import BASE
+    from test_fullparam import STEPS, dense, make_run
+
+    run = make_run(tmp_path / "ckpts")
+    res = runner.invoke(app, ["inspect", str(run), "--base", str(BASE), "--max-memory", "64MB", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["layout"] == "hf-full" and out["trainer"] == "hf" and out["steps"] == STEPS
+    assert {"float32", "bfloat16"} <= set(out["dtypes"])
+    names = [m["name"] for m in out["modules"]["list"]]
+    assert "model.layers.0.mlp.up_proj.weight" in names and "model.norm.weight" not in names  # vectors have no SVD
+    row = len(STEPS) - 1
+    q = [m for m in names if m.endswith("q_proj.weight")]
+    assert out["modules"]["types"]["q_proj"] == len(q) > 0
+    energies = []
+    for name in q:
+        s = torch.linalg.svdvals(dense(run, name, row) - dense(run, name, -1))
+        energies.append(float(s[0] / s.sum()))
+    by_type = {e["type"]: e["median"] for e in out["energy"]["by_type"]}
+    assert abs(by_type["q_proj"][row] - statistics.median(energies)) < 1e-4
+    assert out["energy"]["overall"][0] is None  # step 0 is the base itself: no delta, no energy

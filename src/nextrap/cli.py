@@ -171,7 +171,9 @@ def _r2_cell(summary: dict) -> str:
 
 @app.command("inspect")
 def inspect_cmd(
-    ckpts: Path = typer.Argument(..., help="Folder with one PEFT LoRA adapter per saved step (as for `nextrap fit`)."),
+    ckpts: Path = typer.Argument(..., help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
     fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
@@ -179,7 +181,7 @@ def inspect_cmd(
     """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
     with _errors():
         with err_console.status("reading checkpoints...") if not as_json else nullcontext():
-            d = diagnose(ckpts, fit_checkpoints=fit_checkpoints)
+            d = diagnose(ckpts, fit_checkpoints=fit_checkpoints, base=base, max_memory=max_memory)
         if plot is not None:
             plot_diagnosis(d, plot)
     if as_json:
@@ -189,10 +191,13 @@ def inspect_cmd(
     table = Table(title=f"nextrap inspect {d.root}", show_header=False, title_justify="left")
     table.add_row("layout", f"{d.layout} ({d.trainer} folders)")
     table.add_row("checkpoints", f"{len(d.steps)} (steps {d.steps[0]} .. {d.steps[-1]})")
-    table.add_row("LoRA modules", f"{len(d.modules)}: " + ", ".join(f"{t} x{n}" for t, n in j["modules"]["types"].items()))
-    table.add_row("ranks", ", ".join(str(r) for r in j["modules"]["ranks"]))
+    full = base is not None
+    table.add_row("weight matrices" if full else "LoRA modules",
+                  f"{len(d.modules)}: " + ", ".join(f"{t} x{n}" for t, n in j["modules"]["types"].items()))
+    if not full:
+        table.add_row("ranks", ", ".join(str(r) for r in j["modules"]["ranks"]))
     table.add_row("dtypes", ", ".join(d.dtypes))
-    table.add_row("size on disk", f"{_bytes(d.size_bytes)} (adapter weights {_bytes(d.weights_bytes)})")
+    table.add_row("size on disk", f"{_bytes(d.size_bytes)} ({'model' if full else 'adapter'} weights {_bytes(d.weights_bytes)})")
     out_console.print(table)
 
     shown = [i for i, e in enumerate(d.energy_overall) if e is not None]

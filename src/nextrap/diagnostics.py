@@ -21,12 +21,17 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoints import LATEST_ITERATION, Checkpoint, load_trajectory, open_weights
+from .checkpoints import LATEST_ITERATION, load_trajectory, open_weights
 from .errors import NextrapError
+from .fullfit import DEFAULT_MAX_MEMORY
+from .fullparam import load_full_trajectory
+from .hfmodel import parse_size, read_header
 from .plotting import pyplot
-from .trajectory import compute_features
+from .streaming import compute_full_features
+from .trajectory import Features, compute_features
 
 LAYOUT = "peft-lora"
+FULL_LAYOUT = "hf-full"  # Hugging Face model folders, one per step, read against --base
 R2_THRESHOLD = 0.5  # the paper's cut: "over 50% of parameters have R^2 < 0.5"
 PARTS = ("sigma", "u", "v")  # u is fitted as sigma * u, so that the scale counts
 _LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -110,8 +115,8 @@ def module_linearity(steps: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------- reading
 
 def module_type(name: str) -> str:
-    """``...layers.3.self_attn.q_proj`` -> ``q_proj``."""
-    return name.rsplit(".", 1)[-1]
+    """``...layers.3.self_attn.q_proj`` (or a full parameter's ``...q_proj.weight``) -> ``q_proj``."""
+    return name.removesuffix(".weight").rsplit(".", 1)[-1]
 
 
 def module_layer(name: str) -> int | None:
@@ -120,9 +125,9 @@ def module_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def trainer_layout(root: Path, checkpoints: Sequence[Checkpoint]) -> str:
+def trainer_layout(root: Path, checkpoints: Sequence[Any], default: str = "peft") -> str:
     """The trainer that wrote the folders: ``trl`` (checkpoint-N), ``verl`` (global_step_N/actor/...),
-    ``openrlhf`` (global_stepN[_hf]), else ``peft``.
+    ``openrlhf`` (global_stepN[_hf]), else ``default`` (``peft``; ``hf`` for model folders).
 
     Folder names decide; failing them, the trainers' own files: verl's ``latest_checkpointed_iteration.txt`` at
     the root, or a ``trainer_state.json`` (HF Trainer / TRL) in every checkpoint folder.
@@ -134,7 +139,7 @@ def trainer_layout(root: Path, checkpoints: Sequence[Checkpoint]) -> str:
         return "verl"
     if checkpoints and all((c.path / "trainer_state.json").is_file() for c in checkpoints):
         return "trl"
-    return "peft"
+    return default
 
 
 def _dtype_name(f: Any, key: str) -> str:
@@ -145,7 +150,7 @@ def _dtype_name(f: Any, key: str) -> str:
     return str(sl.dtype).removeprefix("torch.")
 
 
-def weight_dtypes(checkpoints: Sequence[Checkpoint]) -> list[str]:
+def weight_dtypes(checkpoints: Sequence[Any]) -> list[str]:
     """The dtypes of every tensor in every adapter weights file (headers only for safetensors)."""
     found: set[str] = set()
     for c in checkpoints:
@@ -167,7 +172,7 @@ class ModuleReport:
     layer: int | None
     out_features: int
     in_features: int
-    rank: int
+    rank: int | None  # None for a full-parameter matrix
     r2: dict[str, float | None]  # part -> R^2 (None when undefined)
 
 
@@ -218,7 +223,7 @@ class Diagnosis:
             "weights_bytes": self.weights_bytes,
             "modules": {
                 "count": len(self.modules), "types": {t: sum(m.type == t for m in self.modules) for t in types},
-                "layers": layers, "ranks": sorted({m.rank for m in self.modules}),
+                "layers": layers, "ranks": sorted({m.rank for m in self.modules if m.rank is not None}),
                 "list": [{"name": m.name, "type": m.type, "layer": m.layer, "out_features": m.out_features,
                           "in_features": m.in_features, "rank": m.rank} for m in self.modules],
             },
@@ -245,28 +250,65 @@ def default_fit_checkpoints(n: int) -> int:
     return min(max(2, (2 * n) // 3), n - 1)
 
 
-def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None) -> Diagnosis:
-    """Read a trajectory folder and compute its layout facts, rank-1 energies and linearity R^2."""
-    root = Path(ckpts)
+@dataclass
+class _Read:
+    """What ``diagnose`` needs of a trajectory, LoRA or full-parameter: its facts and global rank-1 features."""
+
+    layout: str
+    trainer: str
+    steps: list[int]
+    dtypes: list[str]
+    size_bytes: int
+    weights_bytes: int
+    modules: list[tuple[str, int, int, int | None]]  # name, out_features, in_features, LoRA rank (None: full)
+    features: Features
+
+
+def _read_lora(root: Path) -> _Read:
     traj = load_trajectory(root)
-    n = len(traj.checkpoints)
+    # Only the global deltas are used; horizon 1 is the cheapest valid setting (0 for a single checkpoint).
+    feats = compute_features(traj, horizon=min(1, len(traj.checkpoints) - 1), sign_align=True)
+    return _Read(LAYOUT, trainer_layout(root, traj.checkpoints), traj.steps, weight_dtypes(traj.checkpoints),
+                 sum(folder_bytes(c.path) for c in traj.checkpoints), sum(c.weights.stat().st_size for c in traj.checkpoints),
+                 [(m.name, m.out_features, m.in_features, m.rank) for m in traj.modules], feats)
+
+
+def _read_full(root: Path, base: Path, max_memory: str | None) -> _Read:
+    traj = load_full_trajectory(root, base)
+    if len(traj.checkpoints) < 2:
+        raise NextrapError(f"{root}: {len(traj.checkpoints)} checkpoint; inspecting a trajectory needs at least 2")
+    feats, _ = compute_full_features(traj, horizon=1, budget=parse_size(max_memory or DEFAULT_MAX_MEMORY), sign_align=True)
+    files = {f for c in traj.checkpoints for f in c.files.values()}
+    dtypes = sorted({_SAFETENSORS_DTYPES.get(dt, dt.lower()) for f in files for _, dt in read_header({f}).values()})
+    matrices = [q for q in traj.params if not q.is_vector]  # 1-D parameters have no singular vectors to diagnose
+    return _Read(FULL_LAYOUT, trainer_layout(root, traj.checkpoints, default="hf"), traj.steps, dtypes,
+                 sum(folder_bytes(c.path) for c in traj.checkpoints), sum(f.stat().st_size for f in files),
+                 [(q.name, *q.matrix_shape, None) for q in matrices], feats)
+
+
+def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None, base: Path | str | None = None,
+             max_memory: str | None = None) -> Diagnosis:
+    """Read a trajectory folder and compute its layout facts, rank-1 energies and linearity R^2. With ``base``,
+    ``ckpts`` holds full-parameter model folders, streamed under ``max_memory`` as ``fit --base`` does."""
+    root = Path(ckpts)
+    read = _read_full(root, Path(base), max_memory) if base is not None else _read_lora(root)
+    feats = read.features
+    n = len(read.steps)
     if fit_checkpoints is None:
         fit_checkpoints = default_fit_checkpoints(n) if n >= 3 else max(n - 1, 0)
     elif not 2 <= fit_checkpoints <= n - 1:
         raise NextrapError(f"--fit-checkpoints {fit_checkpoints}: {root} has {n} checkpoints; use 2 .. {n - 1} "
                            "(fit on the first K, predict the rest)" if n >= 3 else
                            f"--fit-checkpoints {fit_checkpoints}: {root} has {n} checkpoints; the linearity check needs at least 3")
-    # Only the global deltas are used; horizon 1 is the cheapest valid setting (0 for a single checkpoint).
-    feats = compute_features(traj, horizon=min(1, n - 1), sign_align=True)
-    steps = torch.tensor(traj.steps, dtype=torch.float64)
+    steps = torch.tensor(read.steps, dtype=torch.float64)
     reports = []
-    for m in traj.modules:
-        sigma = feats.get(m.name, "global", "sigma")
-        r2 = module_linearity(steps, sigma, feats.get(m.name, "global", "u"), feats.get(m.name, "global", "v"), fit_checkpoints)
-        reports.append(ModuleReport(m.name, module_type(m.name), module_layer(m.name), m.out_features, m.in_features, m.rank, r2))
+    for name, out_features, in_features, rank in read.modules:
+        sigma = feats.get(name, "global", "sigma")
+        r2 = module_linearity(steps, sigma, feats.get(name, "global", "u"), feats.get(name, "global", "v"), fit_checkpoints)
+        reports.append(ModuleReport(name, module_type(name), module_layer(name), out_features, in_features, rank, r2))
 
-    energy = torch.stack([feats.get(m.name, "global", "energy") for m in traj.modules]).to(torch.float64)
-    keep = torch.stack([nonzero_rows(feats.get(m.name, "global", "sigma")) for m in traj.modules])
+    energy = torch.stack([feats.get(r.name, "global", "energy") for r in reports]).to(torch.float64)
+    keep = torch.stack([nonzero_rows(feats.get(r.name, "global", "sigma")) for r in reports])
 
     def medians(select: list[bool]) -> list[float | None]:
         rows = torch.tensor(select)
@@ -275,9 +317,8 @@ def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None) -> Diagnosis
     by_type = {t: medians([r.type == t for r in reports]) for t in sorted({r.type for r in reports})}
     by_layer = {k: medians([r.layer == k for r in reports]) for k in {r.layer for r in reports}}
     return Diagnosis(
-        root=root, layout=LAYOUT, trainer=trainer_layout(root, traj.checkpoints), steps=traj.steps,
-        dtypes=weight_dtypes(traj.checkpoints), size_bytes=sum(folder_bytes(c.path) for c in traj.checkpoints),
-        weights_bytes=sum(c.weights.stat().st_size for c in traj.checkpoints), modules=reports,
+        root=root, layout=read.layout, trainer=read.trainer, steps=read.steps, dtypes=read.dtypes,
+        size_bytes=read.size_bytes, weights_bytes=read.weights_bytes, modules=reports,
         energy_overall=masked_medians(energy, keep), energy_by_type=by_type, energy_by_layer=by_layer,
         fit_checkpoints=fit_checkpoints,
     )
