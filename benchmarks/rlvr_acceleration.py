@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from nextrap.grpo import GRPOConfig
-from nextrap.pipeline import Arm, PipelineConfig, run_pipeline, steps_to_reach
+from nextrap.pipeline import Arm, PipelineConfig, run_pipeline, speedup, steps_to_reach
 
 KEY = "eval_sampled_acc"
 
@@ -49,11 +49,11 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     return json.loads((folder / "pipeline.json").read_text())
 
 
-def _mean_se(xs: list[float]) -> str:
+def _mean_se(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "n/a"
     se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.3f} ± {se:.3f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {se:.{digits}f}"
 
 
 def summarize(results: list[dict]) -> str:
@@ -63,8 +63,8 @@ def summarize(results: list[dict]) -> str:
     lines = [f"seeds: {len(results)}; plain N = {n}; jump at S1 = {s1}, then S2 = {s2} (S1 + S2 = {s1 + s2}); "
              f"horizon {first['horizon']} checkpoints; alpha {first['alpha']}",
              "",
-             "| arm | RL steps | sampled acc | greedy acc | steps to reach plain@N (per seed) | fit+extend s |",
-             "|---|---|---|---|---|---|"]
+             "| arm | RL steps | sampled acc | greedy acc | plain-equivalent steps | speed-up | steps to reach plain@N (per seed) | fit+extend s |",
+             "|---|---|---|---|---|---|---|---|"]
     rows: dict[str, dict[str, list]] = {}
     for res in results:
         arms = [Arm(**{k: a[k] for k in ("name", "rl_steps", "curve", "train_seconds", "jump_seconds", "note")},
@@ -76,7 +76,15 @@ def summarize(results: list[dict]) -> str:
         entries += [(a.name, a.rl_steps, a.final, a, a.jump_seconds) for a in arms]
         for name, steps, final, arm, jump_s in entries:
             row = rows.setdefault(name, {"steps": steps, "sampled": [], "greedy": [], "reach": [], "jump": [], "notes": [],
+                                         "equivalent": [], "speedup": [], "beyond": 0,
                                          "control": arm.control if arm is not None else ""})
+            if arm is not None:  # speed-up: plain's own curve, this seed, reaching the arm's final accuracy
+                sp = speedup(plain, arm)
+                if sp.speedup is None:
+                    row["beyond"] += 1
+                else:
+                    row["equivalent"].append(sp.equivalent_plain_steps)
+                    row["speedup"].append(sp.speedup)
             row["notes"].append(arm.note if arm is not None else "")
             row["sampled"].append(final[KEY])
             row["greedy"].append(final["eval_greedy_acc"])
@@ -87,7 +95,9 @@ def summarize(results: list[dict]) -> str:
     for name in order:
         row = rows[name]
         jump = f"{statistics.mean(row['jump']):.0f}" if any(row["jump"]) else ""
+        beyond = f" ({row['beyond']} beyond plain's run)" if row["beyond"] else ""
         lines.append(f"| {name} | {row['steps']} | {_mean_se(row['sampled'])} | {_mean_se(row['greedy'])} | "
+                     f"{_mean_se(row['equivalent'], 0)}{beyond} | {_mean_se(row['speedup'], 2)} | "
                      f"{', '.join(row['reach'])} | {jump} |")
     notes = {name: row["notes"] for name, row in rows.items() if any(n and n not in ("control", "ceiling") for n in row["notes"])}
     if notes:

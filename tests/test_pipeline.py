@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from nextrap.cli import app
 from nextrap.errors import NextrapError
 from nextrap.grpo import GRPOConfig
-from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, steps_to_reach
+from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
 
 TINY = GRPOConfig(save_every=2, batch_prompts=4, group_size=2, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
 
@@ -59,6 +59,19 @@ def test_accuracy_lookup_and_steps_to_reach():
     assert steps_to_reach(arm, 0.05) == 0.0 and steps_to_reach(arm, 0.6) is None
 
 
+def test_speedup_is_plains_equivalent_steps_over_the_steps_paid_fit_time_included():
+    plain = Arm("plain", 400, [{"step": 0, "eval_sampled_acc": 0.2}, {"step": 200, "eval_sampled_acc": 0.3},
+                               {"step": 400, "eval_sampled_acc": 0.4}], train_seconds=200.0)  # 0.5 s per step
+    jumped = Arm("linear", 250, [{"step": 250, "eval_sampled_acc": 0.35}], 125.0, jump_seconds=25.0)
+    sp = speedup(plain, jumped)
+    assert sp.equivalent_plain_steps == pytest.approx(300.0)  # plain reaches 0.35 halfway from 200 to 400
+    assert sp.cost_steps == pytest.approx(250 + 50)  # 25 s of fit + extend = 50 plain steps
+    assert sp.speedup == pytest.approx(1.0)
+    beyond = speedup(plain, Arm("x", 250, [{"step": 250, "eval_sampled_acc": 0.5}], 125.0))
+    assert beyond.equivalent_plain_steps is None and beyond.speedup is None  # better than plain ever got: no number
+    assert speedup(plain, plain).speedup == pytest.approx(1.0)
+
+
 def test_cli_pipeline_json(tmp_path):
     res = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path / "p"), "--steps", "12", "--save-every", "2",
                                    "--horizon", "2", "--s1", "6", "--s2", "2", "--epochs", "2", "--batch-prompts", "8",
@@ -68,6 +81,7 @@ def test_cli_pipeline_json(tmp_path):
     out = json.loads(res.stdout)
     assert out["s1"] == 6 and [a["name"] for a in out["arms"]] == ["plain", "linear (alpha 1.5)", "no jump", "true future (step 10)"]
     assert out["arms"][1]["control"] == "no jump"
+    assert all("equivalent_plain_steps" in a and "speedup" in a and a["cost_steps"] >= a["rl_steps"] for a in out["arms"])
 
 
 def test_rank_matched_controls_auto_alpha_and_a_reused_plain_run(tmp_path):

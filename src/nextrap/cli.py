@@ -25,7 +25,7 @@ from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
 from .methods import METHODS
 from .progress import rich_progress
-from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline
+from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline, speedup
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")
@@ -333,24 +333,30 @@ def _pipeline_table(r: PipelineResult) -> None:
     end = r.s1 + r.s2
     table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon})",
                   title_justify="left")
-    for col in ("arm", "RL steps", "sampled acc", "greedy acc", "train s", "fit+extend s", "note"):
+    for col in ("arm", "RL steps", "sampled acc", "greedy acc", "plain-equivalent steps", "speed-up", "train s",
+                "fit+extend s", "note"):
         table.add_column(col, justify="left" if col in ("arm", "note") else "right")
-    rows = [(a.name, a.rl_steps, a.final, a.train_seconds, a.jump_seconds, a.note) for a in r.arms]
     plain = r.arms[0]
+    rows = [(a.name, a.rl_steps, a.final, speedup(plain, a), a.train_seconds, a.jump_seconds, a.note) for a in r.arms]
     at_end = next((c for c in plain.curve if c["step"] == end), None)
     if at_end is not None:
-        rows.insert(1, (f"plain at step {end}", end, at_end, None, 0.0, "same budget"))
-    for name, n, final, secs, jump_s, note in rows:
+        rows.insert(1, (f"plain at step {end}", end, at_end, None, None, 0.0, "same budget"))
+    for name, n, final, sp, secs, jump_s, note in rows:
         acc = f"{final['eval_sampled_acc']:.3f} ± {final.get('eval_sampled_se', 0):.3f}" if "eval_sampled_acc" in final else "n/a"
         greedy = f"{final['eval_greedy_acc']:.3f}" if "eval_greedy_acc" in final else "n/a"
-        table.add_row(name, str(n), acc, greedy, "" if secs is None else f"{secs:.0f}", f"{jump_s:.1f}" if jump_s else "", note)
+        eq = "" if sp is None else f">{plain.rl_steps}" if sp.equivalent_plain_steps is None else f"{sp.equivalent_plain_steps:.0f}"
+        gain = "" if sp is None or sp.speedup is None else f"{sp.speedup:.2f}x"
+        table.add_row(name, str(n), acc, greedy, eq, gain, "" if secs is None else f"{secs:.0f}",
+                      f"{jump_s:.1f}" if jump_s else "", note)
     out_console.print(table)
     no_jump = next((a for a in r.arms if a.note == "control"), None)
     if at_end is not None and no_jump is not None and "eval_sampled_acc" in no_jump.final and "eval_sampled_acc" in at_end:
         cost = at_end["eval_sampled_acc"] - no_jump.final["eval_sampled_acc"]
         out_console.print(f"restart cost (plain at {end} minus no jump): {cost:+.3f} sampled accuracy", highlight=False)
     out_console.print("control: the last checkpoint restarted exactly like the jumps; ceiling: a jump to plain's own "
-                      "checkpoint h later. train s: seconds in RL steps (the shared first S1 included).", style="dim")
+                      "checkpoint h later. plain-equivalent steps: where plain's own curve reaches the arm's final "
+                      "sampled accuracy; speed-up: that over the RL steps spent, fit+extend counted as steps. "
+                      "train s: seconds in RL steps (the shared first S1 included).", style="dim")
 
 
 def main() -> None:  # pragma: no cover - console entry point

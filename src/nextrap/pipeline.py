@@ -87,9 +87,31 @@ class PipelineResult:
     backtest: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
+        plain = self.arms[0]
         return {"out": str(self.out), "steps": self.steps, "s1": self.s1, "s2": self.s2, "horizon": self.horizon,
-                "alpha": self.alpha, "arms": [{**asdict(a), "final": a.final} for a in self.arms],
+                "alpha": self.alpha,
+                "arms": [{**asdict(a), "final": a.final, **asdict(speedup(plain, a))} for a in self.arms],
                 "backtest": self.backtest}
+
+
+@dataclass
+class Speedup:
+    """An arm's result in plain's currency: the plain step whose accuracy it reached, over what it paid."""
+
+    equivalent_plain_steps: float | None  # None: beyond plain's run (the arm ended above plain's last accuracy)
+    cost_steps: float  # RL steps trained plus fit + extend seconds in plain's seconds per step
+    speedup: float | None  # equivalent_plain_steps / cost_steps (1 = as fast as plain)
+
+
+def speedup(plain: Arm, arm: Arm, key: str = "eval_sampled_acc") -> Speedup:
+    """Where ``plain``'s own accuracy curve (linear between evaluations) first reaches ``arm``'s final accuracy,
+    and the speed-up that is over the RL steps ``arm`` spent, its fit + extend time counted as steps."""
+    per_step = plain.train_seconds / plain.rl_steps if plain.rl_steps and plain.train_seconds else 0.0
+    cost = arm.rl_steps + (arm.jump_seconds / per_step if per_step else 0.0)
+    if key not in arm.final:
+        return Speedup(None, cost, None)
+    equivalent = steps_to_reach(plain, float(arm.final[key]), key)
+    return Speedup(equivalent, cost, equivalent / cost if equivalent is not None and cost > 0 else None)
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
