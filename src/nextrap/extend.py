@@ -1,5 +1,7 @@
 """``nextrap extend``: predict the move from the last fitted checkpoint and write W_c + alpha * move, as an
-exact PEFT adapter of rank r + k or as a merged Hugging Face model, one folder per alpha."""
+exact PEFT adapter of rank r + k or as a merged Hugging Face model, one folder per alpha; or write the base
+model with the jump folded in, W_0 + alpha * move, on which checkpoint c itself resumes at rank r:
+W_c + alpha * move = (W_0 + alpha * move) + s B_c A_c."""
 
 from __future__ import annotations
 
@@ -13,17 +15,17 @@ from safetensors.torch import save_file
 
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
-from .checkpoints import shape_groups
+from .checkpoints import relative_name, shape_groups
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import load_fit
-from .hfmodel import parse_size, write_merged
+from .hfmodel import lora_deltas, parse_size, write_merged
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
 from .methods import FITTED, METHODS, Jump, JumpContext, jump
 from .trajectory import VEC, Features
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
 
@@ -68,6 +70,7 @@ class ExtendResult:
     choice: Choice | None = None  # set when --method auto or --alpha auto chose
     backtest_error: dict[float, float] = field(default_factory=dict)  # alpha -> backtest e of this method
     warnings: list[str] = field(default_factory=list)
+    resume_from: dict[str, Any] | None = None  # --format base: the checkpoint (path, step) to resume on the folded base
 
     def to_json(self) -> dict[str, Any]:
         sig = list(self.predicted_sigma.values())
@@ -75,7 +78,8 @@ class ExtendResult:
                 "folders": [str(f) for f in self.folders], "from_step": self.from_step, "horizon": self.horizon,
                 "predicted_sigma_median": float(torch.tensor(sig).median()) if sig else None,
                 "choice": vars(self.choice) if self.choice else None,
-                "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings}
+                "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings,
+                "resume_from": self.resume_from}
 
 
 def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
@@ -155,7 +159,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     jumps only the modules whose global delta has rank-1 energy sigma1/sum(sigma) >= min_energy (the others
     keep their last weights)."""
     if fmt not in FORMATS:
-        raise NextrapError(f"--format {fmt}: use adapter or merged")
+        raise NextrapError(f"--format {fmt}: use adapter, merged or base")
     if method not in (*METHODS, "auto"):
         raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
     shard_bytes = parse_size(max_shard_size)
@@ -166,9 +170,12 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
     full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
+    if full and fmt == "base":
+        raise NextrapError("--format base folds the jump under a LoRA adapter; a full-parameter fit has none: its "
+                           "--format merged output already is the jumped model")
     fmt = "merged" if full else fmt
-    if fmt == "merged" and base is None and not full:
-        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
+    if fmt in ("merged", "base") and base is None and not full:
+        raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
     results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}
@@ -194,6 +201,9 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
         "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
         "min_energy": min_energy,
+        # --format base: resume this checkpoint (its adapter, optimizer, schedule, step) on the folded base
+        "resume_from": ({"path": str(traj.checkpoints[row].path.absolute()), "step": features.steps[row]}
+                        if fmt == "base" else None),
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
         "choice": vars(choice) if choice else None,
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
@@ -207,9 +217,12 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
             elif fmt == "adapter":
                 write_adapter(folder, traj, row, j, alpha)
             else:
-                write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
+                trained = fmt == "merged"
+                extra = {relative_name(k): v for k, v in traj.read_extra(row).items()} if trained else None  # modules_to_save
+                write_merged(folder, Path(base), lora_deltas(traj, row, j, alpha, trained=trained), shard_bytes,
+                             extra, traj.checkpoints[row].weights)
             save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        dict(provenance["predicted_sigma"]), choice, errors, warnings)
+                        dict(provenance["predicted_sigma"]), choice, errors, warnings, provenance["resume_from"])
