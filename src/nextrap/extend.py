@@ -18,7 +18,7 @@ from .backtest import BacktestResult, Choice, choose
 from .checkpoints import relative_name, shape_groups
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
-from .fit import load_fit
+from .fit import FitFolder, load_fit
 from .hfmodel import lora_deltas, parse_size, write_merged
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
@@ -149,6 +149,51 @@ def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) ->
     return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 
+@dataclass
+class Plan:
+    """What a fit says to jump: the method and alphas (chosen from the backtest when asked), the move from the
+    last checkpoint (``row``) and the backtest's error at each alpha. ``extend`` writes it; the TRL callback
+    applies it to a live model."""
+
+    fit: FitFolder
+    method: str
+    alphas: list[float]
+    choice: Choice | None
+    move: Jump
+    row: int
+    errors: dict[float, float]  # alpha -> backtest e of this method
+    warnings: list[str]
+
+
+def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_energy: float = 0.0) -> Plan:
+    """Resolve ``method="auto"`` / ``alphas=None`` from the fit's backtest (alpha 0 = don't jump when nothing
+    beats standing still) and predict the move from the last checkpoint; ``min_energy`` zeroes the move of
+    modules whose global delta has rank-1 energy sigma1/sum(sigma) below it."""
+    if method not in (*METHODS, "auto"):
+        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
+    features = fit.features
+    results = [BacktestResult.from_json(b) for b in fit.manifest.get("summary", {}).get("backtest", [])]
+    method, alphas, choice = _decide(results, method, alphas)
+    by_method = {r.method: r for r in results}
+    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
+                for a, e in errors.items() if e >= 1 and a != 0]
+    if choice is not None and choice.alpha == 0:
+        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
+                                                 else f"writing the requested alphas with {method} anyway"))
+    row = features.n_rows - 1
+    if method in FITTED and method not in fit.models:
+        raise NextrapError(f"{fit.path}: has no fitted {method} model (left out by `fit --methods`, or written by an "
+                           "older nextrap); refit it")
+    try:
+        j = jump(method, JumpContext(features, fit.trajectory, row, fit.models))
+    except FloatingPointError as e:
+        raise NextrapError(f"{fit.path}: {e}; refusing to write a jumped checkpoint") from None
+    if min_energy > 0:
+        j = _only_energetic(j, features, row, min_energy)
+    return Plan(fit, method, alphas, choice, j, row, errors, warnings)
+
+
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
            base: Path | str | None = None, method: str = "next", overwrite: bool = False,
            max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:
@@ -176,25 +221,8 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     fmt = "merged" if full else fmt
     if fmt in ("merged", "base") and base is None and not full:
         raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
-    results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
-    method, alphas, choice = _decide(results, method, alphas)
-    by_method = {r.method: r for r in results}
-    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
-    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
-                for a, e in errors.items() if e >= 1 and a != 0]
-    if choice is not None and choice.alpha == 0:
-        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
-                                                 else f"writing the requested alphas with {method} anyway"))
-    row = features.n_rows - 1
-    if method in FITTED and method not in loaded.models:
-        raise NextrapError(f"{fit_dir}: has no fitted {method} model (left out by `fit --methods`, or written by an "
-                           "older nextrap); refit it")
-    try:
-        j = jump(method, JumpContext(features, traj, row, loaded.models))
-    except FloatingPointError as e:
-        raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
-    if min_energy > 0:
-        j = _only_energetic(j, features, row, min_energy)
+    chosen = plan(loaded, alphas, method, min_energy)
+    method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
     prediction = _prediction_tensors(j, features)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
@@ -225,4 +253,4 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        dict(provenance["predicted_sigma"]), choice, errors, warnings, provenance["resume_from"])
+                        dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])

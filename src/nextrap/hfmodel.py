@@ -108,17 +108,27 @@ def lora_deltas(traj: LoraTrajectory, row: int, j: Jump, alpha: float, trained: 
         for group in shape_groups(traj.modules).values():
             b, a = traj.factors(row, group)
             factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
+    return module_deltas(traj.modules, [(j, alpha)], factors)
+
+
+def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
+                  trained: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[WeightDelta]:
+    """Per module: the sum of alpha * P @ Q^T over ``moves`` (move, alpha), plus s * B @ A where ``trained``
+    has the module's (B, A), in the layout of its base weight (transposed for fan_in_fan_out)."""
+    trained = trained or {}
 
     def delta(m: LoraModule) -> torch.Tensor:
-        p, q = j.factors[m.name]
-        d = alpha * (p @ q.mT)
-        if trained:
-            b, a = factors[m.name]
-            d = d + m.scale * (b @ a)
+        d = torch.zeros(m.out_features, m.in_features, dtype=torch.float64)
+        for move, alpha in moves:
+            p, q = move.factors[m.name]
+            d += alpha * (p.double() @ q.double().mT)
+        if m.name in trained:
+            b, a = trained[m.name]
+            d += m.scale * (b.double() @ a.double())
         return d.mT if m.fan_in_fan_out else d
 
     return [WeightDelta(m.base_key, [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features],
-                        m.name, partial(delta, m)) for m in traj.modules]
+                        m.name, partial(delta, m)) for m in modules]
 
 
 def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_bytes: int,
