@@ -39,8 +39,11 @@ from nextrap.extend import parse_alphas
 from nextrap.grpo import default_model_dir
 from nextrap.tasks import exact_match, get_task
 
-LORA = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
-                  task_type="CAUSAL_LM")
+
+def lora_config() -> LoraConfig:
+    """The run's LoraConfig: the same before and after the jump (a fresh object each time: PEFT writes into it)."""
+    return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
 
 
 def addition_dataset(n: int = 256) -> Dataset:
@@ -66,7 +69,7 @@ def make_trainer(model: str | Path, out: Path, steps: int, callbacks: list[Train
     """The run's trainer: the same LoraConfig, GRPOConfig, data and reward before and after the jump; only the
     model path changes (the base, then the base with the jump folded in)."""
     return GRPOTrainer(model=str(model), reward_funcs=addition_reward, args=grpo_args(out, steps),
-                       train_dataset=addition_dataset(), peft_config=LORA, callbacks=callbacks)
+                       train_dataset=addition_dataset(), peft_config=lora_config(), callbacks=callbacks)
 
 
 class StopAfter(TrainerCallback):

@@ -55,7 +55,8 @@ class Probe(TrainerCallback):
 def lora_product(folder: Path) -> dict[str, torch.Tensor]:
     """s * B @ A per LoRA-targeted weight of a saved adapter (by its name in the base model)."""
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    scale = recipe.LORA.lora_alpha / recipe.LORA.r
+    lora = recipe.lora_config()
+    scale = lora.lora_alpha / lora.r
     out = {}
     for key, a in tensors.items():
         if ".lora_A." in key:
@@ -100,3 +101,50 @@ def test_a_trl_run_resumes_on_the_folded_base_at_step_c_plus_1_with_its_optimize
         jumped = w0[key].double() + now[key] + ALPHA * (now[key] - before[key])
         assert torch.allclose(w, jumped, atol=1e-6), key
         assert not torch.allclose(w, w0[key].double() + now[key], atol=1e-6), key  # the jump is really in
+
+
+def test_the_callback_jumps_a_live_trl_run_in_place_and_fold_gives_the_base_its_later_checkpoints_load_on(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nextrap.integrations.trl import JumpCallback
+    from nextrap.jumps import JUMPS, fold
+
+    base, run = default_model_dir(), tmp_path / "run"
+    jumper = JumpCallback(steps=[C], method="linear", alpha=ALPHA, horizon=1)
+    trainer = recipe.make_trainer(base, run, STEPS, [jumper])
+    trainer.train()
+
+    assert trainer.state.global_step == STEPS  # the run went on after the jump, same trainer, same optimizer
+    [record] = jumper.history
+    assert record["step"] == C and record["method"] == "linear" and record["alpha"] == ALPHA
+    assert record["fitted_steps"] == list(range(1, C + 1)) and record["saved"] == str(run / JUMPS / f"step_{C}")
+    # the frozen base weights moved by alpha (W_c - W_{c-1}) at step c, computed from the saved checkpoints
+    w0 = model_state(base)
+    now, before = lora_product(run / f"checkpoint-{C}"), lora_product(run / f"checkpoint-{C - 1}")
+    live = {relative_name(n) + ".weight": m for n, m in trainer.model.named_modules() if hasattr(m, "base_layer")}
+    assert set(live) == set(now)
+    for key, layer in live.items():
+        expected = w0[key].double() + ALPHA * (now[key] - before[key])
+        assert torch.allclose(layer.base_layer.weight.double(), expected, atol=1e-6), key
+    # fold gives that base bit for bit, and the last checkpoint (saved after the jump) on it is the live model
+    folded = fold(base, run / JUMPS, tmp_path / "folded").out
+    folded_state = model_state(folded)
+    for key, layer in live.items():
+        assert torch.equal(layer.base_layer.weight, folded_state[key]), key
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folded), run / f"checkpoint-{STEPS}")
+    assert effective_weights(reloaded).keys() == effective_weights(trainer.model).keys()
+    for key, w in effective_weights(trainer.model).items():
+        assert torch.allclose(effective_weights(reloaded)[key], w, atol=1e-7), key
+
+
+def test_the_callback_refuses_steps_without_a_checkpoint_before_training():
+    from types import SimpleNamespace
+
+    from nextrap.errors import NextrapError
+    from nextrap.integrations.trl import JumpCallback
+
+    args = SimpleNamespace(save_strategy="steps", save_steps=10)
+    JumpCallback(steps=[20, 150]).on_train_begin(args, None, None)
+    with pytest.raises(NextrapError, match=r"steps \[15\]: the trainer saves every 10 steps"):
+        JumpCallback(steps=[15, 20]).on_train_begin(args, None, None)

@@ -23,6 +23,7 @@ from .fit import FitResult, fit as run_fit
 from .grpo import ALL_LINEAR, GRPOConfig
 from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
+from .jumps import fold as run_fold
 from .methods import METHODS
 from .progress import rich_progress
 from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline
@@ -155,6 +156,26 @@ def extend(
     median = result.to_json()["predicted_sigma_median"]
     out_console.print(f"median predicted σ of the move: {'n/a' if median is None else f'{median:.4g}'}; "
                       f"horizon {result.horizon} checkpoints", highlight=False)
+
+
+@app.command("fold")
+def fold_cmd(
+    base: Path = typer.Argument(..., help="The base model the run started from (HF folder, single or sharded safetensors)."),
+    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the base with the jumps added."),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Fold only the jumps made at steps <= this: the base of the checkpoint of that step (default: all)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Fold jumps saved during training into the base model, so that the adapters saved after them load (and resume) on it."""
+    with _errors():
+        result = run_fold(base, jumps, out, upto=upto, max_shard_size=max_shard_size, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    out_console.print(f"folded the jumps of steps {', '.join(map(str, result.steps))} into {result.out} "
+                      f"({result.shards} shard(s)): load checkpoints from step {result.steps[-1]} on it", highlight=False)
 
 
 def _bytes(n: int) -> str:
