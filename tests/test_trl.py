@@ -103,7 +103,7 @@ def test_a_trl_run_resumes_on_the_folded_base_at_step_c_plus_1_with_its_optimize
         assert not torch.allclose(w, w0[key].double() + now[key], atol=1e-6), key  # the jump is really in
 
 
-def test_the_callback_jumps_a_live_trl_run_in_place_and_fold_gives_the_base_its_later_checkpoints_load_on(tmp_path):
+def test_the_callback_jumps_a_live_trl_run_twice_in_place_and_fold_gives_the_base_its_later_checkpoints_load_on(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -111,31 +111,34 @@ def test_the_callback_jumps_a_live_trl_run_in_place_and_fold_gives_the_base_its_
     from nextrap.jumps import JUMPS, fold
 
     base, run = default_model_dir(), tmp_path / "run"
-    jumper = JumpCallback(steps=[C], method="linear", alpha=ALPHA, horizon=1)
+    jumper = JumpCallback(steps=[3, 5], method="linear", alpha=ALPHA, horizon=1)
     trainer = recipe.make_trainer(base, run, STEPS, [jumper])
     trainer.train()
 
-    assert trainer.state.global_step == STEPS  # the run went on after the jump, same trainer, same optimizer
-    [record] = jumper.history
-    assert record["step"] == C and record["method"] == "linear" and record["alpha"] == ALPHA
-    assert record["fitted_steps"] == list(range(1, C + 1)) and record["saved"] == str(run / JUMPS / f"step_{C}")
-    # the frozen base weights moved by alpha (W_c - W_{c-1}) at step c, computed from the saved checkpoints
+    assert trainer.state.global_step == STEPS  # the run went on after each jump, same trainer, same optimizer
+    assert [(r["step"], r["method"], r["alpha"]) for r in jumper.history] == [(3, "linear", ALPHA), (5, "linear", ALPHA)]
+    # the second jump is fitted on the checkpoints saved since the first (they share one base)
+    assert [r["fitted_steps"] for r in jumper.history] == [[1, 2, 3], [3, 4, 5]]
+    assert [r["saved"] for r in jumper.history] == [str(run / JUMPS / f"step_{s}") for s in (3, 5)]
+    # the frozen base weights moved by alpha (W_3 - W_2) at step 3 and alpha (W_5 - W_4) at step 5, computed
+    # from the saved checkpoints (each adapter relative to the base it was trained on)
     w0 = model_state(base)
-    now, before = lora_product(run / f"checkpoint-{C}"), lora_product(run / f"checkpoint-{C - 1}")
+    sba = {s: lora_product(run / f"checkpoint-{s}") for s in (2, 3, 4, 5)}
     live = {relative_name(n) + ".weight": m for n, m in trainer.model.named_modules() if hasattr(m, "base_layer")}
-    assert set(live) == set(now)
+    assert set(live) == set(sba[3])
     for key, layer in live.items():
-        expected = w0[key].double() + ALPHA * (now[key] - before[key])
+        expected = w0[key].double() + ALPHA * (sba[3][key] - sba[2][key]) + ALPHA * (sba[5][key] - sba[4][key])
         assert torch.allclose(layer.base_layer.weight.double(), expected, atol=1e-6), key
-    # fold gives that base bit for bit, and the last checkpoint (saved after the jump) on it is the live model
+    # fold gives that base bit for bit, and the last checkpoint (saved after both jumps) on it is the live model
     folded = fold(base, run / JUMPS, tmp_path / "folded").out
     folded_state = model_state(folded)
     for key, layer in live.items():
         assert torch.equal(layer.base_layer.weight, folded_state[key]), key
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folded), run / f"checkpoint-{STEPS}")
-    assert effective_weights(reloaded).keys() == effective_weights(trainer.model).keys()
-    for key, w in effective_weights(trainer.model).items():
-        assert torch.allclose(effective_weights(reloaded)[key], w, atol=1e-7), key
+    mine, theirs = effective_weights(trainer.model), effective_weights(reloaded)
+    assert mine.keys() == theirs.keys()
+    for key, w in mine.items():
+        assert torch.allclose(theirs[key], w, atol=1e-7), key
 
 
 def test_the_callback_refuses_steps_without_a_checkpoint_before_training():

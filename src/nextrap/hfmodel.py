@@ -89,12 +89,20 @@ def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str,
 @dataclass(frozen=True)
 class WeightDelta:
     """What to add to one weight of a base model: its name there, the shape it must have, the LoRA module it
-    belongs to (for messages), and the dense delta in that layout (made when the weight is written)."""
+    belongs to (for messages), and the dense deltas in that layout (made when the weight is written), added one
+    after the other as a trainer jumping several times adds them."""
 
     key: str
     shape: list[int]
     module: str
-    delta: Callable[[], torch.Tensor]
+    parts: list[Callable[[], torch.Tensor]]
+
+    def added_to(self, w: torch.Tensor) -> torch.Tensor:
+        """w + each delta in turn, summed in float64 and stored in w's dtype after each: the jumped weight bit
+        for bit, whether written to a file (``write_merged``) or made in a live model (``jumps.apply_in_place``)."""
+        for part in self.parts:
+            w = (w.to(torch.float64) + part().to(w.device)).to(w.dtype)
+        return w
 
 
 def lora_deltas(traj: LoraTrajectory, row: int, j: Jump, alpha: float, trained: bool = True) -> list[WeightDelta]:
@@ -113,22 +121,21 @@ def lora_deltas(traj: LoraTrajectory, row: int, j: Jump, alpha: float, trained: 
 
 def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
                   trained: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[WeightDelta]:
-    """Per module: the sum of alpha * P @ Q^T over ``moves`` (move, alpha), plus s * B @ A where ``trained``
-    has the module's (B, A), in the layout of its base weight (transposed for fan_in_fan_out)."""
+    """Per module: alpha * P @ Q^T for each of ``moves`` (move, alpha), in order, the first plus s * B @ A where
+    ``trained`` has the module's (B, A); in the layout of its base weight (transposed for fan_in_fan_out)."""
     trained = trained or {}
 
-    def delta(m: LoraModule) -> torch.Tensor:
-        d = torch.zeros(m.out_features, m.in_features, dtype=torch.float64)
-        for move, alpha in moves:
-            p, q = move.factors[m.name]
-            d += alpha * (p.double() @ q.double().mT)
-        if m.name in trained:
+    def delta(m: LoraModule, i: int) -> torch.Tensor:
+        move, alpha = moves[i]
+        p, q = move.factors[m.name]
+        d = alpha * (p.double() @ q.double().mT)
+        if i == 0 and m.name in trained:
             b, a = trained[m.name]
-            d += m.scale * (b.double() @ a.double())
+            d = d + m.scale * (b.double() @ a.double())
         return d.mT if m.fan_in_fan_out else d
 
     return [WeightDelta(m.base_key, [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features],
-                        m.name, partial(delta, m)) for m in modules]
+                        m.name, [partial(delta, m, i) for i in range(len(moves))]) for m in modules]
 
 
 def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_bytes: int,
@@ -153,7 +160,7 @@ def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_byt
 
     def merged(key: str, w: torch.Tensor) -> torch.Tensor:
         if key in by_key:
-            return (w.to(torch.float64) + by_key[key].delta()).to(w.dtype)
+            return by_key[key].added_to(w)
         return replaced[key].to(w.dtype) if key in replaced else w
 
     shards, total = write_sharded(out, info, lambda keys: ((k, merged(k, w)) for k, w in _iter_tensors(keys, wmap)), max_shard_bytes)

@@ -111,8 +111,8 @@ class FoldResult:
 
 def fold(base: Path | str, jumps: Path | str, out: Path | str, upto: int | None = None, max_shard_size: str = "5GB",
          overwrite: bool = False) -> FoldResult:
-    """Write ``base`` with every jump saved in ``jumps`` at a step <= ``upto`` added (one tensor at a time,
-    sharded as ``extend --format merged``)."""
+    """Write ``base`` with every jump saved in ``jumps`` at a step <= ``upto`` added, in step order and rounded
+    to the base dtype after each as the live model was (one tensor at a time, sharded as ``extend --format merged``)."""
     out = Path(out)
     check_apart(out, {"the base model": base, "the jumps folder": jumps})
     shard_bytes = parse_size(max_shard_size)
@@ -130,7 +130,7 @@ def fold(base: Path | str, jumps: Path | str, out: Path | str, upto: int | None 
 
 def apply_in_place(model: torch.nn.Module, move: Jump, alpha: float, modules: list[LoraModule]) -> int:
     """Add alpha * move to the frozen base weight of every LoRA module of a live PEFT model (``base_layer``),
-    computed as ``fold`` computes it (float64, then the weight's dtype); returns the number of weights changed."""
+    computed as ``fold`` computes it (``WeightDelta.added_to``); returns the number of weights changed."""
     live = dict(model.named_modules())
     changed = 0
     with torch.no_grad():
@@ -142,6 +142,6 @@ def apply_in_place(model: torch.nn.Module, move: Jump, alpha: float, modules: li
                                    "modules differ from the model being trained)")
             if list(weight.shape) != d.shape:
                 raise NextrapError(f"{d.module}: base weight has shape {list(weight.shape)}, the checkpoints say {d.shape}")
-            weight.copy_((weight.double() + d.delta().to(weight.device)).to(weight.dtype))
+            weight.copy_(d.added_to(weight))
             changed += 1
     return changed
