@@ -1,5 +1,6 @@
 # `make test` and `make demo` each set up .venv from nothing on a fresh machine.
-# torch 2.13.0 is installed first: a bare `torch` requirement could pull a multi-GB CUDA build.
+# torch 2.13.0 is installed first: a bare `torch` requirement could pull a multi-GB CUDA build; the
+# second install names it again so that no dependency (trl, accelerate, ...) can upgrade it.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,plot]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,trl]' torch==2.13.0  # torch named again: no extra may replace it
 	touch $(STAMP)
 
 test: $(STAMP)

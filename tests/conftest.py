@@ -28,6 +28,16 @@ def tree_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model folder's safetensors (one file or shards), as stored."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 @pytest.fixture
 def trajectory(tmp_path: Path) -> Path:
     dst = tmp_path / "ckpts"

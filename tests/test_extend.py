@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nextrap
-from conftest import TRAJECTORY
+from conftest import TRAJECTORY, model_state
 from nextrap.checkpoints import load_trajectory
 from nextrap.errors import NextrapError
 from nextrap.methods import METHODS
@@ -108,3 +108,39 @@ def test_min_energy_jumps_only_the_energetic_modules(fitted, tmp_path):
     assert {m for m in feats.modules if float(pred[f"{m}:sigma"]) > 0} == {m for m, e in energy.items() if e >= cut}
     info = json.loads((tmp_path / "out" / "nextrap.json").read_text())
     assert info["min_energy"] == cut
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_base_format_plus_the_last_checkpoint_equals_the_jumped_adapter(fitted, tmp_path, method):
+    """W_c + alpha * move = (W_0 + alpha * move) + s B_c A_c: checkpoint c's own adapter on the folded base is
+    the rank-grown jumped adapter on the original base, every weight within float32 rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import BASE
+
+    folded = nextrap.extend(fitted, [1.5], tmp_path / "base", fmt="base", base=BASE, method=method,
+                            max_shard_size="100KB").out
+    grown = nextrap.extend(fitted, [1.5], tmp_path / "adapter", method=method).out
+    info = json.loads((folded / "nextrap.json").read_text())
+    ckpt = TRAJECTORY / "step_160"
+    assert info["format"] == "base" and info["resume_from"]["step"] == 160
+    assert info["resume_from"]["path"] == str((fitted.parent / "ckpts" / "step_160").absolute())
+    assert len(list(folded.glob("model-*.safetensors"))) > 1 and (folded / "config.json").is_file()
+
+    resumed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folded), ckpt).merge_and_unload().state_dict()
+    jumped = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), grown).merge_and_unload().state_dict()
+    lora_keys = {m.base_key for m in load_trajectory(TRAJECTORY).modules}
+    base, written = model_state(BASE), model_state(folded)
+    assert set(written) == set(base)
+    for k in base:  # everything not LoRA-targeted is the base's, bit for bit
+        assert k in lora_keys or torch.equal(written[k], base[k]), k
+    worst = max(float((resumed[k] - jumped[k]).abs().max()) for k in jumped)
+    assert worst < 1e-6, worst  # measured 7.5e-9 for every method: float32 rounding
+    assert any(not torch.equal(written[k], base[k]) for k in lora_keys)
+
+
+def test_base_format_needs_a_base_and_a_lora_fit(fitted, tmp_path):
+    with pytest.raises(NextrapError, match="--format base needs --base"):
+        nextrap.extend(fitted, [1.0], tmp_path / "b", fmt="base")
+    assert not (tmp_path / "b").exists()

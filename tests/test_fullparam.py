@@ -344,6 +344,14 @@ def test_extend_refuses_non_finite_weights_and_leaves_nothing(full_fit, tmp_path
     assert not (tmp_path / "inf").exists() and not list(tmp_path.glob(".inf*"))
 
 
+def test_extend_format_base_refuses_a_full_fit(full_fit, tmp_path):
+    import nextrap
+
+    with pytest.raises(NextrapError, match="--format merged output already is the jumped model"):
+        nextrap.extend(full_fit[0], [1.0], tmp_path / "b", fmt="base", base=BASE, method="linear")
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_full_fit_with_fast_svd_and_a_too_small_budget(run, tmp_path):
     from typer.testing import CliRunner
 

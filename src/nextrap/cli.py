@@ -23,6 +23,7 @@ from .fit import FitResult, fit as run_fit
 from .grpo import ALL_LINEAR, GRPOConfig
 from .grpo_cli import grpo as grpo_cmd
 from .hub import push as run_push
+from .jumps import fold as run_fold
 from .methods import METHODS
 from .progress import rich_progress
 from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline, speedup
@@ -120,10 +121,10 @@ def extend(
     fit_dir: Path = typer.Option(Path("nextrap-fit"), "--fit", help="Fit folder written by `nextrap fit`."),
     alpha: str = typer.Option(..., "--alpha", help="Jump size: 1.5, a list 1.0,1.5, a range 0.5:4.0:0.5 (one subfolder per value), or auto (lowest backtest error; 0 = don't jump)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged."),
+    fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base) | base (the base model with the jump folded in, needs --base: resume checkpoint c itself on it at rank r, see nextrap.json resume_from)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged or base."),
     method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged or base."),
     min_energy: float = typer.Option(0.0, "--min-energy", help="Jump only modules whose rank-1 energy σ1/Σσ is at least this (see `nextrap inspect`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -149,9 +150,32 @@ def extend(
         e = result.backtest_error.get(a)
         table.add_row(alpha_folder(a).removeprefix("alpha-"), "n/a" if e is None else f"{e:.3f}", str(folder))
     out_console.print(table)
+    if result.resume_from:
+        out_console.print(f"resume {result.resume_from['path']} (step {result.resume_from['step']}: its adapter, optimizer "
+                          "and schedule) on this base model", highlight=False)
     median = result.to_json()["predicted_sigma_median"]
     out_console.print(f"median predicted σ of the move: {'n/a' if median is None else f'{median:.4g}'}; "
                       f"horizon {result.horizon} checkpoints", highlight=False)
+
+
+@app.command("fold")
+def fold_cmd(
+    base: Path = typer.Argument(..., help="The base model the run started from (HF folder, single or sharded safetensors)."),
+    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the base with the jumps added."),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Fold only the jumps made at steps <= this: the base of the checkpoint of that step (default: all)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Fold jumps saved during training into the base model, so that the adapters saved after them load (and resume) on it."""
+    with _errors():
+        result = run_fold(base, jumps, out, upto=upto, max_shard_size=max_shard_size, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    out_console.print(f"folded the jumps of steps {', '.join(map(str, result.steps))} into {result.out} "
+                      f"({result.shards} shard(s)): load checkpoints from step {result.steps[-1]} on it", highlight=False)
 
 
 def _bytes(n: int) -> str:

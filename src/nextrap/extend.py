@@ -1,5 +1,7 @@
 """``nextrap extend``: predict the move from the last fitted checkpoint and write W_c + alpha * move, as an
-exact PEFT adapter of rank r + k or as a merged Hugging Face model, one folder per alpha."""
+exact PEFT adapter of rank r + k or as a merged Hugging Face model, one folder per alpha; or write the base
+model with the jump folded in, W_0 + alpha * move, on which checkpoint c itself resumes at rank r:
+W_c + alpha * move = (W_0 + alpha * move) + s B_c A_c."""
 
 from __future__ import annotations
 
@@ -13,17 +15,17 @@ from safetensors.torch import save_file
 
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
-from .checkpoints import shape_groups
+from .checkpoints import relative_name, shape_groups
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
-from .fit import load_fit
-from .hfmodel import parse_size, write_merged
+from .fit import FitFolder, load_fit
+from .hfmodel import lora_deltas, parse_size, write_merged
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
 from .methods import FITTED, METHODS, Jump, JumpContext, jump
 from .trajectory import VEC, Features
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
 
@@ -68,6 +70,7 @@ class ExtendResult:
     choice: Choice | None = None  # set when --method auto or --alpha auto chose
     backtest_error: dict[float, float] = field(default_factory=dict)  # alpha -> backtest e of this method
     warnings: list[str] = field(default_factory=list)
+    resume_from: dict[str, Any] | None = None  # --format base: the checkpoint (path, step) to resume on the folded base
 
     def to_json(self) -> dict[str, Any]:
         sig = list(self.predicted_sigma.values())
@@ -75,7 +78,8 @@ class ExtendResult:
                 "folders": [str(f) for f in self.folders], "from_step": self.from_step, "horizon": self.horizon,
                 "predicted_sigma_median": float(torch.tensor(sig).median()) if sig else None,
                 "choice": vars(self.choice) if self.choice else None,
-                "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings}
+                "backtest_error": {str(a): e for a, e in self.backtest_error.items()}, "warnings": self.warnings,
+                "resume_from": self.resume_from}
 
 
 def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
@@ -145,6 +149,51 @@ def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) ->
     return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 
+@dataclass
+class Plan:
+    """What a fit says to jump: the method and alphas (chosen from the backtest when asked), the move from the
+    last checkpoint (``row``) and the backtest's error at each alpha. ``extend`` writes it; the TRL callback
+    applies it to a live model."""
+
+    fit: FitFolder
+    method: str
+    alphas: list[float]
+    choice: Choice | None
+    move: Jump
+    row: int
+    errors: dict[float, float]  # alpha -> backtest e of this method
+    warnings: list[str]
+
+
+def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_energy: float = 0.0) -> Plan:
+    """Resolve ``method="auto"`` / ``alphas=None`` from the fit's backtest (alpha 0 = don't jump when nothing
+    beats standing still) and predict the move from the last checkpoint; ``min_energy`` zeroes the move of
+    modules whose global delta has rank-1 energy sigma1/sum(sigma) below it."""
+    if method not in (*METHODS, "auto"):
+        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
+    features = fit.features
+    results = [BacktestResult.from_json(b) for b in fit.manifest.get("summary", {}).get("backtest", [])]
+    method, alphas, choice = _decide(results, method, alphas)
+    by_method = {r.method: r for r in results}
+    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
+                for a, e in errors.items() if e >= 1 and a != 0]
+    if choice is not None and choice.alpha == 0:
+        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
+                                                 else f"writing the requested alphas with {method} anyway"))
+    row = features.n_rows - 1
+    if method in FITTED and method not in fit.models:
+        raise NextrapError(f"{fit.path}: has no fitted {method} model (left out by `fit --methods`, or written by an "
+                           "older nextrap); refit it")
+    try:
+        j = jump(method, JumpContext(features, fit.trajectory, row, fit.models))
+    except FloatingPointError as e:
+        raise NextrapError(f"{fit.path}: {e}; refusing to write a jumped checkpoint") from None
+    if min_energy > 0:
+        j = _only_energetic(j, features, row, min_energy)
+    return Plan(fit, method, alphas, choice, j, row, errors, warnings)
+
+
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
            base: Path | str | None = None, method: str = "next", overwrite: bool = False,
            max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:
@@ -155,7 +204,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     jumps only the modules whose global delta has rank-1 energy sigma1/sum(sigma) >= min_energy (the others
     keep their last weights)."""
     if fmt not in FORMATS:
-        raise NextrapError(f"--format {fmt}: use adapter or merged")
+        raise NextrapError(f"--format {fmt}: use adapter, merged or base")
     if method not in (*METHODS, "auto"):
         raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
     shard_bytes = parse_size(max_shard_size)
@@ -166,34 +215,23 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
     full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
+    if full and fmt == "base":
+        raise NextrapError("--format base folds the jump under a LoRA adapter; a full-parameter fit has none: its "
+                           "--format merged output already is the jumped model")
     fmt = "merged" if full else fmt
-    if fmt == "merged" and base is None and not full:
-        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
-    results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
-    method, alphas, choice = _decide(results, method, alphas)
-    by_method = {r.method: r for r in results}
-    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
-    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
-                for a, e in errors.items() if e >= 1 and a != 0]
-    if choice is not None and choice.alpha == 0:
-        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
-                                                 else f"writing the requested alphas with {method} anyway"))
-    row = features.n_rows - 1
-    if method in FITTED and method not in loaded.models:
-        raise NextrapError(f"{fit_dir}: has no fitted {method} model (left out by `fit --methods`, or written by an "
-                           "older nextrap); refit it")
-    try:
-        j = jump(method, JumpContext(features, traj, row, loaded.models))
-    except FloatingPointError as e:
-        raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
-    if min_energy > 0:
-        j = _only_energetic(j, features, row, min_energy)
+    if fmt in ("merged", "base") and base is None and not full:
+        raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
+    chosen = plan(loaded, alphas, method, min_energy)
+    method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
     prediction = _prediction_tensors(j, features)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
         "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
         "min_energy": min_energy,
+        # --format base: resume this checkpoint (its adapter, optimizer, schedule, step) on the folded base
+        "resume_from": ({"path": str(traj.checkpoints[row].path.absolute()), "step": features.steps[row]}
+                        if fmt == "base" else None),
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
         "choice": vars(choice) if choice else None,
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
@@ -207,9 +245,12 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
             elif fmt == "adapter":
                 write_adapter(folder, traj, row, j, alpha)
             else:
-                write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
+                trained = fmt == "merged"
+                extra = {relative_name(k): v for k, v in traj.read_extra(row).items()} if trained else None  # modules_to_save
+                write_merged(folder, Path(base), lora_deltas(traj, row, j, alpha, trained=trained), shard_bytes,
+                             extra, traj.checkpoints[row].weights)
             save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        dict(provenance["predicted_sigma"]), choice, errors, warnings)
+                        dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])

@@ -1,5 +1,7 @@
 """Hugging Face model folders: reading a base model's weights lazily (single or sharded safetensors) and
-writing a merged model the Hugging Face way (``model-0000i-of-0000N.safetensors`` + index when sharded)."""
+writing it back with a delta added to some weights, the Hugging Face way (``model-0000i-of-0000N.safetensors``
++ index when sharded): the jumped model W_c + alpha * move (``--format merged``) or the base with the jump
+folded in, W_0 + alpha * move (``--format base``), through the one writer ``write_merged``."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 import re
 import shutil
 import struct
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoints import LoraTrajectory, open_weights, relative_name, shape_groups
+from .checkpoints import LoraModule, LoraTrajectory, open_weights, shape_groups
 from .errors import NextrapError
 from .files import read_json, write_json
 from .methods import Jump
@@ -82,42 +86,82 @@ def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str,
             handle.__exit__(None, None, None)
 
 
-def _dense_delta(traj: LoraTrajectory, name: str, b: torch.Tensor, a: torch.Tensor, j: Jump, alpha: float) -> torch.Tensor:
-    m = traj.module(name)
-    p, q = j.factors[name]
-    delta = m.scale * (b @ a) + alpha * (p @ q.mT)
-    return delta.mT if m.fan_in_fan_out else delta
+@dataclass(frozen=True)
+class WeightDelta:
+    """What to add to one weight of a base model: its name there, the shape it must have, the LoRA module it
+    belongs to (for messages), and the dense deltas in that layout (made when the weight is written), added one
+    after the other as a trainer jumping several times adds them."""
+
+    key: str
+    shape: list[int]
+    module: str
+    parts: list[Callable[[], torch.Tensor]]
+
+    def added_to(self, w: torch.Tensor) -> torch.Tensor:
+        """w + each delta in turn, summed in float64 and stored in w's dtype after each: the jumped weight bit
+        for bit, whether written to a file (``write_merged``) or made in a live model (``jumps.apply_in_place``)."""
+        for part in self.parts:
+            w = (w.to(torch.float64) + part().to(w.device)).to(w.dtype)
+        return w
 
 
-def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: float, max_shard_bytes: int) -> dict:
-    """Write base + (W_row - W_0) + alpha * jump as a Hugging Face model folder; returns a small summary."""
+def lora_deltas(traj: LoraTrajectory, row: int, j: Jump, alpha: float, trained: bool = True) -> list[WeightDelta]:
+    """Per LoRA-targeted weight: alpha * move, plus the trained W_row - W_0 = s B_row A_row when ``trained``.
+
+    ``trained`` gives the jumped model W_row + alpha * move (``--format merged``); without it the result is
+    the base folded with the jump, W_0 + alpha * move, on which checkpoint ``row``'s own adapter resumes
+    (``--format base``): W_0 + alpha * move + s B_row A_row is the same model."""
+    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
+    if trained:
+        for group in shape_groups(traj.modules).values():
+            b, a = traj.factors(row, group)
+            factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
+    return module_deltas(traj.modules, [(j, alpha)], factors)
+
+
+def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
+                  trained: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[WeightDelta]:
+    """Per module: alpha * P @ Q^T for each of ``moves`` (move, alpha), in order, the first plus s * B @ A where
+    ``trained`` has the module's (B, A); in the layout of its base weight (transposed for fan_in_fan_out)."""
+    trained = trained or {}
+
+    def delta(m: LoraModule, i: int) -> torch.Tensor:
+        move, alpha = moves[i]
+        p, q = move.factors[m.name]
+        d = alpha * (p.double() @ q.double().mT)
+        if i == 0 and m.name in trained:
+            b, a = trained[m.name]
+            d = d + m.scale * (b.double() @ a.double())
+        return d.mT if m.fan_in_fan_out else d
+
+    return [WeightDelta(m.base_key, [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features],
+                        m.name, [partial(delta, m, i) for i in range(len(moves))]) for m in modules]
+
+
+def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_bytes: int,
+                 replaced: dict[str, torch.Tensor] | None = None, replaced_from: Path | None = None) -> dict:
+    """Write the base model with each delta added (in float64, stored in the base dtype) and the tensors of
+    ``replaced`` (base names, e.g. an adapter's modules_to_save read from ``replaced_from``) swapped in, as a
+    Hugging Face model folder: every tensor read, changed and written one at a time. Returns a small summary."""
     base = Path(base)
+    replaced = replaced or {}
     wmap = weight_map(base)
     info = read_header(set(wmap.values()))
-    by_key = {m.base_key: m for m in traj.modules}
+    by_key = {d.key: d for d in deltas}
     missing = [k for k in by_key if k not in info]
     if missing:
-        raise NextrapError(f"{base}: has no weight {missing[0]} for LoRA module {by_key[missing[0]].name} (is it the adapter's base model?)")
-    for key, m in by_key.items():
-        shape = info[key][0]
-        want = [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
-        if shape != want:
-            raise NextrapError(f"{wmap[key]}: {key} has shape {shape}, but the LoRA module expects {want}")
-    extra = {relative_name(k): v for k, v in traj.read_extra(row).items()}
-    for key in extra:
+        raise NextrapError(f"{base}: has no weight {missing[0]} for LoRA module {by_key[missing[0]].module} (is it the adapter's base model?)")
+    for key, d in by_key.items():
+        if info[key][0] != d.shape:
+            raise NextrapError(f"{wmap[key]}: {key} has shape {info[key][0]}, but the LoRA module expects {d.shape}")
+    for key in replaced:
         if key not in info:
-            raise NextrapError(f"{traj.checkpoints[row].weights}: tensor {key} (modules_to_save) has no counterpart in {base}")
-
-    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
-    for group in shape_groups(traj.modules).values():
-        b, a = traj.factors(row, group)
-        factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
+            raise NextrapError(f"{replaced_from}: tensor {key} (modules_to_save) has no counterpart in {base}")
 
     def merged(key: str, w: torch.Tensor) -> torch.Tensor:
         if key in by_key:
-            name = by_key[key].name
-            return (w.to(torch.float64) + _dense_delta(traj, name, *factors[name], j, alpha)).to(w.dtype)
-        return extra[key].to(w.dtype) if key in extra else w
+            return by_key[key].added_to(w)
+        return replaced[key].to(w.dtype) if key in replaced else w
 
     shards, total = write_sharded(out, info, lambda keys: ((k, merged(k, w)) for k, w in _iter_tensors(keys, wmap)), max_shard_bytes)
     copy_model_files(base, out)

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import BASE, TRAJECTORY, model_state
+from nextrap.checkpoints import load_trajectory
+from nextrap.cli import app
+from nextrap.errors import NextrapError
+from nextrap.extend import plan
+from nextrap.fit import load_fit
+from nextrap.grpo import default_model_dir
+from nextrap.jumps import apply_in_place, fold, load_jumps, save_jump
+
+
+@pytest.fixture(scope="module")
+def moves(fitted):
+    """Two different moves of the fixture trajectory (linear and expo), as a run would have jumped them."""
+    fit = load_fit(fitted)
+    return fit.trajectory.modules, plan(fit, [1.0], "linear").move, plan(fit, [1.0], "expo").move
+
+
+def test_fold_adds_every_saved_jump_up_to_a_step_and_equals_the_jump_made_in_place(moves, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    modules, linear, expo = moves
+    root = tmp_path / "run" / "nextrap-jumps"
+    save_jump(root, 100, linear, 0.5, modules, {"checkpoint": "run/checkpoint-100"})
+    save_jump(root, 160, expo, 1.5, modules, {})
+    assert [j.step for j in load_jumps(root)] == [100, 160] and [j.step for j in load_jumps(root, upto=120)] == [100]
+
+    first = fold(BASE, root, tmp_path / "upto-120", upto=120, max_shard_size="100KB")
+    both = fold(BASE, root, tmp_path / "all")
+    assert first.steps == [100] and first.shards > 1 and both.steps == [100, 160] and both.shards == 1
+    base, one, two = model_state(BASE), model_state(first.out), model_state(both.out)
+    for m in modules:
+        (p1, q1), (p2, q2) = linear.factors[m.name], expo.factors[m.name]
+        step1 = 0.5 * p1 @ q1.mT
+        assert torch.allclose(one[m.base_key].double(), base[m.base_key].double() + step1, atol=1e-7)
+        assert torch.allclose(two[m.base_key].double(), base[m.base_key].double() + step1 + 1.5 * p2 @ q2.mT, atol=1e-7)
+    lora_keys = {m.base_key for m in modules}
+    assert all(torch.equal(two[k], v) for k, v in base.items() if k not in lora_keys)
+    info = json.loads((both.out / "nextrap.json").read_text())
+    assert [f["step"] for f in info["folded"]] == [100, 160] and info["folded"][0]["alpha"] == 0.5
+
+    # the jump made in place on a live PEFT model is the folded base, bit for bit
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), TRAJECTORY / "step_160")
+    assert apply_in_place(model, linear, 0.5, modules) == len(modules)
+    live = {n: mod for n, mod in model.named_modules()}
+    for m in modules:
+        assert torch.equal(live[m.name].base_layer.weight, one[m.base_key]), m.name
+
+
+def test_fold_cli_and_its_errors(moves, tmp_path):
+    modules, linear, _ = moves
+    runner = CliRunner()
+    res = runner.invoke(app, ["fold", str(BASE), str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "no such folder of saved jumps" in res.stderr
+    save_jump(tmp_path / "jumps", 40, linear, 1.0, modules, {})
+    res = runner.invoke(app, ["fold", str(BASE), str(tmp_path / "jumps"), "--out", str(tmp_path / "o"), "--upto", "30"])
+    assert res.exit_code == 1 and "no jump saved at or before step 30" in res.stderr and not (tmp_path / "o").exists()
+    res = runner.invoke(app, ["fold", str(BASE), str(tmp_path / "jumps"), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["steps"] == [40] and (tmp_path / "o" / "config.json").is_file()
+    with pytest.raises(NextrapError, match="but the LoRA module expects"):  # a base the adapters were not trained on
+        fold(default_model_dir(), tmp_path / "jumps", tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_a_live_model_without_the_checkpoints_modules_is_refused(moves):
+    from transformers import AutoModelForCausalLM
+
+    modules, linear, _ = moves
+    with pytest.raises(NextrapError, match="no LoRA module"):
+        apply_in_place(AutoModelForCausalLM.from_pretrained(BASE), linear, 1.0, modules)
+    assert load_trajectory(TRAJECTORY).modules == modules
