@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
 from .checkpoints import shape_groups
-from .errors import NextrapError
+from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import load_fit
 from .hfmodel import parse_size, write_merged
@@ -145,6 +145,7 @@ def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) ->
     return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 
+@one_line_os_errors
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
            base: Path | str | None = None, method: str = "next", overwrite: bool = False,
            max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:
@@ -172,7 +173,11 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}
-    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    try:
+        errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    except OverflowError:
+        raise NextrapError(f"--alpha {max(alphas, key=abs):g}: so large that the jump overflows; refusing "
+                           "non-finite results") from None
     warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
                 for a, e in errors.items() if e >= 1 and a != 0]
     if choice is not None and choice.alpha == 0:
