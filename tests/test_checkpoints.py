@@ -8,7 +8,7 @@ import torch
 
 from conftest import LORA_CONFIG, TWO_MODULES, lora_tensors, write_adapter
 from nextrap.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory, module_scale
-from nextrap.errors import NextrapError
+from nextrap.errors import NextrapError, NextrapWarning
 
 
 def _traj(root: Path, names: list[str], config=LORA_CONFIG, modules=TWO_MODULES) -> Path:
@@ -53,9 +53,19 @@ def _empty(p: Path) -> Path:
 
 
 def test_uneven_spacing_is_named(tmp_path):
-    _traj(tmp_path, ["step_0", "step_10", "step_20", "step_25"])
-    with pytest.raises(NextrapError, match="step_25: step 25 breaks the even spacing of 10 steps"):
-        discover(tmp_path)
+    _traj(tmp_path / "a", ["step_0", "step_10", "step_15", "step_20"])
+    with pytest.raises(NextrapError, match="step_15: step 15 breaks the even spacing of 10 steps"):
+        discover(tmp_path / "a")
+    _traj(tmp_path / "b", ["step_0", "step_10", "step_20", "step_40"])  # a missing save is not a final one
+    with pytest.raises(NextrapError, match="step_40: step 40 breaks the even spacing of 10 steps"):
+        discover(tmp_path / "b")
+
+
+def test_off_grid_final_save_is_skipped_with_a_warning(tmp_path):
+    # TRL with max_steps 35 and save_steps 10 saves checkpoint-35 too
+    _traj(tmp_path, ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-35"])
+    with pytest.warns(NextrapWarning, match="checkpoint-35: step 35 is off the 10-step grid .* skipped"):
+        assert [c.step for c in discover(tmp_path)] == [10, 20, 30]
 
 
 def test_single_adapter_is_not_a_trajectory(tmp_path):

@@ -114,3 +114,37 @@ def test_outputs_never_go_inside_an_input_or_around_one(tmp_path):
     with pytest.raises(NextrapError, match="holds the checkpoint folder"):
         check_apart(tmp_path, {"the checkpoint folder": ckpts})
     check_apart(tmp_path / "jumped", {"the checkpoint folder": ckpts, "the base model": None})
+
+
+def test_safetensors_headers_are_published_with_their_metadata_sorted(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    meta = {k: str(i) for i, k in enumerate("qwertyuiopasdfgh")}
+    with atomic_dir(tmp_path / "out") as tmp:
+        save_file({"b": torch.arange(3.0), "a": torch.ones(2, 2)}, str(tmp / "x.safetensors"), metadata=meta)
+        (tmp / "junk.safetensors").write_bytes(b"\x01")  # not safetensors: left as it is
+    path = tmp_path / "out" / "x.safetensors"
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    assert list(json.loads(path.read_bytes()[8:8 + n])["__metadata__"]) == sorted(meta)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("a"), torch.ones(2, 2))
+    assert (tmp_path / "out" / "junk.safetensors").read_bytes() == b"\x01"
+
+
+def test_a_full_disk_is_named_and_the_temporary_folder_removed(tmp_path):
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    for error, named in ((SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), out),
+                         (OSError(errno.ENOSPC, "No space left on device", "model.safetensors"), out / "model.safetensors")):
+        with pytest.raises(NextrapError, match=f"^no space left on device writing {re.escape(str(named))}$"):
+            with atomic_dir(out) as tmp:
+                if isinstance(error, OSError):  # the file being written, in the temporary folder
+                    error.filename = str(tmp / error.filename)
+                raise error
+        assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,12 @@ Library entry points (the CLI is a thin layer over them):
 
 __version__ = "0.1.0"
 
+# First, and stdlib only: in the `nextrap` command's process, signals and torch's threads are set before torch
+# loads (process.py); a program importing the library keeps its own.
+from .process import at_import  # noqa: E402
+
+at_import()
+
 from .errors import NextrapError  # noqa: E402
 from .fit import FitResult, fit, load_fit  # noqa: E402
 from .extend import ExtendResult, extend, parse_alphas  # noqa: E402

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors import safe_open
 
-from .errors import NextrapError
+from .errors import NextrapError, NextrapWarning, os_error
 from .files import OUTPUT_MARKER
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -121,11 +124,14 @@ class _TorchFile:
     """The part of safe_open's interface nextrap uses, over a .bin state dict read with weights_only=True."""
 
     def __init__(self, path: Path):
-        # weights_only refuses any pickled object but tensors and plain containers: a .bin is never executed
+        # weights_only refuses any pickled object but tensors and plain containers: a .bin is never executed.
+        # mmap needs the zip format torch.save writes since 1.6; older (legacy) files are read whole.
         try:
-            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except OSError as e:
+            raise os_error(e) from None
         except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is the same user-facing problem
-            raise NextrapError(f"{path}: cannot read as a weights-only torch file ({first_line(e)})") from None
+            raise NextrapError(f"{path}: {_unpickling_problem(e)}") from None
         if not isinstance(self._sd, dict):
             raise NextrapError(f"{path}: holds a {type(self._sd).__name__}, not a state dict of tensors")
         bad = next((k for k, v in self._sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
@@ -151,6 +157,17 @@ class _TorchFile:
         self._sd = {}
 
 
+def _unpickling_problem(e: Exception) -> str:
+    """torch.load's refusal in one line: which pickled object was refused (its message spans lines, with ANSI
+    codes and advice to load unsafely, which nextrap never does)."""
+    text = one_line(e)
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if refused:
+        return (f"refused: it pickles {refused.group(1)}, which a weights-only load never runs or builds "
+                "(nothing was executed); save the adapter as safetensors")
+    return f"cannot read as a weights-only torch file ({text})"
+
+
 def open_weights(path: Path):
     """Open a safetensors (lazily) or .bin (weights_only) file; corrupt files become a one-line NextrapError."""
     if path.suffix == ".bin":
@@ -158,6 +175,11 @@ def open_weights(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        try:  # safetensors words every failure to open as its own error: ask the OS what it was
+            with open(path, "rb"):
+                pass
+        except OSError as os_e:
+            raise os_error(os_e) from None
         raise NextrapError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
@@ -183,10 +205,18 @@ def read_tensor(f: Any, path: Path, key: str) -> torch.Tensor:
         raise NextrapError(f"{path}: cannot read tensor {key} ({first_line(e)})") from None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(e).strip().splitlines()
+    """The first line of an exception's message (terminal escape codes removed), for one-line errors."""
+    text = _ANSI.sub("", str(e)).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's whole message on one line, terminal escape codes removed."""
+    return " ".join(_ANSI.sub("", str(e)).split()) or type(e).__name__
 
 
 def step_from_path(path: Path, root: Path) -> int | None:
@@ -234,21 +264,28 @@ def find_folders(root: Path, is_checkpoint: Callable[[Path], bool]) -> list[Path
     beside ``checkpoint-N``) has no step of its own.
     """
     out: list[Path] = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            out.extend(_find(child, is_checkpoint, 1))
+    for child in _subfolders(root):
+        out.extend(_find(child, is_checkpoint, 1))
     return out
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders in ``folder`` (not hidden ones), sorted; an unreadable folder is named as such."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise NextrapError(f"{folder}: permission denied (cannot list it)")
+    return [child for child in sorted(folder.iterdir()) if child.is_dir() and not child.name.startswith(".")]
+
+
 def _find(folder: Path, is_checkpoint: Callable[[Path], bool], depth: int) -> list[Path]:
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise NextrapError(f"{folder}: permission denied (cannot list it)")
     if (folder / OUTPUT_MARKER).is_file():
         return []  # nextrap's own output (a fit, a jumped adapter) is never one of the run's checkpoints
     if is_checkpoint(folder):
         return [folder]
     if depth >= _MAX_DEPTH:
         return []
-    return [f for child in sorted(folder.iterdir()) if child.is_dir() and not child.name.startswith(".")
-            for f in _find(child, is_checkpoint, depth + 1)]
+    return [f for child in _subfolders(folder) for f in _find(child, is_checkpoint, depth + 1)]
 
 
 def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
@@ -273,6 +310,12 @@ def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
         if prev == cur:
             raise NextrapError(f"{folder}: step {cur} also found at {prev_folder}")
     gaps = [b - a for (a, _), (b, _) in zip(found, found[1:])]
+    if len(gaps) >= 2 and set(gaps[:-1]) == {gaps[0]} and gaps[-1] < gaps[0]:
+        # a trainer's final save at max_steps, which is not a multiple of its save interval (TRL's save_steps)
+        step, folder = found.pop()
+        gaps.pop()
+        warnings.warn(f"{folder}: step {step} is off the {gaps[0]}-step grid (a final save at the last step); "
+                      "skipped", NextrapWarning, stacklevel=2)
     for i, gap in enumerate(gaps):
         # horizons count checkpoints and methods extrapolate per checkpoint: the spacing must be even
         if gap != gaps[0]:
@@ -280,6 +323,22 @@ def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
             raise NextrapError(f"{folder}: step {step} breaks the even spacing of {gaps[0]} steps "
                                f"(after step {found[i][0]}); move it out of {root}")
     return found
+
+
+def require_checkpoints(root: Path, folders: Sequence[Path], horizon: int) -> None:
+    """Refuse a trajectory too short for ``horizon`` (one training pair needs horizon + 1 checkpoints)."""
+    if len(folders) <= horizon:
+        raise NextrapError(f"{root}: {len(folders)} checkpoints, but horizon {horizon} needs at least {horizon + 1} "
+                           f"(one training pair){save_limit_hint(folders)}")
+
+
+def save_limit_hint(folders: Sequence[Path]) -> str:
+    """Why a Hugging Face Trainer's (TRL's) run may have too few checkpoints: it deletes all but the last
+    ``save_total_limit`` of its ``checkpoint-N`` folders."""
+    if any(re.match(r"^checkpoint-\d+$", Path(f).name) for f in folders):
+        return ("; the Trainer keeps only its last save_total_limit checkpoints: set save_total_limit=None (or at "
+                "least the checkpoints you need) in its arguments")
+    return ""
 
 
 def is_adapter(folder: Path) -> bool:
@@ -319,7 +378,9 @@ def discover(root: Path | str) -> list[Checkpoint]:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise os_error(e) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NextrapError(f"{path / ADAPTER_CONFIG}: not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise NextrapError(f"{path / ADAPTER_CONFIG}: not a JSON object")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from .backtest import MIN_GAIN
 from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis
-from .errors import NextrapError
+from .errors import NextrapError, NextrapWarning, os_error
 from .extend import alpha_folder, extend as run_extend, parse_alphas
 from .fit import FitResult, fit as run_fit
 from .grpo import ALL_LINEAR, GRPOConfig
@@ -27,6 +28,7 @@ from .jumps import fold as run_fold
 from .methods import METHODS
 from .progress import rich_progress
 from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline, speedup
+from .process import check_interrupted, command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")
@@ -37,14 +39,27 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    """Library errors (and any OSError) as one ``error:`` line and exit 1; the library's warnings (NextrapWarning)
+    as one ``warning:`` line each, when they happen."""
     try:
-        yield
-    except NextrapError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NextrapWarning)
+            shown = warnings.showwarning
+            warnings.showwarning = lambda message, category, *rest: (
+                _warn(str(message)) if issubclass(category, NextrapWarning) else shown(message, category, *rest))
+            yield
+    except (NextrapError, OSError) as e:
+        check_interrupted()  # an error that a swallowed interrupt became is that interrupt
+        message = os_error(e) if isinstance(e, OSError) else e
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _progress(enabled: bool):
@@ -86,9 +101,11 @@ def _fit_summary(r: FitResult) -> None:
                       f"lands >= {MIN_GAIN:.0%} closer; ceiling = the true move's best rank-1 part.", style="dim")
 
 
+# Input paths are declared readable=False: an unreadable input is the library's one-line error ("permission
+# denied", exit 1), not click's usage error (exit 2).
 @app.command()
 def fit(
-    ckpts: Path = typer.Argument(..., help="Folder with one PEFT LoRA adapter per saved step (checkpoint-N, global_step_N, step_N, N, ...)."),
+    ckpts: Path = typer.Argument(..., readable=False, help="Folder with one PEFT LoRA adapter per saved step (checkpoint-N, global_step_N, step_N, N, ...)."),
     out: Path = typer.Option(Path("nextrap-fit"), "--out", help="Fit folder to write."),
     horizon: int = typer.Option(5, "--horizon", help="How many checkpoints ahead to predict (paper: 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the predictor's initialisation."),
@@ -98,7 +115,7 @@ def fit(
     backtest: bool = typer.Option(True, "--backtest/--no-backtest", help="Refit on checkpoints up to c-h and measure how well step c is predicted."),
     backtest_folds: int = typer.Option(1, "--backtest-folds", help="Backtest from c-h, c-h-1, ... and pool the errors (each fold refits the models)."),
     methods: str = typer.Option(",".join(METHODS), "--methods", help="Methods to fit and backtest (leave out next-paper, the slow one, for a fit in seconds)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Full-parameter mode: CKPTS holds one Hugging Face model folder per step, and this is the model they started from."),
+    base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: CKPTS holds one Hugging Face model folder per step, and this is the model they started from."),
     svd: str = typer.Option("exact", "--svd", help="Full-parameter mode: exact (batched SVD) | fast (randomized top-1; its error bound is reported)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -118,11 +135,11 @@ def fit(
 
 @app.command()
 def extend(
-    fit_dir: Path = typer.Option(Path("nextrap-fit"), "--fit", help="Fit folder written by `nextrap fit`."),
+    fit_dir: Path = typer.Option(Path("nextrap-fit"), "--fit", readable=False, help="Fit folder written by `nextrap fit`."),
     alpha: str = typer.Option(..., "--alpha", help="Jump size: 1.5, a list 1.0,1.5, a range 0.5:4.0:0.5 (one subfolder per value), or auto (lowest backtest error; 0 = don't jump)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base) | base (the base model with the jump folded in, needs --base: resume checkpoint c itself on it at rank r, see nextrap.json resume_from)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (HF, single or sharded safetensors) for --format merged or base."),
+    base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Base model folder (HF, single or sharded safetensors) for --format merged or base."),
     method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged or base."),
     min_energy: float = typer.Option(0.0, "--min-energy", help="Jump only modules whose rank-1 energy σ1/Σσ is at least this (see `nextrap inspect`)."),
@@ -136,7 +153,7 @@ def extend(
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
                                 max_shard_size=max_shard_size, min_energy=min_energy)
     for w in result.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        _warn(w)
     if as_json:
         print(json.dumps(result.to_json()))
         return
@@ -195,8 +212,8 @@ def _r2_cell(summary: dict) -> str:
 
 @app.command("inspect")
 def inspect_cmd(
-    ckpts: Path = typer.Argument(..., help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
+    ckpts: Path = typer.Argument(..., readable=False, help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
+    base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
     fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
@@ -383,9 +400,11 @@ def _pipeline_table(r: PipelineResult) -> None:
                       "train s: seconds in RL steps (the shared first S1 included).", style="dim")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: the commands, ended by SIGINT or SIGTERM with one line (``process.command``)."""
+    with command():
+        app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    main()

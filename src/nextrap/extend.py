@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
 from .checkpoints import relative_name, shape_groups
-from .errors import NextrapError
+from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import FitFolder, load_fit
 from .hfmodel import lora_deltas, parse_size, write_merged
@@ -175,7 +175,11 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_e
     results = [BacktestResult.from_json(b) for b in fit.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}
-    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    try:
+        errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+    except OverflowError:
+        raise NextrapError(f"--alpha {max(alphas, key=abs):g}: so large that the jump overflows; refusing "
+                           "non-finite results") from None
     warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
                 for a, e in errors.items() if e >= 1 and a != 0]
     if choice is not None and choice.alpha == 0:
@@ -194,6 +198,7 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_e
     return Plan(fit, method, alphas, choice, j, row, errors, warnings)
 
 
+@one_line_os_errors
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
            base: Path | str | None = None, method: str = "next", overwrite: bool = False,
            max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:

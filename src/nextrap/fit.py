@@ -8,14 +8,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from . import __version__
 from .backtest import BacktestResult, backtest, max_folds
-from .checkpoints import LoraTrajectory, load_trajectory
-from .errors import NextrapError
+from .checkpoints import LoraTrajectory, find_folders, is_adapter, load_trajectory, save_limit_hint
+from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
+from .fullparam import is_model
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
 from .predictor import TrainSettings
 from .trajectory import Features, compute_features
@@ -79,6 +80,7 @@ def _inputs(traj: LoraTrajectory) -> list[dict[str, Any]]:
     return out
 
 
+@one_line_os_errors
 def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
         device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
         overwrite: bool = False, progress: ProgressFn | None = None, methods: tuple[str, ...] | list[str] = METHODS,
@@ -136,7 +138,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     results: list[BacktestResult] = []
     skipped = "" if run_backtest else "--no-backtest"
     if run_backtest and max_folds(features) < 1:
-        skipped = f"needs at least 2h + 1 = {2 * horizon + 1} checkpoints after the first move"
+        skipped = (f"needs at least 2h + 1 = {2 * horizon + 1} checkpoints after the first move"
+                   + save_limit_hint([c.path for c in traj.checkpoints]))
     elif run_backtest:
         t0 = time.perf_counter()
         report("backtest", 0, 1)
@@ -187,16 +190,19 @@ class FitFolder:
     trajectory: LoraTrajectory
 
 
+@one_line_os_errors
 def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
     """Read a fit folder and re-open its source trajectory, checking the checkpoints are the ones fitted."""
     path = Path(path)
     if not path.is_dir():
         raise NextrapError(f"{path}: not a fit folder (run `nextrap fit CKPTS --out {path}` first)")
+    if not (path / MANIFEST).exists() and _holds_checkpoints(path):
+        raise NextrapError(f"{path}: this is a checkpoint folder, not a fit folder (run `nextrap fit {path} --out FIT` "
+                           "first, then extend --fit FIT)")
     manifest = read_json(path / MANIFEST)
+    check_manifest(path / MANIFEST, manifest)
     features = Features.load(path / TRAJECTORY)
     models = load_models(path, FITTED, TrainSettings())
-    if "source" not in manifest or "steps" not in manifest or "inputs" not in manifest:
-        raise NextrapError(f"{path / MANIFEST}: not a nextrap fit manifest (no source, steps or inputs)")
     if manifest.get("kind") == "full":
         from .fullfit import reopen
 
@@ -212,6 +218,41 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
                 if not _unchanged(file, f):
                     raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
     return FitFolder(path, manifest, features, models, traj)
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    """Whether ``path`` is an adapter or model folder, or holds some (what `fit` reads, not what it writes)."""
+    def is_checkpoint(folder: Path) -> bool:
+        return is_adapter(folder) or is_model(folder)
+    return is_checkpoint(path) or bool(find_folders(path, is_checkpoint))
+
+
+def check_manifest(file: Path, m: Any) -> None:
+    """Refuse a damaged fit manifest, naming it (not the checkpoints it describes): every field ``load_fit`` and
+    ``extend`` read, with its type."""
+    def bad(what: str) -> NoReturn:
+        raise NextrapError(f"{file}: not a valid nextrap fit manifest ({what}); the fit folder is damaged")
+
+    if not isinstance(m, dict) or m.get("format") != "nextrap-fit/1":
+        bad("its format is not nextrap-fit/1")
+    for key, kind in (("source", str), ("horizon", int), ("steps", list), ("inputs", list), ("summary", dict)):
+        if not isinstance(m.get(key), kind):
+            bad(f"{key} is missing or not a {kind.__name__}")
+    if not all(isinstance(s, int) for s in m["steps"]):
+        bad("steps are not all integers")
+    if m.get("kind", "lora") == "full" and not isinstance(m.get("base"), str):
+        bad("a full-parameter fit without base")
+    for entry in m["inputs"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("files"), list):
+            bad("an inputs entry without path or files")
+        for f in entry["files"]:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("bytes"), int)
+                    and (isinstance(f.get("sha256"), str) or isinstance(f.get("mtime_ns"), int))):
+                bad(f"inputs entry {entry['path']} has a file without name, bytes, and sha256 or mtime_ns")
+    try:
+        [BacktestResult.from_json(b) for b in m["summary"].get("backtest", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        bad("summary.backtest has an entry it cannot read")
 
 
 def _unchanged(file: Path, record: dict[str, Any]) -> bool:

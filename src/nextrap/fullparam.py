@@ -81,6 +81,9 @@ class FullTrajectory:
                     t = read_tensor(f, path, names[j])
                     out[j].copy_(t.reshape(out.shape[1:]))  # converts the dtype in place: no float copy of t
                     del t
+                    # a NaN would fail the SVD far from its file; the sum needs no copy, isfinite only if it is not
+                    if not math.isfinite(float(out[j].sum())) and not bool(torch.isfinite(out[j]).all()):
+                        raise NextrapError(f"{path}: parameter {names[j]} contains NaN or Inf")
         return out
 
     def tensor(self, row: int, name: str) -> torch.Tensor:

@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from nextrap.errors import NextrapError
+from nextrap.errors import NextrapError, os_error
+from nextrap.files import check_writable
 from nextrap.progress import rich_progress
 from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train, validate
 
@@ -31,6 +32,10 @@ def _fail(message: str) -> None:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} exists and is not a folder")
+    try:
+        check_writable(out / "step_0")  # what a run writes first, inside --out
+    except NextrapError as e:
+        _fail(str(e))
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             _fail(f"--out {out} is not empty; pass --overwrite to replace its run, or pick another folder")
@@ -110,6 +115,8 @@ def grpo(
             result = train(config, progress=report)
     except NextrapError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(str(os_error(e)))
     final_eval = result.evals[-1] if result.evals else None
     if json_out:
         summary = {

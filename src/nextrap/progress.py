@@ -14,8 +14,8 @@ Report = Callable[[str, int, int], None]
 @contextmanager
 def rich_progress(console: Console, enabled: bool = True, transient: bool = False,
                   remaining: bool = False) -> Iterator[Report | None]:
-    """Yield a callback that draws one bar per stage on ``console`` (None when disabled). A stage's bar is
-    created at its first report, so an early error prints no empty bar."""
+    """Yield a callback that draws one bar per stage on ``console`` (None when disabled). The bars start at the
+    first report, so an early error prints nothing but itself (not even an empty line)."""
     if not enabled:
         yield None
         return
@@ -23,9 +23,19 @@ def rich_progress(console: Console, enabled: bool = True, transient: bool = Fals
     if remaining:
         columns.append(TimeRemainingColumn())
     tasks: dict[str, int] = {}
-    with Progress(*columns, console=console, transient=transient) as bar:
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    bar: Progress | None = None
+
+    def report(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(*columns, console=console, transient=transient)
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
         yield report
+    finally:
+        if bar is not None:
+            bar.stop()

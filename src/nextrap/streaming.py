@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .checkpoints import require_checkpoints
 from .errors import NextrapError
 from .fullparam import FullTrajectory, Param
 from .lowrank import Rank1, align_signs, top1_dense
@@ -254,8 +255,7 @@ def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact"
     if svd not in SVD_MODES:
         raise NextrapError(f"--svd {svd}: use exact or fast")
     n = len(traj.checkpoints)
-    if n <= horizon:
-        raise NextrapError(f"{traj.root}: {n} checkpoints, but horizon {horizon} needs at least {horizon + 1} (one training pair)")
+    require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
     meter, stats, dev = Meter(budget), StreamStats(budget, svd=svd), torch.device(device)
     heap_hygiene()
     meter.add(feature_bytes(traj))

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoints import LoraTrajectory, first_line, shape_groups
+from .checkpoints import LoraTrajectory, first_line, require_checkpoints, shape_groups
 from .errors import NextrapError
 from .lowrank import align_signs, top1_factored
 
@@ -120,8 +120,7 @@ def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True
                      progress: Progress | None = None, device: str = "cpu") -> Features:
     """Exact rank-1 features of every module, batched over modules of equal shape (QR and SVD on ``device``)."""
     n = len(traj.checkpoints)
-    if n <= horizon:
-        raise NextrapError(f"{traj.root}: {n} checkpoints, but horizon {horizon} needs at least {horizon + 1} (one training pair)")
+    require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
     tensors: dict[str, torch.Tensor] = {}
     for names_all in shape_groups(traj.modules).values():
         for start in range(0, len(names_all), chunk_modules):
