@@ -457,8 +457,10 @@ def jump_settings(config: GRPOConfig) -> JumpSettings | None:
     if not config.jump_every:
         return None
     alpha, candidates = parse_jump_alpha(config.jump_alpha)
-    return JumpSettings(method=config.jump_method, alpha=alpha, reward_alphas=candidates, horizon=config.jump_horizon,
-                        epochs=config.jump_epochs)
+    # a named method is fitted alone: next's model, say, needs more checkpoints than linear's straight line
+    methods = ("linear", "next") if config.jump_method == "auto" else (config.jump_method,)
+    return JumpSettings(method=config.jump_method, alpha=alpha, reward_alphas=candidates, methods=methods,
+                        horizon=config.jump_horizon, epochs=config.jump_epochs)
 
 
 def _check(config: GRPOConfig) -> None:
