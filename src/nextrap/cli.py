@@ -162,7 +162,7 @@ def extend(
 @app.command("fold")
 def fold_cmd(
     base: Path = typer.Argument(..., help="The base model the run started from (HF folder, single or sharded safetensors)."),
-    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback)."),
+    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback or nextrap grpo --jump-every)."),
     out: Path = typer.Option(..., "--out", help="Output folder: the base with the jumps added."),
     upto: Optional[int] = typer.Option(None, "--upto", help="Fold only the jumps made at steps <= this: the base of the checkpoint of that step (default: all)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
