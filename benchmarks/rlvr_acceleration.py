@@ -1,16 +1,23 @@
 """Does jumping save RL steps? The train -> jump -> train comparison over paired seeds.
 
 For each seed, ``nextrap.pipeline.run_pipeline`` runs, from the embedded default (tiny Llama, 2-digit
-addition): plain GRPO for N steps; S1 steps + jump (NExt, linear) + S2 steps (S1 + S2 = 0.625 N); the no-jump
-control restarted exactly like the jumps; and a jump to plain's own checkpoint h later (the ceiling). It prints
-mean +- standard error over seeds of held-out accuracy (1000 prompts x 8 samples, and greedy) and, per arm,
-the RL steps it needed to reach plain GRPO's accuracy at N.
+addition): plain GRPO for N steps; S1 steps + jump (``--methods``, by default folded into the base so that
+checkpoint S1's own adapter and AdamW state go on) + S2 steps (S1 + S2 = 0.625 N); the no-jump control
+continued exactly like the jumps; a jump to plain's own checkpoint h later (the ceiling); optionally a jump
+whose alpha is chosen by reward on held-out prompts (``--alpha-by-reward``, ``--select-prompts``) and arms of
+S1 + S2 steps that jump in place every K steps (``--schedules``). It prints mean +- standard error over seeds
+of held-out accuracy (1000 prompts x 8 samples, and greedy), the plain-equivalent steps and the speed-up (jump
+time counted as steps), and per arm the RL steps it needed to reach plain GRPO's accuracy at N.
 
     .venv/bin/python benchmarks/rlvr_acceleration.py --seeds 0 1 2 3 [--steps 400] [--work .bench]
     # the same plain runs, other arms: reuse them (WORK2/seed-S/plain links to .bench/seed-S/plain)
     .venv/bin/python benchmarks/rlvr_acceleration.py --work .bench/auto --alpha auto --plain-from '.bench/seed-{seed}/plain'
+    # the issue-11 arms (benchmarks/acceleration_study.sh runs them at full size)
+    .venv/bin/python benchmarks/rlvr_acceleration.py --methods next-paper,linear --alpha 1.5 --schedules 50 \
+        --alpha-by-reward 0.5,1.0,1.5,2.0 --select-prompts 256
 
-Every jump is compared, seed by seed, with the no-jump control that has the same adapter shape (extra rank).
+Every jump is compared, seed by seed, with the no-jump control that has the same adapter shape (extra rank),
+and every schedule with plain at the same step.
 
 Per-seed results are kept in WORK/seed-S/pipeline.json; a rerun reuses finished seeds (``--fresh`` to redo).
 About 10 minutes per seed on 2 CPU cores at the default settings.
@@ -28,7 +35,7 @@ from pathlib import Path
 import torch
 
 from nextrap.grpo import GRPOConfig
-from nextrap.pipeline import Arm, PipelineConfig, run_pipeline, speedup, steps_to_reach
+from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
 
 KEY = "eval_sampled_acc"
 
@@ -38,11 +45,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     if (folder / "pipeline.json").is_file() and not args.fresh:
         return json.loads((folder / "pipeline.json").read_text())
     grpo = GRPOConfig(seed=seed, save_every=args.save_every, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
-                      eval_samples=args.eval_samples)
+                      eval_samples=args.eval_samples, select_prompts=args.select_prompts, batch_prompts=args.batch_prompts)
     alpha = None if args.alpha == "auto" else float(args.alpha)
     plain = args.plain_from.format(seed=seed) if args.plain_from else None
-    cfg = PipelineConfig(out=str(folder), steps=args.steps, horizon=args.horizon, alpha=alpha, epochs=args.epochs,
-                         methods=tuple(args.methods.split(",")), restart=args.restart, grpo=grpo, plain_from=plain)
+    cfg = PipelineConfig(out=str(folder), steps=args.steps, s1=args.s1, s2=args.s2, horizon=args.horizon, alpha=alpha,
+                         epochs=args.epochs, methods=tuple(args.methods.split(",")), restart=args.restart, grpo=grpo,
+                         plain_from=plain, jump_format=args.jump_format,
+                         schedules=tuple(int(x) for x in args.schedules.split(",") if x),
+                         reward_alphas=tuple(float(x) for x in args.alpha_by_reward.split(",") if x))
     t0 = time.perf_counter()
     run_pipeline(cfg, overwrite=True)
     print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -61,9 +71,10 @@ def summarize(results: list[dict]) -> str:
     n, s1, s2 = first["steps"], first["s1"], first["s2"]
     names = [a["name"] for a in first["arms"]]
     lines = [f"seeds: {len(results)}; plain N = {n}; jump at S1 = {s1}, then S2 = {s2} (S1 + S2 = {s1 + s2}); "
-             f"horizon {first['horizon']} checkpoints; alpha {first['alpha']}",
+             f"horizon {first['horizon']} checkpoints; alpha {first['alpha']}; jumps "
+             f"{'as rank-grown adapters' if first.get('jump_format') == 'adapter' else 'folded into the base'}",
              "",
-             "| arm | RL steps | sampled acc | greedy acc | plain-equivalent steps | speed-up | steps to reach plain@N (per seed) | fit+extend s |",
+             "| arm | RL steps | sampled acc | greedy acc | plain-equivalent steps | speed-up | steps to reach plain@N (per seed) | jump s |",
              "|---|---|---|---|---|---|---|---|"]
     rows: dict[str, dict[str, list]] = {}
     for res in results:
@@ -108,7 +119,14 @@ def summarize(results: list[dict]) -> str:
         arms = {a["name"]: a for a in res["arms"]}
         controls = [a for a in res["arms"] if a.get("note") == "control"]
         plain_end = next((c for c in res["arms"][0]["curve"] if c["step"] == s1 + s2), None)
+        plain = Arm(**{k: res["arms"][0][k] for k in ("name", "rl_steps", "curve", "train_seconds")})
         for a in res["arms"][1:]:
+            if a.get("control") == "plain":  # a schedule: plain itself until its first jump, so plain at its last step
+                end = a["curve"][-1]["step"]
+                at = accuracy_at(plain, end)
+                if at is not None:
+                    diffs.setdefault(f"{a['name']} minus plain at {end}", []).append(a["final"][KEY] - at)
+                continue
             if a.get("note") == "control" or not controls:
                 continue
             control = arms.get(a.get("control") or "", controls[0])
@@ -118,7 +136,7 @@ def summarize(results: list[dict]) -> str:
                 plain_end[KEY] - controls[0]["final"][KEY])
     if diffs:
         lines += ["", "paired difference in final sampled accuracy, seed by seed against the no-jump control with the "
-                      "same adapter shape (mean ± se over seeds; n = seeds):"]
+                      "same adapter shape, or for a schedule plain at the same step (mean ± se over seeds; n = seeds):"]
         lines += [f"- {name}: {_mean_se(values)} (n = {len(values)})" for name, values in diffs.items()]
     return "\n".join(lines)
 
@@ -127,6 +145,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--s1", type=int, default=None, help="steps before the jump (default 0.375 N)")
+    ap.add_argument("--s2", type=int, default=None, help="steps after it (default 0.625 N - S1)")
+    ap.add_argument("--batch-prompts", type=int, default=64)
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-prompts", type=int, default=1000)
@@ -137,6 +158,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--methods", default="next-paper,next")
     ap.add_argument("--restart", default="resume")
+    ap.add_argument("--jump-format", default="base", help="base (checkpoint S1 resumes on the folded base) or adapter")
+    ap.add_argument("--schedules", default="", help="jump-every values, e.g. 50,100: arms jumping in place every K steps")
+    ap.add_argument("--alpha-by-reward", default="", help="candidate alphas, e.g. 0.5,1.0,1.5,2.0 (needs --select-prompts)")
+    ap.add_argument("--select-prompts", type=int, default=0, help="training prompts held out of every arm for --alpha-by-reward")
     ap.add_argument("--work", default=".bench")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()

@@ -23,7 +23,8 @@ def test_fit_then_extend_json(trajectory, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["steps"][-1] == 160 and out["horizon"] == 5 and len(out["backtest"]) == len(METHODS) + 1
-    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "1.0,2.0", "--out", str(tmp_path / "j"), "--json"])
+    res = runner.invoke(app, ["extend", "--fit", str(tmp_path / "fit"), "--alpha", "1.0,2.0", "--out", str(tmp_path / "j"),
+                                "--method", "next", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["alphas"] == [1.0, 2.0] and out["method"] == "next"

@@ -24,7 +24,7 @@ def test_parse_alphas():
 
 
 def test_one_fit_many_alphas_with_provenance(fitted, tmp_path):
-    res = nextrap.extend(fitted, [0.5, 1.5], tmp_path / "out")
+    res = nextrap.extend(fitted, [0.5, 1.5], tmp_path / "out", method="next")
     assert [p.name for p in res.folders] == ["alpha-0.5", "alpha-1.5"]
     for alpha, folder in zip(res.alphas, res.folders):
         info = json.loads((folder / "nextrap.json").read_text())
@@ -34,6 +34,12 @@ def test_one_fit_many_alphas_with_provenance(fitted, tmp_path):
         assert [b["method"] for b in info["backtest"]] == [*METHODS, "oracle-rank1"]
         assert info["backtest_error"] > 0
         assert (folder / "prediction.safetensors").is_file() and (folder / "adapter_model.safetensors").is_file()
+
+
+def test_the_default_method_is_the_one_the_backtest_chooses(fitted, tmp_path):
+    res = nextrap.extend(fitted, [1.5], tmp_path / "out")
+    assert res.choice is not None and res.method == res.choice.method
+    assert json.loads((tmp_path / "out" / "nextrap.json").read_text())["method"] == res.choice.method
 
 
 def test_linear_adapter_is_exact(fitted, tmp_path):

@@ -71,6 +71,8 @@ def test_fit_saves_every_method_model_and_an_older_fit_still_extends(trajectory,
     assert set(loaded.models) == {"next", "next-paper"}
     (tmp_path / "fit" / "next.json").unlink()  # a fit folder written before `next` had a model
     with pytest.raises(NextrapError, match="no fitted next model"):
+        nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next")
+    with pytest.raises(NextrapError, match="--method auto \\(the default\\) .* but the fit has none"):
         nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
     assert nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out", method="next-paper").method == "next-paper"
 

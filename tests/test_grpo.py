@@ -1,12 +1,13 @@
 """Specification of nextrap.grpo (and its CLI, nextrap.grpo_cli) on the embedded addition model."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import typer
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -216,7 +217,72 @@ def test_continue_from_an_adapter_of_another_rank_with_its_optimizer(run, tmp_pa
     assert all(v.item() == 3.0 for k, v in steps.items() if k.endswith("::step"))  # 2 resumed + 1 new
 
 
-def test_data_file_and_custom_reward(tmp_path):
+def test_an_adapter_resumes_on_the_base_weights_of_init_model(run, tmp_path):
+    """--init-model with --init-adapter: the adapter (of its own rank) loads on those base weights (a folded base)."""
+    from nextrap.grpo import load_policy
+
+    _, out = run
+    base = load_file(str(default_model_dir() / "model.safetensors"))
+    key = next(k for k in base if k.endswith("layers.0.self_attn.q_proj.weight"))
+    shutil.copytree(default_model_dir(), tmp_path / "folded")
+    save_file({**base, key: base[key] + 0.25}, str(tmp_path / "folded" / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_policy(GRPOConfig(init_model=str(tmp_path / "folded"), init_adapter=str(out / "step_2")))
+    layers = dict(model.named_modules())
+    q = layers["base_model.model." + key.removesuffix(".weight")]
+    assert torch.equal(q.base_layer.weight, base[key] + 0.25)
+    adapter = load_file(str(out / "step_2" / "adapter_model.safetensors"))
+    b_key = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_B" in k)
+    assert torch.equal(q.lora_B["default"].weight, adapter[b_key]) and q.lora_B["default"].weight.shape[1] == 4
+
+
+def test_jumps_every_k_steps_in_place_fold_to_the_live_base_and_keep_the_adapter_shape(tmp_path, monkeypatch):
+    import nextrap.grpo as grpo_module
+    from conftest import model_state
+    from nextrap.checkpoints import relative_name
+    from nextrap.jumps import JUMPS, fold, jump_in_place
+
+    live = []
+
+    def keep_the_model(model, *args, **kwargs):  # the live model, to compare with the fold after training
+        live.append(model)
+        return jump_in_place(model, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "jump_in_place", keep_the_model)
+    cfg = GRPOConfig(out=str(tmp_path / "run"), **{**TINY, "steps": 7, "eval_samples": 1}, jump_every=3, jump_method="linear",
+                     jump_alpha="1.5", jump_horizon=1)
+    result = train(cfg)
+    # jumps at steps 3 and 6 (not at the last step), each fitted on the checkpoints since the previous one
+    assert [(j["step"], j["method"], j["alpha"]) for j in result.jumps] == [(3, "linear", 1.5), (6, "linear", 1.5)]
+    assert [j["fitted_steps"] for j in result.jumps] == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    assert all(j["seconds"] > 0 and j["backtest_error"] is not None for j in result.jumps)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "jump" in r] == [3, 6] and rows[3]["jump"]["saved"] == str(tmp_path / "run" / JUMPS / "step_3")
+    # the adapter keeps its rank; the base moved by 1.5 (W_3 - W_2) and 1.5 (W_6 - W_5), each relative to its base
+    shapes = [{k: v.shape for k, v in load_file(str(p / "adapter_model.safetensors")).items()} for p in result.checkpoints]
+    assert all(s == shapes[0] for s in shapes) and len(shapes) == 8
+    model = live[0]
+    folded = model_state(fold(default_model_dir(), tmp_path / "run" / JUMPS, tmp_path / "folded").out)
+    upto5 = model_state(fold(default_model_dir(), tmp_path / "run" / JUMPS, tmp_path / "folded5", upto=5).out)  # jump 3 only
+    w0 = model_state(default_model_dir())
+    layers = {relative_name(n) + ".weight": m for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    assert len(layers) == 28
+    for key, layer in layers.items():
+        assert torch.equal(layer.base_layer.weight, folded[key]), key  # bit for bit
+        assert not torch.equal(upto5[key], folded[key]) and not torch.equal(upto5[key], w0[key])
+
+
+def test_alpha_by_reward_scores_every_candidate_on_prompts_held_out_of_training(tmp_path):
+    from nextrap.grpo import _resolve_data
+
+    cfg = GRPOConfig(out=str(tmp_path / "run"), **{**TINY, "steps": 3, "eval_samples": 1}, jump_every=2, jump_method="linear",
+                     jump_alpha="reward:0,1.5,40", jump_horizon=1, select_prompts=16)
+    train_set, heldout, select, _ = _resolve_data(cfg)
+    assert len(select) == 16 and len(train_set) == 9000 - 16 and not set(select) & (set(train_set) | set(heldout))
+    result = train(cfg)
+    (j,) = result.jumps
+    assert set(j["scores"]) == {"0", "1.5", "40"} and j["alpha"] == max((0.0, 1.5, 40.0), key=lambda a: j["scores"][f"{a:g}"])
+    assert 0 < j["score_seconds"] < j["seconds"]
+
     rows = "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n" for i in range(10))
     (tmp_path / "d.jsonl").write_text(rows)
     cfg = GRPOConfig(out=str(tmp_path / "o"), **{**TINY, "steps": 1}, data=str(tmp_path / "d.jsonl"),
@@ -228,8 +294,8 @@ def test_data_file_and_custom_reward(tmp_path):
 def test_init_model_and_config_errors(tmp_path):
     result = train(GRPOConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 1, "eval_prompts": 0}, init_model=str(default_model_dir())))
     assert len(result.checkpoints) == 2
-    with pytest.raises(GRPOError, match="not both"):
-        train(GRPOConfig(out=str(tmp_path / "b"), init_model="x", init_adapter="y"))
+    with pytest.raises(GRPOError, match="multiple of save_every"):
+        train(GRPOConfig(out=str(tmp_path / "b"), save_every=2, jump_every=3))
     with pytest.raises(GRPOError, match="not a PEFT adapter"):
         train(GRPOConfig(out=str(tmp_path / "c"), **TINY, init_adapter=str(tmp_path)))
     with pytest.raises(GRPOError, match="group_size"):
@@ -278,6 +344,8 @@ def test_cli_runs_and_prints_json(cli, tmp_path):
         (["--reward", "nope"], "expected module:function"),
         (["--data", "/nonexistent.jsonl"], "no such file"),
         (["--init-adapter", "/nonexistent-adapter"], "no such folder"),
+        (["--jump-alpha", "reward:0.5,1.5"], "needs held-out prompts"),
+        (["--jump-method", "magic", "--jump-every", "10"], "jump_method magic"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_1(cli, tmp_path, args, message):
@@ -289,7 +357,8 @@ def test_cli_errors_are_one_line_and_exit_1(cli, tmp_path, args, message):
 def test_cli_help_lists_the_options(cli):
     r = CliRunner().invoke(cli, ["--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
-    for option in ("--model", "--init-adapter", "--advantage", "--eval-samples", "--overwrite", "--json"):
+    for option in ("--model", "--init-adapter", "--advantage", "--eval-samples", "--overwrite", "--json", "--jump-every",
+                   "--jump-alpha", "--select-prompts"):
         assert option in r.output
 
 

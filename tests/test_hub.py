@@ -62,7 +62,7 @@ class NoCallsApi:
 @pytest.fixture(scope="module")
 def jumped(fitted, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("jumped") / "alpha"
-    nextrap.extend(fitted, [1.5], out)
+    nextrap.extend(fitted, [1.5], out, method="next")
     return out
 
 

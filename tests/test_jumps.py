@@ -11,7 +11,7 @@ from nextrap.errors import NextrapError
 from nextrap.extend import plan
 from nextrap.fit import load_fit
 from nextrap.grpo import default_model_dir
-from nextrap.jumps import apply_in_place, fold, load_jumps, save_jump
+from nextrap.jumps import apply_in_place, choose_by_score, fold, load_jumps, parse_jump_alpha, save_jump
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,35 @@ def test_a_live_model_without_the_checkpoints_modules_is_refused(moves):
     with pytest.raises(NextrapError, match="no LoRA module"):
         apply_in_place(AutoModelForCausalLM.from_pretrained(BASE), linear, 1.0, modules)
     assert load_trajectory(TRAJECTORY).modules == modules
+
+
+def test_choose_by_score_tries_each_alpha_in_place_and_leaves_the_base_as_it_was(moves):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    modules, linear, _ = moves
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), TRAJECTORY / "step_160")
+    layer = dict(model.named_modules())[modules[0].name].base_layer
+    before = layer.weight.detach().clone()
+    seen, scores = [], iter([0.2, 0.7, 0.7, 0.1])
+
+    def score() -> float:  # what the model looks like while it is scored, and a made-up reward
+        seen.append(layer.weight.detach().clone())
+        return next(scores)
+
+    best, by_alpha = choose_by_score(model, linear, [0.0, 1.0, 2.0, 3.0], modules, score)
+    assert best == 1.0 and by_alpha == {0.0: 0.2, 1.0: 0.7, 2.0: 0.7, 3.0: 0.1}  # the first of equal scores
+    p, q = linear.factors[modules[0].name]
+    for alpha, w in zip([0.0, 1.0, 2.0, 3.0], seen):
+        assert torch.allclose(w.double(), before.double() + alpha * p @ q.mT, atol=1e-6)
+    assert torch.equal(layer.weight, before)  # restored bit for bit
+
+
+def test_parse_jump_alpha():
+    assert parse_jump_alpha("1.5") == (1.5, ()) and parse_jump_alpha("auto") == (None, ())
+    assert parse_jump_alpha("reward:0.5,1.5") == (None, (0.5, 1.5))
+    assert parse_jump_alpha("reward:0.5:1.5:0.5") == (None, (0.5, 1.0, 1.5))
+    with pytest.raises(NextrapError, match="one alpha"):
+        parse_jump_alpha("1,2")
+    with pytest.raises(NextrapError, match="candidates"):
+        parse_jump_alpha("reward:auto")

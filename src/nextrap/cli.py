@@ -140,7 +140,8 @@ def extend(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base) | base (the base model with the jump folded in, needs --base: resume checkpoint c itself on it at rank r, see nextrap.json resume_from)."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Base model folder (HF, single or sharded safetensors) for --format merged or base."),
-    method: str = typer.Option("next", "--method", help="next (NExt predictor) | linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit) | auto (lowest backtest error)."),
+    method: str = typer.Option("auto", "--method", help="auto (the method with the lowest backtest error) | next-paper (NExt as published) | next (our NExt variant) | "
+                               "linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged or base."),
     min_energy: float = typer.Option(0.0, "--min-energy", help="Jump only modules whose rank-1 energy σ1/Σσ is at least this (see `nextrap inspect`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -178,7 +179,7 @@ def extend(
 @app.command("fold")
 def fold_cmd(
     base: Path = typer.Argument(..., help="The base model the run started from (HF folder, single or sharded safetensors)."),
-    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback)."),
+    jumps: Path = typer.Argument(..., help="The jumps a run saved in place (OUTPUT_DIR/nextrap-jumps from nextrap.integrations.trl.JumpCallback or nextrap grpo --jump-every)."),
     out: Path = typer.Option(..., "--out", help="Output folder: the base with the jumps added."),
     upto: Optional[int] = typer.Option(None, "--upto", help="Fold only the jumps made at steps <= this: the base of the checkpoint of that step (default: all)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
@@ -322,6 +323,15 @@ def pipeline_cmd(
     plain_from: Optional[Path] = typer.Option(None, "--plain-from", help="Reuse this finished `nextrap grpo` run (same settings, >= --steps) as the plain arm."),
     epochs: int = typer.Option(1000, "--epochs", help="NExt predictor epochs."),
     restart: str = typer.Option("resume", "--restart", help="resume: keep AdamW state across the jump | fresh: new optimizer."),
+    jump_format: str = typer.Option("base", "--jump-format", help="base: fold the jump into the base model and resume checkpoint S1's "
+                                    "own adapter (rank r) and AdamW state on it | adapter: the rank-grown jumped adapter, with rank-matched controls."),
+    schedules: str = typer.Option("", "--schedules", help="Comma list of jump-every values K: per K and method, an arm of S1 + S2 steps "
+                                  "from the start that jumps in place every K steps (nextrap grpo --jump-every)."),
+    alpha_by_reward: Optional[str] = typer.Option(None, "--alpha-by-reward", help="Candidate alphas (0.5,1.0,1.5,2.0): per method, "
+                                                  "also a jump at S1 with the candidate whose jumped model has the best mean reward on "
+                                                  "--select-prompts; its rollouts count in the cost."),
+    select_prompts: int = typer.Option(0, "--select-prompts", help="Hold the last N training prompts out of every arm's training "
+                                       "stream (plain included), for --alpha-by-reward."),
     model: Optional[str] = typer.Option(None, "--model", help="HF causal LM folder (default: the embedded addition model)."),
     task: str = typer.Option("addition", "--task", help="Built-in task; ignored with --data."),
     data: Optional[Path] = typer.Option(None, "--data", help="Training jsonl of {prompt, answer} rows."),
@@ -350,14 +360,22 @@ def pipeline_cmd(
                       temperature=temperature, max_new_tokens=max_new_tokens, advantage=advantage, device=device,
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, reward=reward, eval_every=eval_every,
-                      eval_prompts=eval_prompts, eval_samples=eval_samples)
+                      eval_prompts=eval_prompts, eval_samples=eval_samples, select_prompts=select_prompts)
     with _errors():
         alphas = parse_alphas(alpha)
         if alphas is not None and len(alphas) != 1:
             raise NextrapError(f"--alpha {alpha}: the pipeline takes one alpha (or auto)")
+        candidates = parse_alphas(alpha_by_reward) if alpha_by_reward else []
+        if candidates is None:
+            raise NextrapError("--alpha-by-reward: list the candidate alphas, e.g. 0.5,1.0,1.5,2.0")
+        try:
+            every = tuple(int(x) for x in schedules.split(",") if x.strip())
+        except ValueError:
+            raise NextrapError(f"--schedules {schedules}: a comma list of step counts, e.g. 50,100") from None
     cfg = PipelineConfig(out=str(out), steps=steps, s1=s1, s2=s2, horizon=horizon, alpha=alphas[0] if alphas else None,
                          epochs=epochs, restart=restart, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                         grpo=base, plain_from=str(plain_from) if plain_from else None)
+                         grpo=base, plain_from=str(plain_from) if plain_from else None, jump_format=jump_format,
+                         schedules=every, reward_alphas=tuple(candidates))
     with _errors(), _progress(not as_json) as report:
         result = run_pipeline(cfg, progress=report, overwrite=overwrite)
         if plot_file is not None:
@@ -372,10 +390,11 @@ def pipeline_cmd(
 
 def _pipeline_table(r: PipelineResult) -> None:
     end = r.s1 + r.s2
-    table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon})",
+    table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon}, "
+                        f"jumps {'folded into the base' if r.jump_format == 'base' else 'as rank-grown adapters'})",
                   title_justify="left")
     for col in ("arm", "RL steps", "sampled acc", "greedy acc", "plain-equivalent steps", "speed-up", "train s",
-                "fit+extend s", "note"):
+                "jump s", "note"):
         table.add_column(col, justify="left" if col in ("arm", "note") else "right")
     plain = r.arms[0]
     rows = [(a.name, a.rl_steps, a.final, speedup(plain, a), a.train_seconds, a.jump_seconds, a.note) for a in r.arms]
@@ -395,9 +414,10 @@ def _pipeline_table(r: PipelineResult) -> None:
         cost = at_end["eval_sampled_acc"] - no_jump.final["eval_sampled_acc"]
         out_console.print(f"restart cost (plain at {end} minus no jump): {cost:+.3f} sampled accuracy", highlight=False)
     out_console.print("control: the last checkpoint restarted exactly like the jumps; ceiling: a jump to plain's own "
-                      "checkpoint h later. plain-equivalent steps: where plain's own curve reaches the arm's final "
-                      "sampled accuracy; speed-up: that over the RL steps spent, fit+extend counted as steps. "
-                      "train s: seconds in RL steps (the shared first S1 included).", style="dim")
+                      "checkpoint h later; 'every K': jumps in place every K steps from the start (its control is plain "
+                      "at the same step). plain-equivalent steps: where plain's own curve reaches the arm's final "
+                      "sampled accuracy; speed-up: that over the RL steps spent, jump s (fit, extend, reward rollouts) "
+                      "counted as steps. train s: seconds in RL steps (the shared first S1 included).", style="dim")
 
 
 def main() -> None:

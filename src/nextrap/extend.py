@@ -122,8 +122,8 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     if method != "auto" and alphas is not None:
         return method, alphas, None
     if not results:
-        raise NextrapError("--method auto / --alpha auto choose by backtest, but the fit has none "
-                           "(it needs 2h + 1 checkpoints and no --no-backtest)")
+        raise NextrapError("--method auto (the default) / --alpha auto choose by backtest, but the fit has none "
+                           "(it needs 2h + 1 checkpoints and no --no-backtest); name a --method")
     try:
         choice = choose(results, method=None if method == "auto" else method, alphas=alphas)
     except ValueError as e:
@@ -165,7 +165,7 @@ class Plan:
     warnings: list[str]
 
 
-def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_energy: float = 0.0) -> Plan:
+def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_energy: float = 0.0) -> Plan:
     """Resolve ``method="auto"`` / ``alphas=None`` from the fit's backtest (alpha 0 = don't jump when nothing
     beats standing still) and predict the move from the last checkpoint; ``min_energy`` zeroes the move of
     modules whose global delta has rank-1 energy sigma1/sum(sigma) below it."""
@@ -200,12 +200,13 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "next", min_e
 
 @one_line_os_errors
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
-           base: Path | str | None = None, method: str = "next", overwrite: bool = False,
+           base: Path | str | None = None, method: str = "auto", overwrite: bool = False,
            max_shard_size: str = "5GB", min_energy: float = 0.0) -> ExtendResult:
     """Write the jumped checkpoint(s) for each alpha into ``out`` (subfolders ``alpha-X`` when several).
 
-    ``method="auto"`` and/or ``alphas=None`` pick the method and/or alpha with the lowest backtest error of the
-    fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still. ``min_energy``
+    ``method="auto"`` (the default) and/or ``alphas=None`` pick the method and/or alpha with the lowest backtest
+    error of the fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still; name a
+    method (``"next-paper"``: NExt as published) to use it whatever the backtest says. ``min_energy``
     jumps only the modules whose global delta has rank-1 energy sigma1/sum(sigma) >= min_energy (the others
     keep their last weights)."""
     if fmt not in FORMATS:

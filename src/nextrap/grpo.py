@@ -9,6 +9,7 @@ One loop, top to bottom (`train`):
         loss = -sum(adv * log p(token)) / number of completion tokens   (token-level, on-policy)
         AdamW step on the LoRA parameters
         every save_every steps: save the adapter (and optimizer state), evaluate
+        every jump_every steps (optional): jump the LoRA base weights in place (nextrap.jumps.jump_in_place)
 
 Each update uses the samples drawn from the current policy once (no PPO clipping,
 no reference model, no KL term), so the importance ratio is exactly 1 and the loss
@@ -18,7 +19,16 @@ Outputs in `out`:
     step_0/, step_10/, ...   PEFT adapters (adapter_config.json + adapter_model.safetensors)
                              plus optimizer.safetensors (AdamW moments, keyed by parameter name)
     metrics.jsonl            one row per step; eval fields (eval_*) on the rows of evaluated steps;
-                             step 0 has only eval fields
+                             step 0 has only eval fields; "jump" (the record of jump_in_place) on jump steps
+    nextrap-jumps/step_N/    with jump_every: each jump's factors, as the TRL callback saves them, so that
+                             `nextrap fold MODEL OUT/nextrap-jumps --upto M` gives the base step_M loads on
+
+Repeated jumps (RL-Extra style, ``jump_every`` K): at every K-th step but the last, after that step's save and
+eval, the checkpoints saved since the previous jump are fitted and the move, times alpha (a number, the
+backtest's, or the candidate whose jumped model has the highest mean reward on ``select_prompts`` training
+prompts held out of the training stream), is added to the frozen base weights; the adapter and AdamW state go
+on unchanged, at rank r. A fit that cannot be made yet (too few checkpoints since the last jump) is recorded
+and skipped.
 
 Sampling is a short hand-written batched loop with a KV cache (`sample`): on the embedded model it is
 as fast as `generate`, it is deterministic given a torch.Generator, and it does not depend on
@@ -44,7 +54,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
+from nextrap.checkpoints import LoraModule
 from nextrap.errors import NextrapError
+from nextrap.jumps import JumpSettings, choose_by_score, jump_in_place, parse_jump_alpha
+from nextrap.methods import METHODS, Jump
 from nextrap.tasks import Example, Reward, TaskError, get_task, load_jsonl, load_reward, math_reward
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
@@ -85,7 +98,7 @@ class GRPOConfig:
     reward: str | None = None  # "module:function"; default exact match (addition) / math_reward (data)
     advantage: str = "grpo"  # grpo | rloo | reinforce++
     init_adapter: str | None = None  # continue training this PEFT adapter (its rank wins over lora_r)
-    init_model: str | None = None  # start from these full weights (e.g. a merged jumped model)
+    init_model: str | None = None  # base weights to start from (a merged jumped model, or with init_adapter a folded base)
     resume_optimizer: str | None = None  # step folder (or file) with optimizer.safetensors to continue from
     save_optimizer: bool = True
     eval_every: int | None = None  # None = at every save; 0 = never
@@ -94,6 +107,12 @@ class GRPOConfig:
     eval_batch: int = 1024  # sequences per sampling batch during eval
     eval_seed: int = 1234  # fixed apart from `seed`: runs with different seeds are evaluated on the same noise
     device: str = "cpu"
+    jump_every: int = 0  # jump the LoRA base weights in place every K steps (a multiple of save_every); 0 = never
+    jump_method: str = "auto"  # as extend --method
+    jump_alpha: str = "auto"  # a number, auto (the backtest's), or reward:A,B,... (best mean reward on select_prompts)
+    jump_horizon: int = 5  # checkpoints the jump's fit looks ahead
+    jump_epochs: int = 1000  # next-paper's predictor epochs in the jump's fit
+    select_prompts: int = 0  # the last N training prompts, held out of the training stream for choosing alpha by reward
 
 
 @dataclass
@@ -104,6 +123,7 @@ class GRPOResult:
     seconds_per_step: float  # mean over training steps (excludes eval and saving)
     last_reward_mean: float | None
     evals: list[dict[str, float]] = field(default_factory=list)  # one per evaluated step
+    jumps: list[dict[str, Any]] = field(default_factory=list)  # one record per jump step (alpha 0 / error: none made)
 
 
 # ---------------------------------------------------------------------------
@@ -263,9 +283,11 @@ def evaluate(
     max_new_tokens: int,
     seed: int,
     batch: int = 1024,
+    greedy: bool = True,
 ) -> dict[str, float]:
-    """Held-out greedy accuracy and sampled accuracy (mean reward of `samples` samples per prompt).
-    The sampling noise is seeded the same at every call, so checkpoints are compared on equal terms."""
+    """Held-out greedy accuracy and sampled accuracy (mean reward of `samples` samples per prompt; `greedy`
+    False: sampled only). The sampling noise is seeded the same at every call, so checkpoints are compared on
+    equal terms."""
     device = str(next(model.parameters()).device)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -285,8 +307,9 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    greedy = run(examples, 0.0, 1)
-    result = {"eval_greedy_acc": greedy.mean().item(), "eval_prompts": float(len(examples))}
+    result = {"eval_prompts": float(len(examples))}
+    if greedy:
+        result["eval_greedy_acc"] = run(examples, 0.0, 1).mean().item()
     if samples > 0:
         sampled = run(examples, temperature, samples).mean(dim=1)  # per-prompt accuracy
         result["eval_sampled_acc"] = sampled.mean().item()
@@ -299,7 +322,9 @@ def evaluate(
 # Loading and saving
 
 
-def _resolve_data(config: GRPOConfig) -> tuple[list[Example], list[Example], Reward]:
+def _resolve_data(config: GRPOConfig) -> tuple[list[Example], list[Example], list[Example], Reward]:
+    """Training prompts, held-out prompts, the prompts held out of training for choosing alpha by reward (the
+    last ``select_prompts`` training prompts) and the reward."""
     try:
         if config.data:
             train = load_jsonl(config.data)
@@ -311,7 +336,10 @@ def _resolve_data(config: GRPOConfig) -> tuple[list[Example], list[Example], Rew
             reward = load_reward(config.reward) if config.reward else task.reward
     except TaskError as e:
         raise GRPOError(str(e)) from None
-    return train, heldout, reward
+    n = config.select_prompts
+    if n and n >= len(train):
+        raise GRPOError(f"select_prompts {n}: the training set has only {len(train)} prompts")
+    return (train[:-n], heldout, train[-n:], reward) if n else (train, heldout, [], reward)
 
 
 def load_policy(config: GRPOConfig) -> tuple[Any, Any]:
@@ -319,8 +347,6 @@ def load_policy(config: GRPOConfig) -> tuple[Any, Any]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if config.init_adapter and config.init_model:
-        raise GRPOError("give either --init-adapter or --init-model, not both")
     model_dir = config.model or str(default_model_dir())
     if config.model is None and not Path(model_dir).is_dir():
         raise GRPOError(f"embedded default model missing at {model_dir}; run `python fixtures/make_addition_lm.py` or pass --model")
@@ -426,6 +452,17 @@ def validate(config: GRPOConfig) -> None:
     _resolve_data(config)
 
 
+def jump_settings(config: GRPOConfig) -> JumpSettings | None:
+    """The in-place jump the config asks for (None: jump_every 0)."""
+    if not config.jump_every:
+        return None
+    alpha, candidates = parse_jump_alpha(config.jump_alpha)
+    # a named method is fitted alone: next's model, say, needs more checkpoints than linear's straight line
+    methods = ("linear", "next") if config.jump_method == "auto" else (config.jump_method,)
+    return JumpSettings(method=config.jump_method, alpha=alpha, reward_alphas=candidates, methods=methods,
+                        horizon=config.jump_horizon, epochs=config.jump_epochs)
+
+
 def _check(config: GRPOConfig) -> None:
     if config.advantage not in ADVANTAGES:
         raise GRPOError(f"unknown advantage {config.advantage!r}; choose one of {', '.join(ADVANTAGES)}")
@@ -436,6 +473,19 @@ def _check(config: GRPOConfig) -> None:
         raise GRPOError("group_size must be >= 2: advantages compare samples of the same prompt")
     if config.temperature <= 0:
         raise GRPOError("temperature must be > 0 for sampling during training")
+    if config.select_prompts < 0:
+        raise GRPOError(f"select_prompts must be >= 0, got {config.select_prompts}")
+    if config.jump_every < 0 or config.jump_every % config.save_every:
+        raise GRPOError(f"jump_every {config.jump_every}: must be a multiple of save_every {config.save_every} "
+                        "(a jump fits the checkpoints saved up to its step), or 0 for no jumps")
+    if config.jump_method not in (*METHODS, "auto"):
+        raise GRPOError(f"jump_method {config.jump_method}: use one of {', '.join(METHODS)} or auto")
+    if config.jump_horizon < 1 or config.jump_epochs < 1:
+        raise GRPOError("jump_horizon and jump_epochs must be at least 1")
+    _, candidates = parse_jump_alpha(config.jump_alpha)
+    if candidates and config.select_prompts < 1:
+        raise GRPOError(f"jump_alpha {config.jump_alpha}: choosing alpha by reward needs held-out prompts; set "
+                        "select_prompts (e.g. 256: the last 256 training prompts, left out of training)")
 
 
 def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None = None) -> GRPOResult:
@@ -444,7 +494,7 @@ def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None =
     anything is written."""
     _check(config)
     torch.manual_seed(config.seed)
-    train_set, heldout, reward = _resolve_data(config)
+    train_set, heldout, select, reward = _resolve_data(config)
     heldout = heldout[: config.eval_prompts]
     model, tokenizer = load_policy(config)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -467,12 +517,14 @@ def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None =
     # replays its prompts, while two continuations (jump / no jump) with one seed see the same data
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     prompts = _prompt_stream(train_set, config.seed)
-    checkpoints, evals, step_times = [], [], []
+    checkpoints, evals, step_times, jumps = [], [], [], []
     reward_mean = None
+    jumper = jump_settings(config)
+    score = (lambda: select_reward(model, tokenizer, select, reward, config)) if select else None
     metrics = (out / "metrics.jsonl").open("w")
 
     def checkpoint(step: int, row: dict[str, Any]) -> None:
-        """Save the adapter and evaluate when due, then write the step's metrics row."""
+        """Save the adapter and evaluate when due, jump when due, then write the step's metrics row."""
         last = step == config.steps
         if step % config.save_every == 0 or last:
             path = out / f"step_{step}"
@@ -483,6 +535,9 @@ def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None =
                           config.max_new_tokens, config.eval_seed, config.eval_batch)
             evals.append({"step": step, **ev})
             row.update(ev)
+        if jumper is not None and 0 < step < config.steps and step % config.jump_every == 0:
+            row["jump"] = _jump(model, out, step, jumper, score)
+            jumps.append(row["jump"])
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
 
@@ -536,4 +591,34 @@ def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None =
         seconds_per_step=sum(step_times) / len(step_times) if step_times else 0.0,
         last_reward_mean=reward_mean,
         evals=evals,
+        jumps=jumps,
     )
+
+
+def _jump(model: Any, out: Path, step: int, settings: JumpSettings, score: Callable[[], float] | None) -> dict[str, Any]:
+    """``jump_in_place`` at ``step``; a jump that cannot be made (too few checkpoints since the last one to fit)
+    is recorded with its reason, and training goes on."""
+    t0 = time.perf_counter()
+    try:
+        return jump_in_place(model, out, step, settings, score=score)
+    except NextrapError as e:
+        return {"step": step, "alpha": 0.0, "error": str(e), "saved": None, "seconds": time.perf_counter() - t0}
+
+
+def select_reward(model: Any, tokenizer: Any, examples: list[Example], reward: Reward, config: GRPOConfig) -> float:
+    """The score alpha is chosen by: the mean reward of max(1, eval_samples) sampled completions per prompt of
+    ``examples`` (the selection prompts), with the eval's fixed sampling noise, so every candidate sees the same."""
+    return evaluate(model, tokenizer, examples, reward, max(1, config.eval_samples), config.temperature,
+                    config.max_new_tokens, config.eval_seed, config.eval_batch, greedy=False)["eval_sampled_acc"]
+
+
+def choose_alpha_by_reward(config: GRPOConfig, move: Jump, modules: list[LoraModule],
+                           alphas: list[float]) -> tuple[float, dict[float, float]]:
+    """Load ``config``'s policy (e.g. ``init_adapter`` = the checkpoint to jump from) and return the alpha among
+    ``alphas`` whose jumped model has the highest ``select_reward`` on the selection prompts, and every score."""
+    _check(config)
+    _, _, select, reward = _resolve_data(config)
+    if not select:
+        raise GRPOError("choosing alpha by reward needs select_prompts > 0 (prompts held out of the training stream)")
+    model, tokenizer = load_policy(config)
+    return choose_by_score(model, move, alphas, modules, lambda: select_reward(model, tokenizer, select, reward, config))

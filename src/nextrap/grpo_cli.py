@@ -21,7 +21,7 @@ from nextrap.files import check_writable
 from nextrap.progress import rich_progress
 from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train, validate
 
-_OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json)$")  # what a run writes into --out
+_OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json|nextrap-jumps)$")  # what a run writes into --out
 
 
 def _fail(message: str) -> None:
@@ -66,13 +66,26 @@ def grpo(
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out jsonl for eval with --data (default: no eval).")] = None,
     reward: Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.tasks:math_reward for --data.")] = None,
     advantage: Annotated[str, typer.Option(help=f"Advantage estimator: {' | '.join(ADVANTAGES)}.")] = "grpo",
-    init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Continue training this PEFT adapter folder (e.g. a jumped step), any rank.")] = None,
-    init_model: Annotated[Optional[Path], typer.Option("--init-model", help="Start from these full model weights (e.g. a merged jumped model); the tokenizer comes from --model unless the folder has one.")] = None,
+    init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Continue training this PEFT adapter folder (e.g. a jumped step, "
+                                                                   "or with --init-model a checkpoint to resume on a folded base), any rank.")] = None,
+    init_model: Annotated[Optional[Path], typer.Option("--init-model", help="Start from these full model weights: a merged jumped model, or with "
+                                                                 "--init-adapter the base the adapter loads on (extend --format base, nextrap fold); the "
+                                                                 "tokenizer comes from --model unless the folder has one.")] = None,
     resume_optimizer: Annotated[Optional[Path], typer.Option("--resume-optimizer", help="Step folder whose optimizer.safetensors to continue from (moments of a grown rank start at 0).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at every save; 0: never).")] = None,
     eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per eval.")] = 1000,
     eval_samples: Annotated[int, typer.Option(help="Samples per held-out prompt for sampled accuracy (0: greedy only).")] = 8,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    jump_every: Annotated[int, typer.Option("--jump-every", help="Jump the LoRA base weights in place every K steps (a multiple of "
+                                                "--save-every; not at the last step), fitted on the checkpoints since the last jump; saved under "
+                                                "OUT/nextrap-jumps. 0: never.")] = 0,
+    jump_method: Annotated[str, typer.Option("--jump-method", help="The jump's method, as extend --method (auto: the backtest's choice).")] = "auto",
+    jump_alpha: Annotated[str, typer.Option("--jump-alpha", help="The jump's alpha: a number, auto (the backtest's), or reward:A,B,... "
+                                                "(the candidate whose jumped model has the best mean reward on --select-prompts).")] = "auto",
+    jump_horizon: Annotated[int, typer.Option("--jump-horizon", help="Checkpoints the jump's fit looks ahead.")] = 5,
+    jump_epochs: Annotated[int, typer.Option("--jump-epochs", help="next-paper's predictor epochs in the jump's fit.")] = 1000,
+    select_prompts: Annotated[int, typer.Option("--select-prompts", help="Hold the last N training prompts out of the training "
+                                                    "stream, to choose --jump-alpha reward:... on.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in a non-empty --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
 ) -> None:
@@ -103,6 +116,12 @@ def grpo(
         eval_prompts=eval_prompts,
         eval_samples=eval_samples,
         device=device,
+        jump_every=jump_every,
+        jump_method=jump_method,
+        jump_alpha=jump_alpha,
+        jump_horizon=jump_horizon,
+        jump_epochs=jump_epochs,
+        select_prompts=select_prompts,
     )
     try:  # bad options fail before a previous run in --out is removed
         validate(config)
@@ -126,11 +145,15 @@ def grpo(
             "seconds_per_step": result.seconds_per_step,
             "last_reward_mean": result.last_reward_mean,
             "final_eval": final_eval,
+            "jumps": result.jumps,
             "config": asdict(config),
         }
         print(json.dumps(summary))
         return
     console.print(f"{len(result.checkpoints)} adapters in {result.out} ({result.seconds_per_step:.2f} s/step)")
+    for j in result.jumps:
+        made = f"{j['method']} at alpha {j['alpha']:g}" if j["alpha"] else f"none ({j.get('error') or 'the backtest chose alpha 0'})"
+        console.print(f"jump at step {j['step']}: {made} ({j['seconds']:.1f} s)", highlight=False)
     if final_eval:
         sampled = f", sampled {final_eval['eval_sampled_acc']:.3f}" if "eval_sampled_acc" in final_eval else ""
         console.print(f"held-out accuracy at step {final_eval['step']}: greedy {final_eval['eval_greedy_acc']:.3f}{sampled}")

@@ -4,16 +4,29 @@ From one start (same model, same seed):
 
     plain        N steps of GRPO, uninterrupted (the reference; its step S1 + S2 is the budget-matched point)
     <method>     plain's first S1 steps, fit + extend at alpha, then S2 more steps        (S1 + S2 = 0.625 N)
-    no jump      plain's first S1 steps, "extend" at alpha 0, then S2 more steps (the restart control)
+    no jump      plain's first S1 steps, then S2 more steps exactly as the jumps continue (the restart control)
     true future  plain's checkpoint at S1 + h checkpoints, then S2 more steps (the ceiling of any predictor)
+    optional:
+    <method> (alpha by reward)  as <method>, alpha the candidate whose jumped model has the best mean reward on
+                 prompts held out of training (``reward_alphas``, ``grpo.select_prompts``); its rollouts cost time
+    <method> every K            S1 + S2 steps from the start, jumping in place every K steps (``schedules``:
+                 ``nextrap grpo --jump-every``); its paired control is plain itself (same seed, same prompts)
 
-Every arm after S1 restarts the same way: load the adapter, keep or reset the AdamW state (``restart``), and
-draw its prompts from the same continuation seed. A jump appends columns to the adapter (1 for next-paper and
-relex, 2r for linear, ...), and extra trainable rank can change training by itself; so every distinct adapter
-shape among the jumps gets its own no-jump control with the same extra rank and zero effect (B columns 0, A
-rows random, as PEFT initialises LoRA): a jump and its control differ only in where they start from. The
-restart's own cost shows as plain at S1 + S2 against no jump. Outputs stay in ``out`` (per-arm folders,
-``pipeline.json``, an optional PNG). ``plain_from`` reuses a finished plain run of the same configuration.
+How a jump continues (``jump_format``):
+
+- ``base`` (default): ``extend --format base`` folds alpha * move into the base model, and the continuation
+  resumes plain's checkpoint S1 itself on it: its adapter (rank r) and AdamW state, since
+  W_S1 + alpha * move = (W_0 + alpha * move) + s B_S1 A_S1. The no-jump control is the same continuation on
+  W_0: a jump and its control differ only in the base weights.
+- ``adapter``: the jumped adapter (rank r + k: 1 column for next-paper and relex, 2r for linear, ...), and,
+  since extra trainable rank can change training by itself, every distinct adapter shape among the jumps gets
+  its own no-jump control with the same extra rank and zero effect (B columns 0, A rows random, as PEFT
+  initialises LoRA).
+
+Every continuation after S1 draws its prompts from the same continuation seed and keeps or resets the AdamW
+state alike (``restart``). The restart's own cost shows as plain at S1 + S2 against no jump. Outputs stay in
+``out`` (per-arm folders, ``pipeline.json``, an optional PNG). ``plain_from`` reuses a finished plain run of the
+same configuration.
 """
 
 from __future__ import annotations
@@ -30,13 +43,14 @@ from .adapter import make_appended_rows_trainable
 from .errors import NextrapError
 from .plotting import pyplot
 from .files import check_replaceable, write_marker
-from .extend import extend
-from .fit import fit
-from .grpo import GRPOConfig, train
+from .extend import extend, plan
+from .fit import fit, load_fit
+from .grpo import GRPOConfig, choose_alpha_by_reward, default_model_dir, train
 from .methods import METHODS
 
 Progress = Callable[[str, int, int], None]
 RESTARTS = ("resume", "fresh")
+JUMP_FORMATS = ("base", "adapter")
 
 
 @dataclass
@@ -52,6 +66,9 @@ class PipelineConfig:
     restart: str = "resume"  # resume: AdamW state carried over; fresh: new optimizer
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     plain_from: str | None = None  # a finished `nextrap grpo` run with this grpo config (>= steps) to reuse as plain
+    jump_format: str = "base"  # base: checkpoint S1 resumes on the folded base | adapter: the rank-grown adapter
+    schedules: tuple[int, ...] = ()  # jump-every values: per value and method, an arm of S1 + S2 steps jumping in place
+    reward_alphas: tuple[float, ...] = ()  # per method, a jump at S1 with alpha chosen among these by reward
 
     def schedule(self) -> tuple[int, int]:
         k = self.grpo.save_every
@@ -66,9 +83,9 @@ class Arm:
     rl_steps: int  # RL steps the schedule pays for (the ceiling's jump to plain's later checkpoint is free)
     curve: list[dict[str, float]]  # {"step": global step, eval_* ...}
     train_seconds: float  # sum of seconds_per_step over the steps this arm trained (its share of plain included)
-    jump_seconds: float = 0.0  # fit + extend
+    jump_seconds: float = 0.0  # fit + extend, reward rollouts choosing alpha, in-run jumps: counted in the speed-up
     note: str = ""
-    control: str = ""  # the name of the no-jump arm with the same adapter shape (for paired comparisons)
+    control: str = ""  # the arm to compare with, seed by seed: the no-jump arm, or "plain" (at this arm's last step)
 
     @property
     def final(self) -> dict[str, float]:
@@ -85,11 +102,12 @@ class PipelineResult:
     alpha: float | None
     arms: list[Arm]
     backtest: list[dict[str, Any]]
+    jump_format: str = "base"
 
     def to_json(self) -> dict[str, Any]:
         plain = self.arms[0]
         return {"out": str(self.out), "steps": self.steps, "s1": self.s1, "s2": self.s2, "horizon": self.horizon,
-                "alpha": self.alpha,
+                "alpha": self.alpha, "jump_format": self.jump_format,
                 "arms": [{**asdict(a), "final": a.final, **asdict(speedup(plain, a))} for a in self.arms],
                 "backtest": self.backtest}
 
@@ -99,13 +117,13 @@ class Speedup:
     """An arm's result in plain's currency: the plain step whose accuracy it reached, over what it paid."""
 
     equivalent_plain_steps: float | None  # None: beyond plain's run (the arm ended above plain's last accuracy)
-    cost_steps: float  # RL steps trained plus fit + extend seconds in plain's seconds per step
+    cost_steps: float  # RL steps trained plus jump seconds (fit, extend, reward rollouts) in plain's seconds per step
     speedup: float | None  # equivalent_plain_steps / cost_steps (1 = as fast as plain)
 
 
 def speedup(plain: Arm, arm: Arm, key: str = "eval_sampled_acc") -> Speedup:
     """Where ``plain``'s own accuracy curve (linear between evaluations) first reaches ``arm``'s final accuracy,
-    and the speed-up that is over the RL steps ``arm`` spent, its fit + extend time counted as steps."""
+    and the speed-up that is over the RL steps ``arm`` spent, its jump time (``jump_seconds``) counted as steps."""
     per_step = plain.train_seconds / plain.rl_steps if plain.rl_steps and plain.train_seconds else 0.0
     cost = arm.rl_steps + (arm.jump_seconds / per_step if per_step else 0.0)
     if key not in arm.final:
@@ -134,6 +152,18 @@ def _check(cfg: PipelineConfig, s1: int, s2: int) -> None:
         raise NextrapError(f"--methods {','.join(cfg.methods)}: choose from {', '.join(METHODS)}")
     if cfg.restart not in RESTARTS:
         raise NextrapError(f"--restart {cfg.restart}: use resume or fresh")
+    if cfg.jump_format not in JUMP_FORMATS:
+        raise NextrapError(f"--jump-format {cfg.jump_format}: use base or adapter")
+    if cfg.jump_format == "base" and not _base_model(cfg).is_dir():
+        raise NextrapError(f"--jump-format base folds the jump into the model's weights, so --model must be a local "
+                           f"folder (got {_base_model(cfg)}); download it, or use --jump-format adapter")
+    bad = [x for x in cfg.schedules if x <= 0 or x % k or x >= s1 + s2]
+    if bad:
+        raise NextrapError(f"--schedules {','.join(map(str, bad))}: each must be a multiple of --save-every {k} "
+                           f"below S1 + S2 = {s1 + s2}")
+    if cfg.reward_alphas and cfg.grpo.select_prompts < 1:
+        raise NextrapError("--alpha-by-reward chooses alpha on prompts held out of training: give --select-prompts N "
+                           "(e.g. 256; every arm, plain included, then trains without them)")
     if s1 % k or s1 <= 0:
         raise NextrapError(f"--s1 {s1}: must be a positive multiple of --save-every {k}")
     if s1 // k < cfg.horizon + 1:  # step 0 is the start, not a move: checkpoints k..s1 must hold one pair
@@ -153,11 +183,12 @@ _FROM_SCRATCH = ("init_adapter", "init_model", "resume_optimizer")  # a plain ru
 
 
 def _check_plain(run: Path, cfg: PipelineConfig) -> None:
-    """A plain run is reusable when it was trained with this configuration for at least ``cfg.steps`` steps."""
+    """A plain run is reusable when it was trained with this configuration for at least ``cfg.steps`` steps
+    (an option the run's nextrap did not have yet counts as its default)."""
     config_file = run / "grpo_config.json"
     if not config_file.is_file():
         raise NextrapError(f"--plain-from {run}: no grpo_config.json (not a `nextrap grpo` run)")
-    saved = json.loads(config_file.read_text())
+    saved = {**json.loads(json.dumps(asdict(GRPOConfig()))), **json.loads(config_file.read_text())}
     wanted = json.loads(json.dumps(asdict(cfg.grpo)))  # tuples as lists, like the saved file
     wanted["target_modules"] = sorted(wanted["target_modules"])
     for key in _FROM_SCRATCH:
@@ -170,6 +201,11 @@ def _check_plain(run: Path, cfg: PipelineConfig) -> None:
         raise NextrapError(f"{run}: trained {saved.get('steps')} steps, fewer than --steps {cfg.steps} (or step_{cfg.steps} is missing)")
 
 
+def _base_model(cfg: PipelineConfig) -> Path:
+    """The weights every arm starts from, into which ``jump_format`` base folds the jump."""
+    return Path(cfg.grpo.init_model or cfg.grpo.model or default_model_dir())
+
+
 def _adapter_shape(folder: Path) -> str:
     """What makes two adapters train alike: their rank and per-module ranks."""
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -177,6 +213,21 @@ def _adapter_shape(folder: Path) -> str:
 
 
 WORKSPACE = ("plain", "prefix", "fit", "jump-*", "cont-*", "pipeline.json")  # what a pipeline writes into --out
+
+
+@dataclass
+class _Start:
+    """A continuation from S1: its arm, run folder, where it starts (grpo options) and what its jump cost."""
+
+    name: str
+    folder: str
+    start: dict[str, str]  # init_adapter, and init_model for a jump folded into the base
+    resume_from: Path  # the step folder whose AdamW state it carries (restart "resume")
+    jump_seconds: float = 0.0
+    note: str = ""
+    method: str = ""
+    shape: str = ""  # jump_format adapter: the adapter's shape, which picks its control
+    control: str = ""
 
 
 def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrite: bool = False) -> PipelineResult:
@@ -215,44 +266,76 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     fitted = fit(prefix, out=out / "fit", horizon=h, epochs=cfg.epochs, seed=cfg.grpo.seed, methods=cfg.methods,
                  progress=lambda stage, done, total: report(f"fit: {stage}", done, total))
     fit_seconds = time.perf_counter() - t0
+    at_s1 = out / "plain" / f"step_{s1}"
+    folded = cfg.jump_format == "base"
+    label = f"alpha {cfg.alpha:g}" if cfg.alpha is not None else "alpha auto"
 
-    # Every continuation draws the same prompts (a seed of its own: plain's would replay plain's first prompts).
-    # (arm name, folder, adapter to start from, optimizer state to carry, jump seconds, note, control arm)
-    starts: list[tuple[str, str, Path, Path, float, str, str]] = []
-    shapes: dict[str, str] = {}  # adapter shape -> the first method whose jump has it
-    for method in cfg.methods:
+    def jump(method: str, by_reward: bool) -> _Start:
+        """Write the jump of ``method`` from S1 (alpha chosen by reward when asked) and say how to continue it."""
         t0 = time.perf_counter()
-        jumped = extend(out / "fit", None if cfg.alpha is None else [cfg.alpha], out / f"jump-{method}", method=method)
-        if jumped.alphas == [0.0]:  # auto chose no jump: the appended rank must still be able to learn, as in a control
-            make_appended_rows_trainable(out / f"jump-{method}", cfg.grpo.lora_r, seed=cfg.grpo.seed)
-        label = f"alpha {cfg.alpha:g}" if cfg.alpha is not None else "alpha auto"
-        note = "" if cfg.alpha is not None else f"chose alpha {jumped.alphas[0]:g}"
-        shape = _adapter_shape(out / f"jump-{method}")
-        shapes.setdefault(shape, method)
-        starts.append((f"{method} ({label})", f"cont-{method}", out / f"jump-{method}",
-                       out / "plain" / f"step_{s1}", fit_seconds + time.perf_counter() - t0, note, shape))
+        alphas, note = (None if cfg.alpha is None else [cfg.alpha]), ""
+        if by_reward:  # every candidate jumped in place from checkpoint S1 and scored on the held-out prompts
+            chosen = plan(load_fit(out / "fit"), list(cfg.reward_alphas), method)
+            alpha, scores = choose_alpha_by_reward(replace(cfg.grpo, init_adapter=str(at_s1)), chosen.move,
+                                                   chosen.fit.trajectory.modules, chosen.alphas)
+            alphas = [alpha]
+            note = f"chose alpha {alpha:g} by reward (" + ", ".join(f"{a:g}: {r:.3f}" for a, r in scores.items()) + ")"
+        folder = f"jump-{method}" + ("-reward" if by_reward else "")
+        jumped = extend(out / "fit", alphas, out / folder, fmt=cfg.jump_format, base=_base_model(cfg) if folded else None,
+                        method=method)
+        if cfg.alpha is None and not by_reward:
+            note = f"chose alpha {jumped.alphas[0]:g}"
+        if folded:  # checkpoint S1 itself resumes on the base with the jump folded in
+            start = {"init_model": str(out / folder), "init_adapter": str(at_s1)}
+        else:
+            if jumped.alphas == [0.0]:  # no jump: the appended rank must still be able to learn, as in a control
+                make_appended_rows_trainable(out / folder, cfg.grpo.lora_r, seed=cfg.grpo.seed)
+            start = {"init_adapter": str(out / folder)}
+        name = f"{method} (alpha by reward)" if by_reward else f"{method} ({label})"
+        return _Start(name, folder.replace("jump-", "cont-"), start, at_s1, fit_seconds + time.perf_counter() - t0, note,
+                      method, "" if folded else _adapter_shape(out / folder))
+
+    jumps = [jump(m, False) for m in cfg.methods] + [jump(m, True) for m in cfg.methods if cfg.reward_alphas]
+    shapes: dict[str, str] = {}  # adapter shape -> the first method whose jump has it ("" on the folded base)
+    for j in jumps:
+        shapes.setdefault(j.shape, j.method)
     controls = {}
     for shape, method in shapes.items():
-        # the same extra rank as this method's jump with a zero move, that can still learn
         folder = "jump-none" if len(shapes) == 1 else f"jump-none-{method}"
-        extend(out / "fit", [0.0], out / folder, method=method)
-        make_appended_rows_trainable(out / folder, cfg.grpo.lora_r, seed=cfg.grpo.seed)
         controls[shape] = "no jump" if len(shapes) == 1 else f"no jump (rank of {method})"
-        starts.append((controls[shape], folder.replace("jump-", "cont-"), out / folder, out / "plain" / f"step_{s1}", 0.0,
-                       "control", ""))
-    starts = [(*start[:6], controls.get(start[6], "")) for start in starts]
+        if folded:  # the same continuation of checkpoint S1, on the unjumped base
+            start = {"init_adapter": str(at_s1)}
+        else:  # the same extra rank as this method's jump with a zero move, that can still learn
+            extend(out / "fit", [0.0], out / folder, method=method)
+            make_appended_rows_trainable(out / folder, cfg.grpo.lora_r, seed=cfg.grpo.seed)
+            start = {"init_adapter": str(out / folder)}
+        jumps.append(_Start(controls[shape], folder.replace("jump-", "cont-"), start, at_s1, note="control"))
+    for j in jumps:
+        j.control = controls.get(j.shape, "") if j.note != "control" else ""
     future = out / "plain" / f"step_{s1 + h * k}"
-    starts.append((f"true future (step {s1 + h * k})", "cont-future", future, future, 0.0, "ceiling", ""))
+    jumps.append(_Start(f"true future (step {s1 + h * k})", "cont-future", {"init_adapter": str(future)}, future,
+                        note="ceiling"))
 
+    # Every continuation draws the same prompts (a seed of its own: plain's would replay plain's first prompts).
     before_jump = [r for r in _curve(plain_rows, 0) if r["step"] < s1]
-    for name, folder, adapter, optimizer_from, jump_seconds, note, control in starts:
-        rows = grpo(folder, steps=s2, seed=cfg.grpo.seed + 1, init_adapter=str(adapter),
-                    resume_optimizer=str(optimizer_from) if cfg.restart == "resume" else None)
+    for j in jumps:
+        rows = grpo(j.folder, steps=s2, seed=cfg.grpo.seed + 1, **j.start,
+                    resume_optimizer=str(j.resume_from) if cfg.restart == "resume" else None)
         # x = RL steps trained: the jump itself is free, so the continuation starts at S1
-        arms.append(Arm(name, s1 + s2, before_jump + _curve(rows, s1), prefix_seconds + _seconds(rows), jump_seconds, note,
-                        control))
+        arms.append(Arm(j.name, s1 + s2, before_jump + _curve(rows, s1), prefix_seconds + _seconds(rows), j.jump_seconds,
+                        j.note, j.control))
 
-    result = PipelineResult(out, cfg.steps, s1, s2, h, cfg.alpha, arms, fitted.to_json()["backtest"])
+    # Repeated jumps: from the start with plain's seed (so plain until the first jump), jumping in place
+    for every in cfg.schedules:
+        for method in cfg.methods:
+            rows = grpo(f"cont-every{every}-{method}", steps=s1 + s2, jump_every=every, jump_method=method,
+                        jump_alpha="auto" if cfg.alpha is None else repr(cfg.alpha), jump_horizon=h, jump_epochs=cfg.epochs)
+            made = [r["jump"] for r in rows if "jump" in r]
+            note = ", ".join(f"{j['step']}: alpha {j['alpha']:g}" for j in made if j["alpha"])
+            arms.append(Arm(f"{method} every {every} ({label})", s1 + s2, _curve(rows, 0), _seconds(rows),
+                            sum(j["seconds"] for j in made), f"jumped at {note}" if note else "no jump made", "plain"))
+
+    result = PipelineResult(out, cfg.steps, s1, s2, h, cfg.alpha, arms, fitted.to_json()["backtest"], cfg.jump_format)
     (out / "pipeline.json").write_text(json.dumps({**result.to_json(), "config": _config_json(cfg)}, indent=2) + "\n")
     return result
 
@@ -261,6 +344,7 @@ def _config_json(cfg: PipelineConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["grpo"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["grpo"].items()}
     d["methods"] = list(cfg.methods)
+    d["schedules"], d["reward_alphas"] = list(cfg.schedules), list(cfg.reward_alphas)
     d["plain_from"] = str(Path(cfg.plain_from).absolute()) if cfg.plain_from else None
     return d
 

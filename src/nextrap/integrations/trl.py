@@ -26,28 +26,15 @@ TRL is where RLVR runs with LoRA are trained, and it is tested with TRL's GRPOTr
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from transformers import TrainerCallback
 
-from ..checkpoints import ADAPTER_CONFIG, Checkpoint, discover
 from ..errors import NextrapError
-from ..extend import plan
-from ..fit import fit, load_fit
-from ..jumps import JUMPS, apply_in_place, jump_folder, load_jumps, save_jump
+from ..jumps import JUMPS, JumpSettings, jump_in_place
 
 logger = logging.getLogger(__name__)
-
-
-def _since_last_jump(output_dir: Path, step: int) -> list[Checkpoint]:
-    """The run's checkpoints up to ``step`` that share one base: those saved at or after the last saved jump
-    before ``step`` (the jump's own checkpoint is its post-jump state's adapter)."""
-    previous = [j.step for j in load_jumps(output_dir / JUMPS) if j.step < step] if (output_dir / JUMPS).is_dir() else []
-    start = max(previous, default=None)
-    return [c for c in discover(output_dir) if c.step <= step and (start is None or c.step >= start)]
 
 
 class JumpCallback(TrainerCallback):
@@ -55,14 +42,15 @@ class JumpCallback(TrainerCallback):
 
     ``method`` / ``alpha``: as ``extend --method`` / ``--alpha`` (``"auto"`` / None = chosen by the backtest);
     ``methods``, ``horizon``, ``backtest_folds``, ``epochs``: as ``nextrap fit``. ``history`` records every
-    decision (also logged, and written to each jump's ``jump.json``)."""
+    decision (also logged, and written to each jump's ``jump.json``). The work is ``nextrap.jumps.jump_in_place``,
+    shared with the bundled runner's ``--jump-every``."""
 
     def __init__(self, steps: Iterable[int], method: str = "auto", alpha: float | None = None,
                  methods: tuple[str, ...] = ("linear", "next"), horizon: int = 5, backtest_folds: int = 1,
                  epochs: int = 1000):
         self.steps = set(steps)
-        self.method, self.alpha = method, alpha
-        self.methods, self.horizon, self.backtest_folds, self.epochs = tuple(methods), horizon, backtest_folds, epochs
+        self.settings = JumpSettings(method=method, alpha=alpha, methods=tuple(methods), horizon=horizon,
+                                     backtest_folds=backtest_folds, epochs=epochs)
         self.history: list[dict[str, Any]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -87,35 +75,13 @@ class JumpCallback(TrainerCallback):
 
     def jump(self, model: Any, output_dir: Path, step: int, save: bool = True) -> dict[str, Any]:
         """Fit, choose and jump at ``step`` (its checkpoint already saved under ``output_dir``); returns the record."""
-        ckpts = _since_last_jump(output_dir, step)
-        if not ckpts or ckpts[-1].step != step:
-            raise NextrapError(f"{output_dir}: no checkpoint saved at step {step}; name steps at which the trainer saves")
-        with tempfile.TemporaryDirectory(prefix="nextrap-jump-") as tmp:
-            for c in ckpts:  # a copy of the adapters alone: fit reads exactly these checkpoints
-                folder = Path(tmp) / "ckpts" / f"step_{c.step}"
-                folder.mkdir(parents=True)
-                shutil.copy2(c.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
-                shutil.copy2(c.weights, folder / c.weights.name)
-            fit(Path(tmp) / "ckpts", out=Path(tmp) / "fit", horizon=self.horizon, methods=self.methods,
-                backtest_folds=self.backtest_folds, epochs=self.epochs)
-            fitted = load_fit(Path(tmp) / "fit")
-            chosen = plan(fitted, None if self.alpha is None else [self.alpha], self.method)
-        alpha = chosen.alphas[0]
-        record = {"step": step, "method": chosen.method, "alpha": alpha, "fitted_steps": [c.step for c in ckpts],
-                  "choice": vars(chosen.choice) if chosen.choice else None,
-                  "backtest_error": chosen.errors.get(alpha), "warnings": chosen.warnings, "saved": None}
-        if alpha == 0:
-            logger.warning("nextrap: step %d: no jump (%s)", step, chosen.choice.reason if chosen.choice else "alpha 0")
+        record = jump_in_place(model, output_dir, step, self.settings, save=save)
+        if record["alpha"] == 0:
+            reason = record["choice"]["reason"] if record["choice"] else "alpha 0"
+            logger.warning("nextrap: step %d: no jump (%s)", step, reason)
             return record
-        modules = fitted.trajectory.modules
-        folder = jump_folder(output_dir / JUMPS, step)
-        if save:  # saved before the weights change: a failed save leaves the model as it was
-            save_jump(output_dir / JUMPS, step, chosen.move, alpha, modules,
-                      {"checkpoint": str(ckpts[-1].path.absolute()), "fitted_steps": record["fitted_steps"],
-                       "horizon": self.horizon, "choice": record["choice"], "backtest_error": record["backtest_error"]})
-            record["saved"] = str(folder)
-        apply_in_place(model, chosen.move, alpha, modules)
-        reason = f" ({chosen.choice.reason})" if chosen.choice else ""
+        reason = f" ({record['choice']['reason']})" if record["choice"] else ""
         logger.warning("nextrap: step %d: jumped the base weights with %s at alpha %g%s; saved %s (load later "
-                       "checkpoints on `nextrap fold BASE %s`)", step, chosen.method, alpha, reason, folder, folder.parent)
+                       "checkpoints on `nextrap fold BASE %s`)", step, record["method"], record["alpha"], reason,
+                       record["saved"], Path(output_dir) / JUMPS)
         return record
