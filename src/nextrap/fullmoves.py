@@ -16,7 +16,8 @@ import torch
 from .backtest import Terms
 from .fullparam import FullTrajectory
 from .methods import Jump
-from .streaming import FEATURE_STACKS, Meter, Reader, StreamStats, batches, feature_bytes, heap_hygiene, nbytes, trim_heap
+from .budget import Meter, StreamStats, heap_hygiene, nbytes, trim_heap
+from .streaming import FEATURE_STACKS, Reader, batches, feature_bytes
 
 STACK_DTYPE = torch.float32
 _ITEMSIZE = 4
