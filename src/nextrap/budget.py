@@ -17,6 +17,7 @@ import ctypes
 import functools
 import platform
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,17 @@ import torch
 from .errors import NextrapError
 
 DEFAULT_MAX_MEMORY = "8GB"
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
 
 
 class Meter:
@@ -96,6 +108,27 @@ def nbytes(t: torch.Tensor) -> int:
 def item_bytes(item: Any) -> int:
     """Bytes of a tensor or of a tuple of tensors."""
     return sum(nbytes(t) for t in item) if isinstance(item, tuple) else nbytes(item)
+
+
+_CHUNK_MAX = 1 << 20  # elements of one float64 row chunk (8 MB)
+_CHUNK_TEMPS = 5  # float64 chunk temporaries: two converted rows, the true move, the move, a product added into it
+
+
+def chunk_rows(shape: tuple[int, int], budget: int | None) -> int:
+    """Matrix rows per float64 chunk: about budget / 400 elements (so the chunk's temporaries, 40 bytes per
+    element, take a tenth of the budget), at most 8 MB, at least one row."""
+    m, n = shape
+    elems = _CHUNK_MAX if budget is None else min(_CHUNK_MAX, budget // (10 * 8 * _CHUNK_TEMPS))
+    return max(1, min(m, elems // n))
+
+
+def chunk_bytes(shape: tuple[int, int], budget: int | None) -> int:
+    return _CHUNK_TEMPS * 8 * chunk_rows(shape, budget) * shape[1]
+
+
+def row_chunks(shape: tuple[int, int], budget: int | None) -> Iterator[slice]:
+    step = chunk_rows(shape, budget)
+    return (slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step))
 
 
 def mb(n: int | None) -> str:

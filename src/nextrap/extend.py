@@ -13,14 +13,16 @@ from safetensors.torch import save_file
 
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
-from .checkpoints import shape_groups
+from .budget import chunk_bytes, nbytes
+from .checkpoints import LoraTrajectory
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import load_fit
-from .hfmodel import parse_size, write_merged
+from .hfmodel import DTYPE_BYTES, parse_size, read_header, weight_map, write_merged
+from .lorastream import explicit_bytes, move_rank
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
-from .methods import FITTED, METHODS, Jump, JumpContext, jump
+from .methods import FITTED, METHODS, Jump, JumpContext, jump, only_modules
 from .trajectory import VEC, Features
 
 FORMATS = ("adapter", "merged")
@@ -139,10 +141,30 @@ def _energy(features: Features, module: str, row: int) -> float:
 def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) -> Jump:
     """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
     keep = {n for n in j.factors if _energy(features, n, row) >= min_energy}
-    factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
-    if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
-        raise NextrapError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
-    return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
+    try:
+        return only_modules(j, keep)
+    except ValueError as e:
+        raise NextrapError(str(e)) from None
+
+
+def _check_lora_budget(traj: LoraTrajectory, features: Features, j: Jump, fmt: str, base: Path | None) -> None:
+    """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse up
+    front, naming the module, when that exceeds the fit's --max-memory."""
+    if traj.budget is None:
+        return
+    held = sum(nbytes(t) for t in features.tensors.values()) + explicit_bytes(j.factors)
+    weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
+    for m in traj.modules:
+        k, width = move_rank(j.factors, m.name), m.out_features + m.in_features
+        need = 8 * width * (4 * m.rank + 3 * k)  # two checkpoints' factors, the move's (P, Q), the jumped ones and their cast
+        if m.base_key in weights:
+            shape, dtype = weights[m.base_key]
+            rows = (shape[0], math.prod(shape[1:]))
+            need += 2 * DTYPE_BYTES.get(dtype, 8) * math.prod(shape) + chunk_bytes(rows, traj.budget)
+        if held + need > traj.budget:
+            raise NextrapError(f"writing LoRA module {m.name} needs {need / 1e6:.3g} MB beside {held / 1e6:.3g} MB of "
+                               f"features and moves, more than the fit's --max-memory {traj.budget / 1e6:.3g} MB; refit "
+                               "with a larger --max-memory")
 
 
 def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt: str = "adapter",
@@ -188,6 +210,8 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
     if min_energy > 0:
         j = _only_energetic(j, features, row, min_energy)
+    if not full:
+        _check_lora_budget(traj, features, j, fmt, Path(base) if base else None)
     prediction = _prediction_tensors(j, features)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],

@@ -16,9 +16,11 @@ from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, load_trajectory
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
+from .budget import DEFAULT_MAX_MEMORY, parse_size
+from .lorastream import preflight
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
 from .predictor import TrainSettings
-from .trajectory import Features, compute_features
+from .trajectory import Features, stream_lora_features
 
 MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"
@@ -85,7 +87,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
     """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
     ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
-    With ``base``, ``ckpts`` holds full-parameter model folders, streamed under ``max_memory`` (``fullfit``)."""
+    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB; ``lorastream``). With
+    ``base``, ``ckpts`` holds full-parameter model folders (``fullfit``)."""
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -112,6 +115,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         traj, inputs, features = full.trajectory, full.inputs, full.features
     else:
         traj = load_trajectory(ckpts)
+        traj.budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
+        preflight(traj, horizon, traj.budget, backtest=run_backtest)  # every pass fits the budget, before any reads
         inputs = _inputs(traj)
         done = 0
 
@@ -122,7 +127,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
 
         # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
         # that align do it on the fly (Features.aligned).
-        features = compute_features(traj, horizon, sign_align=False, progress=on_modules, device=settings.device)
+        features, stats = stream_lora_features(traj, horizon, sign_align=False, budget=traj.budget, progress=on_modules,
+                                               device=settings.device, max_batch=None)
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -167,6 +173,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     if full:
         manifest.update(full.manifest())  # kind "full", base, streaming (svd, budget, peak)
         result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
+    else:  # the budget extend's writers keep, and the highest memory any streamed pass accounted
+        manifest["streaming"] = {"max_memory_bytes": traj.budget, "peak_bytes": traj.peak, "feature_batches": stats.batches}
     manifest["summary"].pop("out")
     with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
         features.save(tmp / TRAJECTORY)
@@ -203,6 +211,7 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
         traj = reopen(manifest)
     else:
         traj = load_trajectory(manifest["source"])
+        traj.budget = manifest.get("streaming", {}).get("max_memory_bytes")  # an older fit: no budget recorded
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
     if verify_inputs:

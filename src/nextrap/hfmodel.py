@@ -4,7 +4,6 @@ writing a merged model the Hugging Face way (``model-0000i-of-0000N.safetensors`
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoints import LoraTrajectory, open_weights, relative_name, shape_groups
+from .budget import parse_size, row_chunks  # noqa: F401 - parse_size: the size parser --max-shard-size uses, re-exported
+from .checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, open_weights, relative_name
+from .lorastream import module_factors
 from .errors import NextrapError
 from .files import read_json, write_json
 from .methods import Jump
@@ -20,22 +21,8 @@ from .methods import Jump
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base**power)
 
 
 def weight_map(base: Path) -> dict[str, Path]:
@@ -82,15 +69,22 @@ def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str,
             handle.__exit__(None, None, None)
 
 
-def _dense_delta(traj: LoraTrajectory, name: str, b: torch.Tensor, a: torch.Tensor, j: Jump, alpha: float) -> torch.Tensor:
-    m = traj.module(name)
-    p, q = j.factors[name]
-    delta = m.scale * (b @ a) + alpha * (p @ q.mT)
-    return delta.mT if m.fan_in_fan_out else delta
+def merged_weight(w: torch.Tensor, m: LoraModule, b: torch.Tensor, a: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                  alpha: float, budget: int | None = None) -> torch.Tensor:
+    """w + s B A + alpha P Q^T (transposed for fan_in_fan_out) in w's dtype, formed in float64 row chunks: the
+    dense m x n delta is never held whole."""
+    left, right = torch.cat([m.scale * b.double(), alpha * p.double()], -1), torch.cat([a.double().mT, q.double()], -1)
+    if m.fan_in_fan_out:  # w is [in, out]: its rows index A's columns
+        left, right = right, left
+    out = torch.empty_like(w)
+    for rs in row_chunks(tuple(w.shape), budget):
+        out[rs] = (w[rs].double() + left[rs] @ right.mT).to(w.dtype)
+    return out
 
 
 def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: float, max_shard_bytes: int) -> dict:
-    """Write base + (W_row - W_0) + alpha * jump as a Hugging Face model folder; returns a small summary."""
+    """Write base + (W_row - W_0) + alpha * jump as a Hugging Face model folder, tensor by tensor (each module's
+    factors read when its weight is written); returns a small summary."""
     base = Path(base)
     wmap = weight_map(base)
     info = read_header(set(wmap.values()))
@@ -103,23 +97,27 @@ def write_merged(out: Path, base: Path, traj: LoraTrajectory, row: int, j: Jump,
         want = [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
         if shape != want:
             raise NextrapError(f"{wmap[key]}: {key} has shape {shape}, but the LoRA module expects {want}")
-    extra = {relative_name(k): v for k, v in traj.read_extra(row).items()}
-    for key in extra:
+    extra_keys = {relative_name(k): k for k in traj.extra_keys}
+    for key in extra_keys:
         if key not in info:
             raise NextrapError(f"{traj.checkpoints[row].weights}: tensor {key} (modules_to_save) has no counterpart in {base}")
 
-    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
-    for group in shape_groups(traj.modules).values():
-        b, a = traj.factors(row, group)
-        factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
-
     def merged(key: str, w: torch.Tensor) -> torch.Tensor:
         if key in by_key:
-            name = by_key[key].name
-            return (w.to(torch.float64) + _dense_delta(traj, name, *factors[name], j, alpha)).to(w.dtype)
-        return extra[key].to(w.dtype) if key in extra else w
+            m = by_key[key]
+            b, a = (t[0] for t in traj.factors(row, [m.name]))
+            p, q = module_factors(j.factors, m.name, {row: (b, a)})
+            return merged_weight(w, m, b, a, p, q, alpha, traj.budget)
+        return traj.read_extra(row, [extra_keys[key]])[extra_keys[key]].to(w.dtype) if key in extra_keys else w
 
-    shards, total = write_sharded(out, info, lambda keys: ((k, merged(k, w)) for k, w in _iter_tensors(keys, wmap)), max_shard_bytes)
+    def shard(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, w in _iter_tensors(keys, wmap):
+            jumped = merged(key, w)
+            del w  # the base weight is not kept while the next one is read
+            yield key, jumped
+            del jumped
+
+    shards, total = write_sharded(out, info, shard, max_shard_bytes)
     copy_model_files(base, out)
     return {"shards": shards, "total_bytes": total, "modules_merged": len(by_key)}
 
@@ -148,7 +146,7 @@ def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
     out.mkdir(parents=True, exist_ok=True)
     weight_index, total = {}, 0
     for fname, shard in zip(names, shards):
-        total += _write_safetensors(out / fname, shard, info, tensors(shard))
+        total += write_safetensors(out / fname, shard, info, tensors(shard))
         weight_index.update({key: fname for key in shard})
     if len(shards) > 1:
         write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
@@ -159,8 +157,8 @@ def _tensor_bytes(shape: list[int], dtype: str) -> int:
     return DTYPE_BYTES[dtype] * int(torch.Size(shape).numel())
 
 
-def _write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
-                       tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
+                      tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
     """One safetensors file (the format: u64 header length, JSON header padded to 8 bytes, then the data),
     written tensor by tensor; returns its data bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -175,11 +173,12 @@ def _write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[i
         f.write(struct.pack("<Q", len(raw)) + raw)
         for want, (key, w) in zip(keys, tensors):
             shape, dtype = info[key]
-            if key != want or list(w.shape) != shape or _ST_DTYPES.get(w.dtype) != dtype:
+            if key != want or list(w.shape) != shape or ST_DTYPES.get(w.dtype) != dtype:
                 raise NextrapError(f"{path}: tensor {key} {list(w.shape)} {w.dtype} does not match its header ({want} {shape} {dtype})")
             if w.is_floating_point() and not torch.isfinite(w).all():
                 raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
             f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del w  # not alive while the next tensor is made: one tensor in memory at a time
     return offset
 
 
