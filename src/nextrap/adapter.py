@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, open_weights, relative_name
+from .checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, all_finite, open_weights, relative_name
 from .errors import NextrapError
 from .files import read_json, write_json
 from .hfmodel import write_safetensors
@@ -76,7 +76,7 @@ def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: flo
             b, a = (t[0] for t in traj.factors(row, [m.name]))
             p, q = module_factors(j.factors, m.name, {row: (b, a)})
             nb, na = (t.to(dtype) for t in jumped_factors(b, a, p, q, m.scale, alpha))
-            if not (torch.isfinite(nb).all() and torch.isfinite(na).all()):  # checked after the cast: fp16 overflows
+            if not (all_finite(nb) and all_finite(na)):  # checked after the cast: fp16 overflows
                 raise NextrapError(f"jumped factors of {m.name} contain NaN or Inf in {dtype}; refusing to write them")
             a_key, b_key = traj.lora_keys(m.name)
             del b, a, p, q  # one module's tensors in memory at a time

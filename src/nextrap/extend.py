@@ -17,7 +17,7 @@ from .budget import chunk_bytes, nbytes
 from .checkpoints import LoraTrajectory
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
-from .fit import load_fit
+from .fit import inputs_checked_meanwhile, load_fit
 from .hfmodel import DTYPE_BYTES, parse_size, read_header, weight_map, write_merged
 from .lorastream import explicit_bytes, move_rank
 from .lowrank import top1_factored
@@ -184,56 +184,58 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     out = Path(out)
     check_apart(out, {"the fit folder": fit_dir, "the base model": base})
     check_replaceable(out, overwrite)
-    loaded = load_fit(fit_dir)
-    check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
-    features, traj = loaded.features, loaded.trajectory
-    full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
-    fmt = "merged" if full else fmt
-    if fmt == "merged" and base is None and not full:
-        raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
-    results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
-    method, alphas, choice = _decide(results, method, alphas)
-    by_method = {r.method: r for r in results}
-    errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
-    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
-                for a, e in errors.items() if e >= 1 and a != 0]
-    if choice is not None and choice.alpha == 0:
-        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
-                                                 else f"writing the requested alphas with {method} anyway"))
-    row = features.n_rows - 1
-    if method in FITTED and method not in loaded.models:
-        raise NextrapError(f"{fit_dir}: has no fitted {method} model (left out by `fit --methods`, or written by an "
-                           "older nextrap); refit it")
-    try:
-        j = jump(method, JumpContext(features, traj, row, loaded.models))
-    except FloatingPointError as e:
-        raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
-    if min_energy > 0:
-        j = _only_energetic(j, features, row, min_energy)
-    if not full:
-        _check_lora_budget(traj, features, j, fmt, Path(base) if base else None)
-    prediction = _prediction_tensors(j, features)
-    provenance = {
-        "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
-        "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
-        "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
-        "min_energy": min_energy,
-        "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
-        "choice": vars(choice) if choice else None,
-        "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
-    }
-    folders = []
-    with atomic_dir(out, overwrite=overwrite, kind="extend") as tmp:
-        for alpha in alphas:
-            folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
-            if full:
-                write_full_merged(folder, traj, row, j, alpha, shard_bytes)
-            elif fmt == "adapter":
-                write_adapter(folder, traj, row, j, alpha)
-            else:
-                write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
-            save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
-            write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
-            folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
-    return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        dict(provenance["predicted_sigma"]), choice, errors, warnings)
+    loaded = load_fit(fit_dir, verify_inputs=False)
+    with inputs_checked_meanwhile(loaded) as inputs_unchanged:  # the inputs' sha256 beside the work
+        check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
+        features, traj = loaded.features, loaded.trajectory
+        full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
+        fmt = "merged" if full else fmt
+        if fmt == "merged" and base is None and not full:
+            raise NextrapError("--format merged needs --base (the Hugging Face model folder the adapters were trained on)")
+        results = [BacktestResult.from_json(b) for b in loaded.manifest.get("summary", {}).get("backtest", [])]
+        method, alphas, choice = _decide(results, method, alphas)
+        by_method = {r.method: r for r in results}
+        errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+        warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
+                    for a, e in errors.items() if e >= 1 and a != 0]
+        if choice is not None and choice.alpha == 0:
+            warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
+                                                     else f"writing the requested alphas with {method} anyway"))
+        row = features.n_rows - 1
+        if method in FITTED and method not in loaded.models:
+            raise NextrapError(f"{fit_dir}: has no fitted {method} model (left out by `fit --methods`, or written by an "
+                               "older nextrap); refit it")
+        try:
+            j = jump(method, JumpContext(features, traj, row, loaded.models))
+        except FloatingPointError as e:
+            raise NextrapError(f"{fit_dir}: {e}; refusing to write a jumped checkpoint") from None
+        if min_energy > 0:
+            j = _only_energetic(j, features, row, min_energy)
+        if not full:
+            _check_lora_budget(traj, features, j, fmt, Path(base) if base else None)
+        prediction = _prediction_tensors(j, features)
+        provenance = {
+            "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
+            "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
+            "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
+            "min_energy": min_energy,
+            "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
+            "choice": vars(choice) if choice else None,
+            "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
+        }
+        folders = []
+        with atomic_dir(out, overwrite=overwrite, kind="extend") as tmp:
+            for alpha in alphas:
+                folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
+                if full:
+                    write_full_merged(folder, traj, row, j, alpha, shard_bytes)
+                elif fmt == "adapter":
+                    write_adapter(folder, traj, row, j, alpha)
+                else:
+                    write_merged(folder, Path(base), traj, row, j, alpha, shard_bytes)
+                save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
+                write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
+                folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
+            inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
+        return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
+                            dict(provenance["predicted_sigma"]), choice, errors, warnings)

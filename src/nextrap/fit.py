@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from . import __version__
@@ -117,7 +119,9 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         traj = load_trajectory(ckpts)
         traj.budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
         preflight(traj, horizon, traj.budget, backtest=run_backtest)  # every pass fits the budget, before any reads
-        inputs = _inputs(traj)
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="nextrap-hash")  # the inputs' sha256 beside the features
+        fingerprints = hashing.submit(_inputs, traj)
+        hashing.shutdown(wait=False)
         done = 0
 
         def on_modules(k: int) -> None:
@@ -129,6 +133,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         # that align do it on the fly (Features.aligned).
         features, stats = stream_lora_features(traj, horizon, sign_align=False, budget=traj.budget, progress=on_modules,
                                                device=settings.device, max_batch=None)
+        inputs = fingerprints.result()
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -214,13 +219,37 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
         traj.budget = manifest.get("streaming", {}).get("max_memory_bytes")  # an older fit: no budget recorded
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
+    loaded = FitFolder(path, manifest, features, models, traj)
     if verify_inputs:
-        for entry in manifest["inputs"]:
-            for f in entry["files"]:
-                file = Path(entry["path"]) / f["name"]
-                if not _unchanged(file, f):
-                    raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
-    return FitFolder(path, manifest, features, models, traj)
+        check_inputs(loaded)
+    return loaded
+
+
+def check_inputs(loaded: FitFolder) -> None:
+    """Refuse, naming the file, when a fitted input changed since the fit (its size, and sha256 or mtime)."""
+    for entry in loaded.manifest["inputs"]:
+        for f in entry["files"]:
+            file = Path(entry["path"]) / f["name"]
+            if not _unchanged(file, f):
+                raise NextrapError(f"{file}: changed since it was fitted into {loaded.path}; refit")
+
+
+@contextmanager
+def inputs_checked_meanwhile(loaded: FitFolder) -> Iterator[Callable[[], None]]:
+    """Run ``check_inputs`` on a background thread (hashing GBs of checkpoints costs as much as reading them;
+    hashlib and file reads release the GIL) while the body works. The body calls the yielded ``wait`` before it
+    commits anything; a changed input's error also replaces any error the body raised, which it explains."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nextrap-check-inputs")
+    check = pool.submit(check_inputs, loaded)
+    try:
+        try:
+            yield check.result
+        except Exception:
+            check.result()
+            raise
+        check.result()
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _unchanged(file: Path, record: dict[str, Any]) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .budget import parse_size, row_chunks  # noqa: F401 - parse_size: the size parser --max-shard-size uses, re-exported
-from .checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, open_weights, relative_name
+from .checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, all_finite, open_weights, relative_name
 from .lorastream import module_factors
 from .errors import NextrapError
 from .files import read_json, write_json
@@ -175,7 +175,7 @@ def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[in
             shape, dtype = info[key]
             if key != want or list(w.shape) != shape or ST_DTYPES.get(w.dtype) != dtype:
                 raise NextrapError(f"{path}: tensor {key} {list(w.shape)} {w.dtype} does not match its header ({want} {shape} {dtype})")
-            if w.is_floating_point() and not torch.isfinite(w).all():
+            if w.is_floating_point() and not all_finite(w):
                 raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
             f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del w  # not alive while the next tensor is made: one tensor in memory at a time
