@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
 from .budget import chunk_bytes, nbytes
-from .checkpoints import LoraTrajectory
+from .checkpoints import LoraModule, LoraTrajectory
 from .errors import NextrapError
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import inputs_checked_meanwhile, load_fit
 from .hfmodel import DTYPE_BYTES, parse_size, read_header, weight_map, write_merged
-from .lorastream import explicit_bytes, move_rank
+from .lorastream import LoraMove, explicit_bytes, move_rank
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
 from .methods import FITTED, METHODS, Jump, JumpContext, jump, only_modules
@@ -83,36 +83,48 @@ class ExtendResult:
 def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
     """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's).
 
-    A full-parameter checkpoint difference (linear, expo) is never formed in memory, but its triple is one the
-    fit already stored: W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c. A
-    module whose move is such a difference plus low-rank factors (``next`` with rho > 0 on full parameters)
-    has no stored triple and is left out."""
+    A checkpoint difference (linear, expo; ``next``'s straight line) has a triple the fit already stored:
+    W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c, so it is not read
+    again. A module whose move is such a difference plus low-rank factors (``next`` with rho > 0) has its triple
+    computed from the LoRA factors, or, on full parameters (never formed in memory), is left out."""
+    lora = isinstance(j.factors, LoraMove)
+    difference = (j.factors.row, j.factors.ref) if lora else j.difference
+    explicit = j.factors.explicit if lora else j.factors
     out = {}
-    for name, (p, q) in j.factors.items():
-        if j.difference is not None:
-            continue
-        r1 = top1_factored(p[None], q[None])
-        out[f"{name}:sigma"] = r1.sigma.to(torch.float32)
-        out[f"{name}:u"] = r1.u[0].to(torch.float32)
-        out[f"{name}:v"] = r1.v[0].to(torch.float32)
-    if j.difference is None:
-        return out
-    row, ref = j.difference
-    kind, at = ("global", row) if ref is None else ("target", ref)
-    if ref is not None and row - ref != features.horizon:
-        return out
-    for name in features.modules:
-        if name in j.factors:
-            continue
-        if features.is_vector(name):  # a 1-D delta is its own rank-1 part: sigma = its norm, v = [1]
-            vec = features.get(name, kind, VEC)[at].to(torch.float32)
-            norm = vec.norm()
-            sigma, u, v = norm.reshape(1), vec / norm if norm > 0 else vec, torch.ones(1)
-        else:
-            sigma = features.get(name, kind, "sigma")[at:at + 1]
-            u, v = features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
-        out[f"{name}:sigma"], out[f"{name}:u"], out[f"{name}:v"] = sigma, u, v
+    for name in features.modules if difference is not None else explicit:
+        if lora and j.factors.keep is not None and name not in j.factors.keep:
+            out.update(_triple(name, *_zero_triple(j.factors.traj.module(name))))
+        elif difference is not None and name not in explicit and _stored(difference, features) is not None:
+            out.update(_triple(name, *_stored_triple(features, name, *_stored(difference, features))))
+        elif difference is None or lora:
+            r1 = top1_factored(*(t[None] for t in j.factors[name]))
+            out.update(_triple(name, r1.sigma, r1.u[0], r1.v[0]))
     return out
+
+
+def _stored(difference: tuple[int, int | None], features: Features) -> tuple[str, int] | None:
+    """(kind, row) of the stored feature whose triple is W_row - W_ref's, if there is one."""
+    row, ref = difference
+    if ref is None:
+        return "global", row
+    return ("target", ref) if row - ref == features.horizon else None
+
+
+def _stored_triple(features: Features, name: str, kind: str, at: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if features.is_vector(name):  # a 1-D delta is its own rank-1 part: sigma = its norm, v = [1]
+        vec = features.get(name, kind, VEC)[at].to(torch.float32)
+        norm = vec.norm()
+        return norm.reshape(1), vec / norm if norm > 0 else vec, torch.ones(1)
+    return features.get(name, kind, "sigma")[at:at + 1], features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
+
+
+def _zero_triple(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.zeros(1), torch.zeros(m.out_features), torch.zeros(m.in_features)
+
+
+def _triple(name: str, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{name}:sigma": sigma.reshape(1).to(torch.float32), f"{name}:u": u.to(torch.float32),
+            f"{name}:v": v.to(torch.float32)}
 
 
 def _decide(results: list[BacktestResult], method: str, alphas: list[float] | None) -> tuple[str, list[float], Choice | None]:
