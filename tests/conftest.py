@@ -99,3 +99,39 @@ def save_drifting_run(model, folder: Path, steps: range, scale: float, noise: fl
                 m.lora_B["default"].weight.copy_(b + noise * torch.randn(b.shape, generator=g))
         model.save_pretrained(folder / name.format(step))
     return folder
+
+
+def dense_deltas(traj, row: int) -> dict:
+    """W_row - W_0 of every LoRA module in float64, straight from the factors."""
+    out = {}
+    for m in traj.modules:
+        b, a = traj.factors(row, [m.name])
+        out[m.name] = m.scale * b[0] @ a[0]
+    return out
+
+
+# The start of a script that measures a process's real peak (tests of the --max-memory budget): status(key) reads
+# /proc/self/status in bytes; the script then warms up, resets VmHWM (clear_refs 5) and measures.
+REAL_PEAK_PREAMBLE = """
+import json, shutil, sys, torch
+torch.set_num_threads(1)
+import nextrap
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+"""
+
+
+def run_peak_script(script: str, args: list[str]) -> dict:
+    """Run a REAL_PEAK_PREAMBLE script in its own one-thread process; its last stdout line, as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

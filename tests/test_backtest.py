@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import TRAJECTORY
+from conftest import TRAJECTORY, dense_deltas
 from nextrap.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
 from nextrap.checkpoints import load_trajectory
 from nextrap.methods import METHODS, Jump
@@ -19,20 +19,12 @@ def setup():
     return traj, compute_features(traj, H)
 
 
-def _dense(traj, row):
-    out = {}
-    for m in traj.modules:
-        b, a = traj.factors(row, [m.name])
-        out[m.name] = m.scale * b[0] @ a[0]
-    return out
-
-
 def test_evaluate_jump_matches_dense_distances(setup):
     traj, _ = setup
     torch.manual_seed(0)
     j = Jump("test", {m.name: (torch.randn(m.out_features, 2, dtype=torch.float64) * 1e-2,
                                torch.randn(m.in_features, 2, dtype=torch.float64) * 1e-2) for m in traj.modules}, {})
-    w_from, w_to = _dense(traj, 8), _dense(traj, 13)
+    w_from, w_to = dense_deltas(traj, 8), dense_deltas(traj, 13)
     alpha = 1.7
     miss = sum(float(((w_from[n] + alpha * p @ q.mT - w_to[n]) ** 2).sum()) for n, (p, q) in j.factors.items())
     base = sum(float(((w_from[n] - w_to[n]) ** 2).sum()) for n in w_to)
@@ -45,7 +37,7 @@ def test_evaluate_jump_matches_dense_distances(setup):
 
 def test_oracle_is_the_true_moves_best_rank1(setup):
     traj, feats = setup
-    w_from, w_to = _dense(traj, 6), _dense(traj, 11)
+    w_from, w_to = dense_deltas(traj, 6), dense_deltas(traj, 11)
     miss = base = 0.0
     for n in w_to:
         t = w_to[n] - w_from[n]

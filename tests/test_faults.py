@@ -211,7 +211,7 @@ def test_full_disk_while_writing_is_one_line(error, fitted, tmp_path, monkeypatc
 
     def full(*args, **kwargs):
         raise error
-    monkeypatch.setattr("nextrap.adapter.save_file", full)
+    monkeypatch.setattr("nextrap.adapter.write_safetensors", full)
     fails(["extend", "--fit", fitted, "--alpha", "1", "--method", "linear", "--out", tmp_path / "out"], tmp_path,
           f"no space left on device writing {tmp_path / 'out'}", inputs=(fitted,))
 

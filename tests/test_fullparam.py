@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import BASE, FAST_EPOCHS
+from conftest import BASE, FAST_EPOCHS, REAL_PEAK_PREAMBLE, run_peak_script
 from nextrap.errors import NextrapError
 from nextrap.fullparam import load_full_trajectory
 from nextrap.hfmodel import INDEX
@@ -388,16 +388,7 @@ def test_extend_refuses_a_checkpoint_changed_since_the_fit(run, full_fit, tmp_pa
 
 # --- the process's real peak memory ------------------------------------------------------------------------------
 
-_REAL_PEAK = """
-import json, shutil, sys, torch
-torch.set_num_threads(1)
-import nextrap
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
+_REAL_PEAK = REAL_PEAK_PREAMBLE + """
 ckpts, base, out, budget, svd, warm_ckpts, warm_base = sys.argv[1:8]
 methods = ("linear", "relex")  # the streamed passes; the predictors' training is not streamed
 # One small fit first: imports and torch's one-time initialisation (LAPACK, OpenMP, allocator arenas) are not
@@ -432,17 +423,10 @@ def _square_run(root: Path, n: int = 512, params: int = 6, steps: int = 5) -> in
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the real peak")
 @pytest.mark.parametrize("svd", ["exact", "fast"])
 def test_the_process_real_peak_stays_within_the_budget(run, tmp_path, svd):
-    import os
-    import subprocess
-    import sys
-
     on_disk = _square_run(tmp_path)
     assert on_disk > REAL_BUDGET + REAL_ALLOWANCE
     args = [str(tmp_path / "ckpts"), str(tmp_path / "base"), str(tmp_path / "fit"), str(REAL_BUDGET), svd, str(run), str(BASE)]
-    done = subprocess.run([sys.executable, "-c", _REAL_PEAK, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = run_peak_script(_REAL_PEAK, args)
     assert measured["backtest"] > 0 and measured["accounted"] <= REAL_BUDGET
     assert measured["growth"] <= REAL_BUDGET + REAL_ALLOWANCE, measured
 

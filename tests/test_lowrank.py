@@ -1,6 +1,6 @@
 import torch
 
-from nextrap.lowrank import align_signs, canonical_sign, frobenius_factored, top1_dense, top1_factored
+from nextrap.lowrank import align_signs, canonical_sign, frobenius_factored, gram_root, top1_dense, top1_factored, top1_gram
 
 
 def _rand(*shape):
@@ -57,3 +57,32 @@ def test_align_signs_removes_flips_and_keeps_the_matrices():
     assert torch.allclose(outer(au, av), outer(u_f, v_f))
     cu, _ = canonical_sign(-u[:1], -v[:1])
     assert cu[0, cu[0].abs().argmax()] > 0
+
+
+def test_a_difference_of_near_equal_products_keeps_its_precision_from_float64_grams():
+    """L = B1 A1 - B0 A0 with B1 ~ B0, A1 ~ A0 (a local delta late in a run): the Grams carry the cancellation
+    squared, float64 keeps it far below the 1e-5 the features promise; the top-only path (a float32 eigenvector of
+    the small core, here of a flat spectrum, its worst case) agrees with the SVD."""
+    torch.manual_seed(3)
+    for ratio in (1e-1, 1e-2, 1e-3):
+        b0, a0 = torch.randn(300, 16), torch.randn(16, 200)  # float32 inputs, as PEFT saves them
+        b1, a1 = b0 + ratio * torch.randn(300, 16), a0 + ratio * torch.randn(16, 200)
+        p, q = torch.cat([b1, -b0], 1).double(), torch.cat([a1.T, a0.T], 1).double()
+        ref = top1_dense(p @ q.mT)
+        s, cu, cv = top1_gram(p.mT @ p, q.mT @ q, spectrum=False)
+        assert float((s[0] - ref.sigma).abs() / ref.sigma) < 1e-6
+        assert abs(float((p @ cu) @ ref.u)) > 1 - 1e-6 and abs(float((q @ cv) @ ref.v)) > 1 - 1e-6
+        got = top1_factored(p, q)
+        assert torch.allclose(got.sigma, ref.sigma, rtol=1e-8) and torch.allclose(got.energy, ref.energy, rtol=1e-6)
+
+
+def test_a_singular_gram_falls_back_to_the_eigen_square_root():
+    """A that did not move between the two checkpoints: Q = [A^T, A^T] has a singular Gram, Cholesky fails."""
+    torch.manual_seed(4)
+    b0, a = _rand(40, 3), _rand(3, 30)
+    b1 = b0 + 0.1 * _rand(40, 3)
+    p, q = torch.cat([b1, -b0], 1), torch.cat([a.T, a.T], 1)
+    root = gram_root(q.mT @ q)
+    assert torch.allclose(root.mT @ root, q.mT @ q, atol=1e-10)
+    r1, ref = top1_factored(p, q), top1_dense(p @ q.mT)
+    assert torch.allclose(r1.sigma, ref.sigma, rtol=1e-10) and abs(float(r1.u @ ref.u)) > 1 - 1e-10

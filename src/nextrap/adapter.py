@@ -11,14 +11,16 @@ import math
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import ADAPTER_CONFIG, LoraTrajectory, open_weights, relative_name, shape_groups
+from .checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, all_finite, open_weights, relative_name
 from .errors import NextrapError
 from .files import read_json, write_json
+from .hfmodel import write_safetensors
+from .lorastream import module_factors, move_rank
 from .methods import Jump
 
 
@@ -55,26 +57,37 @@ def jumped_config(config: dict[str, Any], traj: LoraTrajectory, extra_rank: dict
 
 
 def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: float) -> None:
-    """Write the jumped adapter (weights in the source dtype, config, the source's other files) into ``out``."""
+    """Write the jumped adapter (weights in the source dtype, config, the source's other files) into ``out``,
+    module by module: each module's factors are read, jumped and written before the next one's are read."""
     src = traj.checkpoints[row]
-    with open_weights(src.weights) as f:  # keep the source's storage dtype (fp32, bf16, ...)
-        dtype = f.get_tensor(traj.lora_keys(traj.modules[0].name)[1]).dtype
-    tensors: dict[str, torch.Tensor] = {}
-    extra_rank: dict[str, int] = {}
-    for names in shape_groups(traj.modules).values():
-        b, a = traj.factors(row, names)
-        for i, name in enumerate(names):
-            p, q = j.factors[name]
-            nb, na = (t.to(dtype) for t in jumped_factors(b[i], a[i], p, q, traj.module(name).scale, alpha))
-            if not (torch.isfinite(nb).all() and torch.isfinite(na).all()):  # checked after the cast: fp16 overflows
-                raise NextrapError(f"jumped factors of {name} contain NaN or Inf in {dtype}; refusing to write them")
-            a_key, b_key = traj.lora_keys(name)
-            tensors[b_key] = nb.contiguous()
-            tensors[a_key] = na.contiguous()
-            extra_rank[name] = p.shape[1]
-    tensors.update(traj.read_extra(row))
+    source = traj.tensor_info(row, [*traj.lora_keys(traj.modules[0].name), *traj.extra_keys])
+    dtype_name = source[traj.lora_keys(traj.modules[0].name)[1]][1]  # keep the source's storage dtype (fp32, bf16, ...)
+    dtype = next(t for t, name in ST_DTYPES.items() if name == dtype_name)
+    info: dict[str, tuple[list[int], str]] = {}
+    extra_rank = {m.name: move_rank(j.factors, m.name) for m in traj.modules}
+    for m in traj.modules:
+        a_key, b_key = traj.lora_keys(m.name)
+        info[b_key] = ([m.out_features, m.rank + extra_rank[m.name]], dtype_name)
+        info[a_key] = ([m.rank + extra_rank[m.name], m.in_features], dtype_name)
+    info.update({k: source[k] for k in traj.extra_keys})
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for m in traj.modules:
+            b, a = (t[0] for t in traj.factors(row, [m.name]))
+            p, q = module_factors(j.factors, m.name, {row: (b, a)})
+            nb, na = (t.to(dtype) for t in jumped_factors(b, a, p, q, m.scale, alpha))
+            if not (all_finite(nb) and all_finite(na)):  # checked after the cast: fp16 overflows
+                raise NextrapError(f"jumped factors of {m.name} contain NaN or Inf in {dtype}; refusing to write them")
+            a_key, b_key = traj.lora_keys(m.name)
+            del b, a, p, q  # one module's tensors in memory at a time
+            yield b_key, nb.contiguous()
+            yield a_key, na.contiguous()
+            del nb, na
+        for key in traj.extra_keys:
+            yield key, traj.read_extra(row, [key])[key]
+
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out / "adapter_model.safetensors", list(info), info, tensors())
     write_json(out / ADAPTER_CONFIG, jumped_config(read_json(src.path / ADAPTER_CONFIG), traj, extra_rank))
     for f in src.path.iterdir():  # tokenizer files some trainers save beside the adapter
         if f.is_file() and f.name.startswith(_COPIED_PREFIXES):

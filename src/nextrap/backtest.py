@@ -16,13 +16,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 
-from .checkpoints import LoraTrajectory, shape_groups
+from .checkpoints import LoraTrajectory
+from .lorastream import move_terms
 from .methods import FITTED, METHODS, Jump, JumpContext, fit_models, jump
 from .predictor import TrainSettings
-from .lowrank import inner_factored
-from .trajectory import Features, pair_factors
+from .trajectory import Features
 
 ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
 
@@ -69,18 +68,15 @@ class BacktestResult:
         return cls(**{**d, "terms": Terms(**d["terms"])})
 
 
+# (jumps per method, from_row, to_row) -> (terms per method, t = ||W_to - W_from||^2): how a pass over the
+# trajectory measures the moves (LoRA: ``lora_measure``; full parameters: ``fullfit.streamed_measure``)
+Measure = Callable[[dict[str, Jump], int, int], tuple[dict[str, Terms], float]]
+
+
 def jump_terms(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int) -> Terms:
-    """t, c, j of a predicted move against the true W_to - W_from, exactly in factor space."""
-    out = Terms()
-    for names in shape_groups(traj.modules).values():
-        b_to, a_to = traj.factors(to_row, names)
-        b_from, a_from = traj.factors(from_row, names)
-        tp, tq = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
-        jp = torch.stack([j.factors[n][0] for n in names])
-        jq = torch.stack([j.factors[n][1] for n in names])
-        out += Terms(float(inner_factored(tp, tq, tp, tq).sum()), float(inner_factored(tp, tq, jp, jq).sum()),
-                     float(inner_factored(jp, jq, jp, jq).sum()))
-    return out
+    """t, c, j of a predicted move against the true W_to - W_from, exactly in factor space (streamed)."""
+    terms, _, _ = move_terms(traj, {"jump": j.factors}, from_row, to_row, traj.budget)
+    return Terms(*terms["jump"])
 
 
 def evaluate_jump(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int, alpha: float) -> tuple[float, float]:
@@ -92,13 +88,16 @@ def evaluate_jump(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int, alp
 def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Terms:
     """Terms of jumping by the true move's own best rank-1 part: c = j = sigma_1^2 per module."""
     kept = oracle_kept(features, from_row)
-    t = 0.0
-    for names in shape_groups(traj.modules).values():
-        b_to, a_to = traj.factors(from_row + features.horizon, names)
-        b_from, a_from = traj.factors(from_row, names)
-        p, q = pair_factors(b_to, a_to, b_from, a_from, traj.scales(names))
-        t += float(inner_factored(p, q, p, q).sum())
+    _, t, _ = move_terms(traj, {}, from_row, from_row + features.horizon, traj.budget)
     return Terms(t, kept, kept)
+
+
+def lora_measure(traj: LoraTrajectory) -> Measure:
+    """The backtest's terms of every method's move and t, in one streamed pass over a LoRA trajectory."""
+    def measure(jumps: dict[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
+        terms, t, _ = move_terms(traj, {m: j.factors for m, j in jumps.items()}, from_row, to_row, traj.budget)
+        return {m: Terms(*x) for m, x in terms.items()}, t
+    return measure
 
 
 def oracle_kept(features: Features, from_row: int) -> float:
@@ -122,15 +121,10 @@ def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     return max(0, c - h - earliest + 1)
 
 
-# (jumps per method, from_row, to_row) -> (terms per method, t = ||W_to - W_from||^2): how a trajectory that is
-# not a LoraTrajectory (full parameters, streamed) measures the moves
-Measure = Callable[[dict[str, Jump], int, int], tuple[dict[str, Terms], float]]
-
-
 def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
              alpha: float = 1.0, folds: int = 1, measure: Measure | None = None) -> list[BacktestResult]:
     """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...
-    ``measure`` replaces the exact LoRA factor-space terms (see ``Measure``)."""
+    ``measure`` replaces the exact LoRA factor-space terms (``lora_measure``; see ``Measure``)."""
     h, c = features.horizon, features.n_rows - 1
     available = max_folds(features, methods)
     if available < 1:
@@ -138,20 +132,16 @@ def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tu
                          f"have {features.n_rows} in all")
     starts = [c - h - f for f in range(min(folds, available))]
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
+    measure = measure or lora_measure(traj)
     for start in starts:
         past = features.truncate(start + 1)
         models = fit_models(past, methods, settings, trajectory=traj)
         jumps = {method: jump(method, JumpContext(past, traj, start, models)) for method in methods}
-        if measure is None:
-            for method, j in jumps.items():
-                pooled[method] += jump_terms(traj, j, start, start + h)
-            pooled["oracle-rank1"] += oracle_terms(features, traj, start)
-        else:
-            terms, t = measure(jumps, start, start + h)
-            for method in methods:
-                pooled[method] += terms[method]
-            kept = oracle_kept(features, start)
-            pooled["oracle-rank1"] += Terms(t, kept, kept)
+        terms, t = measure(jumps, start, start + h)
+        for method in methods:
+            pooled[method] += terms[method]
+        kept = oracle_kept(features, start)
+        pooled["oracle-rank1"] += Terms(t, kept, kept)
     if pooled["oracle-rank1"].t == 0:
         raise ValueError(f"checkpoints at steps {features.steps[starts[-1]]}..{features.steps[c]} are identical: "
                          "there is no movement to backtest against")

@@ -85,6 +85,9 @@ class LoraTrajectory:
     config: dict[str, Any]
     extra_keys: list[str] = field(default_factory=list)  # non-LoRA tensors (modules_to_save), copied as they are
     _keys: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # module -> (A key, B key)
+    budget: int | None = None  # --max-memory in bytes, for the streamed passes started from inside methods (relex, next)
+    device: str = "cpu"
+    peak: int = 0  # the highest memory a streamed pass over it accounted (``lorastream``), for the manifest
 
     @property
     def steps(self) -> list[int]:
@@ -103,21 +106,38 @@ class LoraTrajectory:
         """Each module's LoRA scaling s (delta = s * B @ A), float64 [len(names)]."""
         return torch.tensor([self.module(n).scale for n in names], dtype=torch.float64)
 
-    def factors(self, index: int, names: Sequence[str], dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """B [n, out, r] and A [n, r, in] of checkpoint ``index`` for modules ``names`` (all of one shape)."""
+    def factors(self, index: int, names: Sequence[str], dtype: torch.dtype = torch.float64,
+                pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """B [n, out, r] and A [n, r, in] of checkpoint ``index`` for modules ``names`` (all of one shape), read
+        tensor by tensor into the two stacks (in pinned memory when ``pin``): only those modules' bytes are read."""
         ckpt = self.checkpoints[index]
+        first = self.module(names[0])
+        b = torch.empty(len(names), first.out_features, first.rank, dtype=dtype, pin_memory=pin)
+        a = torch.empty(len(names), first.rank, first.in_features, dtype=dtype, pin_memory=pin)
         with open_weights(ckpt.weights) as f:
-            b = torch.stack([read_tensor(f, ckpt.weights, self._keys[n][1]).to(dtype) for n in names])
-            a = torch.stack([read_tensor(f, ckpt.weights, self._keys[n][0]).to(dtype) for n in names])
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            for j, name in enumerate(names):
+                a_key, b_key = self._keys[name]
+                b[j].copy_(read_tensor(f, ckpt.weights, b_key))
+                a[j].copy_(read_tensor(f, ckpt.weights, a_key))
+        if not (all_finite(a) and all_finite(b)):
             raise NextrapError(f"{ckpt.weights}: LoRA factors contain NaN or Inf")
         return b, a
 
-    def read_extra(self, index: int) -> dict[str, torch.Tensor]:
-        """The non-LoRA tensors of checkpoint ``index`` (e.g. modules_to_save), unchanged."""
+    def tensor_info(self, index: int, keys: Sequence[str]) -> dict[str, tuple[list[int], str]]:
+        """(shape, safetensors dtype name) of tensors ``keys`` of checkpoint ``index``, from the header alone."""
         ckpt = self.checkpoints[index]
         with open_weights(ckpt.weights) as f:
-            return {k: read_tensor(f, ckpt.weights, k) for k in self.extra_keys}
+            out = {}
+            for k in keys:
+                sl = f.get_slice(k)
+                out[k] = (tensor_shape(f, k), sl.get_dtype() if hasattr(sl, "get_dtype") else ST_DTYPES[sl.dtype])
+            return out
+
+    def read_extra(self, index: int, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors of checkpoint ``index`` (e.g. modules_to_save; all, or ``keys``), unchanged."""
+        ckpt = self.checkpoints[index]
+        with open_weights(ckpt.weights) as f:
+            return {k: read_tensor(f, ckpt.weights, k) for k in (self.extra_keys if keys is None else keys)}
 
 
 class _TorchFile:
@@ -189,6 +209,10 @@ def tensor_shape(f: Any, key: str) -> list[int]:
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' header names of the float dtypes torch reads
+ST_DTYPES = {  # torch dtype -> its safetensors header name
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def is_float(f: Any, key: str) -> bool:
@@ -206,6 +230,12 @@ def read_tensor(f: Any, path: Path, key: str) -> torch.Tensor:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf: one float64 sum, which any of them makes non-finite (a sum of finite
+    values cannot reach 1e308), instead of a mask as large as ``t``."""
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
 def first_line(e: BaseException) -> str:

@@ -117,7 +117,7 @@ def fit(
     methods: str = typer.Option(",".join(METHODS), "--methods", help="Methods to fit and backtest (leave out next-paper, the slow one, for a fit in seconds)."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: CKPTS holds one Hugging Face model folder per step, and this is the model they started from."),
     svd: str = typer.Option("exact", "--svd", help="Full-parameter mode: exact (batched SVD) | fast (randomized top-1; its error bound is reported)."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Peak memory budget for every pass that streams the checkpoints (LoRA and full-parameter), e.g. 2GB (default 8GB)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:

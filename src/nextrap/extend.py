@@ -8,21 +8,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
 from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
-from .checkpoints import relative_name, shape_groups
+from .budget import chunk_bytes, nbytes
+from .checkpoints import LoraModule, LoraTrajectory, relative_name
 from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, write_json
-from .fit import FitFolder, load_fit
-from .hfmodel import lora_deltas, parse_size, write_merged
+from .fit import FitFolder, inputs_checked_meanwhile, load_fit
+from .hfmodel import DTYPE_BYTES, lora_deltas, parse_size, read_header, weight_map, write_merged
+from .lorastream import LoraMove, explicit_bytes, move_rank
 from .lowrank import top1_factored
 from .fullfit import write_full_merged
-from .methods import FITTED, METHODS, Jump, JumpContext, jump
+from .methods import FITTED, METHODS, Jump, JumpContext, jump, only_modules
 from .trajectory import VEC, Features
 
 FORMATS = ("adapter", "merged", "base")
@@ -85,36 +87,48 @@ class ExtendResult:
 def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
     """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's).
 
-    A full-parameter checkpoint difference (linear, expo) is never formed in memory, but its triple is one the
-    fit already stored: W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c. A
-    module whose move is such a difference plus low-rank factors (``next`` with rho > 0 on full parameters)
-    has no stored triple and is left out."""
+    A checkpoint difference (linear, expo; ``next``'s straight line) has a triple the fit already stored:
+    W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c, so it is not read
+    again. A module whose move is such a difference plus low-rank factors (``next`` with rho > 0) has its triple
+    computed from the LoRA factors, or, on full parameters (never formed in memory), is left out."""
+    lora = isinstance(j.factors, LoraMove)
+    difference = (j.factors.row, j.factors.ref) if lora else j.difference
+    explicit = j.factors.explicit if lora else j.factors
     out = {}
-    for name, (p, q) in j.factors.items():
-        if j.difference is not None:
-            continue
-        r1 = top1_factored(p[None], q[None])
-        out[f"{name}:sigma"] = r1.sigma.to(torch.float32)
-        out[f"{name}:u"] = r1.u[0].to(torch.float32)
-        out[f"{name}:v"] = r1.v[0].to(torch.float32)
-    if j.difference is None:
-        return out
-    row, ref = j.difference
-    kind, at = ("global", row) if ref is None else ("target", ref)
-    if ref is not None and row - ref != features.horizon:
-        return out
-    for name in features.modules:
-        if name in j.factors:
-            continue
-        if features.is_vector(name):  # a 1-D delta is its own rank-1 part: sigma = its norm, v = [1]
-            vec = features.get(name, kind, VEC)[at].to(torch.float32)
-            norm = vec.norm()
-            sigma, u, v = norm.reshape(1), vec / norm if norm > 0 else vec, torch.ones(1)
-        else:
-            sigma = features.get(name, kind, "sigma")[at:at + 1]
-            u, v = features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
-        out[f"{name}:sigma"], out[f"{name}:u"], out[f"{name}:v"] = sigma, u, v
+    for name in features.modules if difference is not None else explicit:
+        if lora and j.factors.keep is not None and name not in j.factors.keep:
+            out.update(_triple(name, *_zero_triple(j.factors.traj.module(name))))
+        elif difference is not None and name not in explicit and _stored(difference, features) is not None:
+            out.update(_triple(name, *_stored_triple(features, name, *_stored(difference, features))))
+        elif difference is None or lora:
+            r1 = top1_factored(*(t[None] for t in j.factors[name]))
+            out.update(_triple(name, r1.sigma, r1.u[0], r1.v[0]))
     return out
+
+
+def _stored(difference: tuple[int, int | None], features: Features) -> tuple[str, int] | None:
+    """(kind, row) of the stored feature whose triple is W_row - W_ref's, if there is one."""
+    row, ref = difference
+    if ref is None:
+        return "global", row
+    return ("target", ref) if row - ref == features.horizon else None
+
+
+def _stored_triple(features: Features, name: str, kind: str, at: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if features.is_vector(name):  # a 1-D delta is its own rank-1 part: sigma = its norm, v = [1]
+        vec = features.get(name, kind, VEC)[at].to(torch.float32)
+        norm = vec.norm()
+        return norm.reshape(1), vec / norm if norm > 0 else vec, torch.ones(1)
+    return features.get(name, kind, "sigma")[at:at + 1], features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
+
+
+def _zero_triple(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.zeros(1), torch.zeros(m.out_features), torch.zeros(m.in_features)
+
+
+def _triple(name: str, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{name}:sigma": sigma.reshape(1).to(torch.float32), f"{name}:u": u.to(torch.float32),
+            f"{name}:v": v.to(torch.float32)}
 
 
 def _decide(results: list[BacktestResult], method: str, alphas: list[float] | None) -> tuple[str, list[float], Choice | None]:
@@ -143,10 +157,30 @@ def _energy(features: Features, module: str, row: int) -> float:
 def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) -> Jump:
     """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
     keep = {n for n in j.factors if _energy(features, n, row) >= min_energy}
-    factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
-    if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
-        raise NextrapError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
-    return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
+    try:
+        return only_modules(j, keep)
+    except ValueError as e:
+        raise NextrapError(str(e)) from None
+
+
+def _check_lora_budget(traj: LoraTrajectory, features: Features, j: Jump, fmt: str, base: Path | None) -> None:
+    """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse up
+    front, naming the module, when that exceeds the fit's --max-memory."""
+    if traj.budget is None:
+        return
+    held = sum(nbytes(t) for t in features.tensors.values()) + explicit_bytes(j.factors)
+    weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
+    for m in traj.modules:
+        k, width = move_rank(j.factors, m.name), m.out_features + m.in_features
+        need = 8 * width * (4 * m.rank + 3 * k)  # two checkpoints' factors, the move's (P, Q), the jumped ones and their cast
+        if m.base_key in weights:
+            shape, dtype = weights[m.base_key]
+            rows = (shape[0], math.prod(shape[1:]))
+            need += 2 * DTYPE_BYTES.get(dtype, 8) * math.prod(shape) + chunk_bytes(rows, traj.budget)
+        if held + need > traj.budget:
+            raise NextrapError(f"writing LoRA module {m.name} needs {need / 1e6:.3g} MB beside {held / 1e6:.3g} MB of "
+                               f"features and moves, more than the fit's --max-memory {traj.budget / 1e6:.3g} MB; refit "
+                               "with a larger --max-memory")
 
 
 @dataclass
@@ -217,7 +251,13 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     out = Path(out)
     check_apart(out, {"the fit folder": fit_dir, "the base model": base})
     check_replaceable(out, overwrite)
-    loaded = load_fit(fit_dir)
+    loaded = load_fit(fit_dir, verify_inputs=False)
+    with inputs_checked_meanwhile(loaded) as inputs_unchanged:  # the inputs' sha256 beside the work
+        return _extend(loaded, fit_dir, alphas, out, fmt, base, method, overwrite, shard_bytes, min_energy, inputs_unchanged)
+
+
+def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, out: Path, fmt: str, base: Path | str | None,
+            method: str, overwrite: bool, shard_bytes: int, min_energy: float, inputs_unchanged: Callable[[], None]) -> ExtendResult:
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
     full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
@@ -229,6 +269,8 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
         raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
     chosen = plan(loaded, alphas, method, min_energy)
     method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
+    if not full:
+        _check_lora_budget(traj, features, j, fmt, Path(base) if base else None)
     prediction = _prediction_tensors(j, features)
     provenance = {
         "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
@@ -258,5 +300,6 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
             save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
+        inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
                         dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])

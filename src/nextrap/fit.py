@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from . import __version__
@@ -16,10 +18,12 @@ from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, find_folders, is_adapter, load_trajectory, save_limit_hint
 from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
+from .budget import DEFAULT_MAX_MEMORY, parse_size
+from .lorastream import preflight
 from .fullparam import is_model
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
 from .predictor import TrainSettings
-from .trajectory import Features, compute_features
+from .trajectory import Features, stream_lora_features
 
 MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"
@@ -87,7 +91,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
     """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
     ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
-    With ``base``, ``ckpts`` holds full-parameter model folders, streamed under ``max_memory`` (``fullfit``)."""
+    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB; ``lorastream``). With
+    ``base``, ``ckpts`` holds full-parameter model folders (``fullfit``)."""
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -114,7 +119,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         traj, inputs, features = full.trajectory, full.inputs, full.features
     else:
         traj = load_trajectory(ckpts)
-        inputs = _inputs(traj)
+        traj.budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
+        preflight(traj, horizon, traj.budget, backtest=run_backtest)  # every pass fits the budget, before any reads
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="nextrap-hash")  # the inputs' sha256 beside the features
+        fingerprints = hashing.submit(_inputs, traj)
+        hashing.shutdown(wait=False)
         done = 0
 
         def on_modules(k: int) -> None:
@@ -124,7 +133,9 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
 
         # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
         # that align do it on the fly (Features.aligned).
-        features = compute_features(traj, horizon, sign_align=False, progress=on_modules, device=settings.device)
+        features, stats = stream_lora_features(traj, horizon, sign_align=False, budget=traj.budget, progress=on_modules,
+                                               device=settings.device, max_batch=None)
+        inputs = fingerprints.result()
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -170,6 +181,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     if full:
         manifest.update(full.manifest())  # kind "full", base, streaming (svd, budget, peak)
         result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
+    else:  # the budget extend's writers keep, and the highest memory any streamed pass accounted
+        manifest["streaming"] = {"max_memory_bytes": traj.budget, "peak_bytes": traj.peak, "feature_batches": stats.batches}
     manifest["summary"].pop("out")
     with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
         features.save(tmp / TRAJECTORY)
@@ -209,15 +222,40 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
         traj = reopen(manifest)
     else:
         traj = load_trajectory(manifest["source"])
+        traj.budget = manifest.get("streaming", {}).get("max_memory_bytes")  # an older fit: no budget recorded
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
+    loaded = FitFolder(path, manifest, features, models, traj)
     if verify_inputs:
-        for entry in manifest["inputs"]:
-            for f in entry["files"]:
-                file = Path(entry["path"]) / f["name"]
-                if not _unchanged(file, f):
-                    raise NextrapError(f"{file}: changed since it was fitted into {path}; refit")
-    return FitFolder(path, manifest, features, models, traj)
+        check_inputs(loaded)
+    return loaded
+
+
+def check_inputs(loaded: FitFolder) -> None:
+    """Refuse, naming the file, when a fitted input changed since the fit (its size, and sha256 or mtime)."""
+    for entry in loaded.manifest["inputs"]:
+        for f in entry["files"]:
+            file = Path(entry["path"]) / f["name"]
+            if not _unchanged(file, f):
+                raise NextrapError(f"{file}: changed since it was fitted into {loaded.path}; refit")
+
+
+@contextmanager
+def inputs_checked_meanwhile(loaded: FitFolder) -> Iterator[Callable[[], None]]:
+    """Run ``check_inputs`` on a background thread (hashing GBs of checkpoints costs as much as reading them;
+    hashlib and file reads release the GIL) while the body works. The body calls the yielded ``wait`` before it
+    commits anything; a changed input's error also replaces any error the body raised, which it explains."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nextrap-check-inputs")
+    check = pool.submit(check_inputs, loaded)
+    try:
+        try:
+            yield check.result
+        except Exception:
+            check.result()
+            raise
+        check.result()
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _holds_checkpoints(path: Path) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backtest import Measure, Terms
+from .budget import DEFAULT_MAX_MEMORY
 from .fullparam import FullTrajectory, load_full_trajectory
 from .errors import NextrapError
 from .hfmodel import DTYPE_BYTES, INDEX, copy_model_files, parse_size, read_header, write_sharded
@@ -15,9 +16,6 @@ from .methods import Jump
 from .fullmoves import factor_bytes, jumped_bytes, jumped_tensor, move_terms, preflight
 from .streaming import StreamStats, compute_full_features, feature_bytes, heap_hygiene
 from .trajectory import Features
-
-DEFAULT_MAX_MEMORY = "8GB"
-
 
 def _files(folder: Path, files: set[Path]) -> list[dict[str, Any]]:
     # Size and mtime, not sha256: hashing every checkpoint of a full model (tens of GB) at fit and again at

@@ -9,21 +9,19 @@ formed in float64 on row chunks of a few MB, so the terms match a float64 comput
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
 
 import torch
 
 from .backtest import Terms
 from .fullparam import FullTrajectory
 from .methods import Jump
-from .streaming import FEATURE_STACKS, Meter, Reader, StreamStats, batches, feature_bytes, heap_hygiene, nbytes, trim_heap
+from .budget import Meter, StreamStats, chunk_bytes, heap_hygiene, nbytes, row_chunks, trim_heap
+from .streaming import FEATURE_STACKS, Reader, batches, feature_bytes
 
 STACK_DTYPE = torch.float32
 _ITEMSIZE = 4
 _TERMS_EXTRA = 2  # two stacks in the reader's pipeline (besides the rows read)
 _PROJECTION_STACKS = 3  # the stack in use and two in the reader's pipeline
-_CHUNK_MAX = 1 << 20  # elements of one float64 row chunk (8 MB)
-_CHUNK_TEMPS = 5  # float64 chunk temporaries: two converted rows, the true move, the move, a product added into it
 _METHODS_BOUND = 4  # factored moves held at once in a backtest pass (next, next-paper, relex, the oracle), for the preflight
 
 
@@ -32,23 +30,6 @@ def _rows_of(j: Jump) -> list[int]:
         return []
     row, ref = j.difference
     return [row, -1 if ref is None else ref]
-
-
-def chunk_rows(shape: tuple[int, int], budget: int | None) -> int:
-    """Matrix rows per float64 chunk: about budget / 400 elements (so the chunk's temporaries, 40 bytes per
-    element, take a tenth of the budget), at most 8 MB, at least one row."""
-    m, n = shape
-    elems = _CHUNK_MAX if budget is None else min(_CHUNK_MAX, budget // (10 * 8 * _CHUNK_TEMPS))
-    return max(1, min(m, elems // n))
-
-
-def chunk_bytes(shape: tuple[int, int], budget: int | None) -> int:
-    return _CHUNK_TEMPS * 8 * chunk_rows(shape, budget) * shape[1]
-
-
-def _chunks(shape: tuple[int, int], budget: int | None) -> Iterator[slice]:
-    step = chunk_rows(shape, budget)
-    return (slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step))
 
 
 def factor_bytes(jumps: dict[str, Jump]) -> int:
@@ -103,7 +84,7 @@ def move_terms(traj: FullTrajectory, jumps: dict[str, Jump], from_row: int, to_r
                 held[row] = t
             with meter.scratch(scratch(shape)):
                 for i, name in enumerate(names):
-                    for rs in _chunks(shape, budget):
+                    for rs in row_chunks(shape, budget):
                         true = held[to_row][i, rs].double() - held[from_row][i, rs].double()
                         t_sq = _dot(true, true)
                         t_total += t_sq
@@ -132,7 +113,7 @@ def jumped_tensor(traj: FullTrajectory, j: Jump, row: int, name: str, alpha: flo
     held = {r: traj.tensor(r, name).reshape(1, *shape) for r in _rows_of(j)}
     out = torch.empty_like(w)
     flat_w, flat_out = w.reshape(shape), out.view(shape)
-    for rs in _chunks(shape, traj.budget):
+    for rs in row_chunks(shape, traj.budget):
         flat_out[rs] = (flat_w[rs].double() + alpha * _move_rows(j, name, 0, held, rs, shape)).to(w.dtype)
     return out
 
@@ -176,7 +157,7 @@ def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, 
 def _project(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, shape: tuple[int, int], budget: int | None) -> torch.Tensor:
     """u^T w v in float64, accumulated over row chunks."""
     u, v = u.double(), v.double()
-    return sum((u[rs] @ (w[rs].double() @ v) for rs in _chunks(shape, budget)), torch.zeros((), dtype=torch.float64))
+    return sum((u[rs] @ (w[rs].double() @ v) for rs in row_chunks(shape, budget)), torch.zeros((), dtype=torch.float64))
 
 
 def preflight(traj: FullTrajectory, budget: int | None, svd: str, backtest: bool) -> None:

@@ -6,17 +6,17 @@ folded in, W_0 + alpha * move (``--format base``), through the one writer ``writ
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoints import LoraModule, LoraTrajectory, open_weights, shape_groups
+from .budget import parse_size, row_chunks  # noqa: F401 - parse_size: the size parser --max-shard-size uses, re-exported
+from .checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, all_finite, open_weights
+from .lorastream import module_factors
 from .errors import NextrapError
 from .files import read_json, write_json
 from .methods import Jump
@@ -24,22 +24,8 @@ from .methods import Jump
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base**power)
 
 
 def weight_map(base: Path) -> dict[str, Path]:
@@ -89,34 +75,60 @@ def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str,
 @dataclass(frozen=True)
 class WeightDelta:
     """What to add to one weight of a base model: its name there, the shape it must have, the LoRA module it
-    belongs to (for messages), and the dense deltas in that layout (made when the weight is written), added one
-    after the other as a trainer jumping several times adds them."""
+    belongs to (for messages), and the deltas in that layout as thin float64 factors (left [rows, k], right
+    [cols, k], delta = left @ right^T; read when the weight is written), added one after the other as a trainer
+    jumping several times adds them. ``budget`` bounds the dense row chunks each addition forms."""
 
     key: str
     shape: list[int]
     module: str
-    parts: list[Callable[[], torch.Tensor]]
+    parts: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+    budget: int | None = None
 
     def added_to(self, w: torch.Tensor) -> torch.Tensor:
-        """w + each delta in turn, summed in float64 and stored in w's dtype after each: the jumped weight bit
-        for bit, whether written to a file (``write_merged``) or made in a live model (``jumps.apply_in_place``)."""
+        """w + each delta in turn, summed in float64 row chunks (the dense delta is never held whole) and stored in
+        w's dtype after each: the jumped weight bit for bit, whether written to a file (``write_merged``) or made
+        in a live model (``jumps.apply_in_place``)."""
         for part in self.parts:
-            w = (w.to(torch.float64) + part().to(w.device)).to(w.dtype)
+            left, right = (t.to(w.device) for t in part())
+            out = torch.empty_like(w)
+            for rs in row_chunks(tuple(w.shape), self.budget):
+                out[rs] = (w[rs].double() + left[rs] @ right.mT).to(w.dtype)
+            w = out
         return w
 
 
+def _layout(m: LoraModule, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) of a delta in the base weight's layout: [in, out] for fan_in_fan_out, so the factors swap."""
+    return (right, left) if m.fan_in_fan_out else (left, right)
+
+
+def _weight_shape(m: LoraModule) -> list[int]:
+    return [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
+
+
 def lora_deltas(traj: LoraTrajectory, row: int, j: Jump, alpha: float, trained: bool = True) -> list[WeightDelta]:
-    """Per LoRA-targeted weight: alpha * move, plus the trained W_row - W_0 = s B_row A_row when ``trained``.
+    """Per LoRA-targeted weight: alpha * move, plus the trained W_row - W_0 = s B_row A_row when ``trained``,
+    each module's factors read only when its weight is written.
 
     ``trained`` gives the jumped model W_row + alpha * move (``--format merged``); without it the result is
     the base folded with the jump, W_0 + alpha * move, on which checkpoint ``row``'s own adapter resumes
     (``--format base``): W_0 + alpha * move + s B_row A_row is the same model."""
-    factors = {}  # LoRA factors are small: read the jumped checkpoint's once, by shape group
-    if trained:
-        for group in shape_groups(traj.modules).values():
-            b, a = traj.factors(row, group)
-            factors.update({n: (b[i], a[i]) for i, n in enumerate(group)})
-    return module_deltas(traj.modules, [(j, alpha)], factors)
+    def part(m: LoraModule) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def factors() -> tuple[torch.Tensor, torch.Tensor]:
+            held, left, right = {}, [], []
+            if trained:
+                b, a = (t[0] for t in traj.factors(row, [m.name]))
+                held[row] = (b, a)
+                left.append(m.scale * b.double())
+                right.append(a.double().mT)
+            p, q = module_factors(j.factors, m.name, held)
+            left.append(alpha * p.double())
+            right.append(q.double())
+            return _layout(m, torch.cat(left, -1), torch.cat(right, -1))
+        return factors
+
+    return [WeightDelta(m.base_key, _weight_shape(m), m.name, [part(m)], traj.budget) for m in traj.modules]
 
 
 def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
@@ -125,17 +137,19 @@ def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
     ``trained`` has the module's (B, A); in the layout of its base weight (transposed for fan_in_fan_out)."""
     trained = trained or {}
 
-    def delta(m: LoraModule, i: int) -> torch.Tensor:
-        move, alpha = moves[i]
-        p, q = move.factors[m.name]
-        d = alpha * (p.double() @ q.double().mT)
-        if i == 0 and m.name in trained:
-            b, a = trained[m.name]
-            d = d + m.scale * (b.double() @ a.double())
-        return d.mT if m.fan_in_fan_out else d
+    def part(m: LoraModule, i: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def factors() -> tuple[torch.Tensor, torch.Tensor]:
+            move, alpha = moves[i]
+            p, q = module_factors(move.factors, m.name)
+            left, right = [alpha * p.double()], [q.double()]
+            if i == 0 and m.name in trained:
+                b, a = trained[m.name]
+                left.append(m.scale * b.double())
+                right.append(a.double().mT)
+            return _layout(m, torch.cat(left, -1), torch.cat(right, -1))
+        return factors
 
-    return [WeightDelta(m.base_key, [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features],
-                        m.name, [partial(delta, m, i) for i in range(len(moves))]) for m in modules]
+    return [WeightDelta(m.base_key, _weight_shape(m), m.name, [part(m, i) for i in range(len(moves))]) for m in modules]
 
 
 def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_bytes: int,
@@ -163,7 +177,14 @@ def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_byt
             return by_key[key].added_to(w)
         return replaced[key].to(w.dtype) if key in replaced else w
 
-    shards, total = write_sharded(out, info, lambda keys: ((k, merged(k, w)) for k, w in _iter_tensors(keys, wmap)), max_shard_bytes)
+    def shard(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, w in _iter_tensors(keys, wmap):
+            jumped = merged(key, w)
+            del w  # the base weight is not kept while the next one is read
+            yield key, jumped
+            del jumped
+
+    shards, total = write_sharded(out, info, shard, max_shard_bytes)
     copy_model_files(base, out)
     return {"shards": shards, "total_bytes": total, "modules_merged": len(by_key)}
 
@@ -192,7 +213,7 @@ def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
     out.mkdir(parents=True, exist_ok=True)
     weight_index, total = {}, 0
     for fname, shard in zip(names, shards):
-        total += _write_safetensors(out / fname, shard, info, tensors(shard))
+        total += write_safetensors(out / fname, shard, info, tensors(shard))
         weight_index.update({key: fname for key in shard})
     if len(shards) > 1:
         write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
@@ -203,8 +224,8 @@ def _tensor_bytes(shape: list[int], dtype: str) -> int:
     return DTYPE_BYTES[dtype] * int(torch.Size(shape).numel())
 
 
-def _write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
-                       tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
+                      tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
     """One safetensors file (the format: u64 header length, JSON header padded to 8 bytes, then the data),
     written tensor by tensor; returns its data bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -219,11 +240,12 @@ def _write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[i
         f.write(struct.pack("<Q", len(raw)) + raw)
         for want, (key, w) in zip(keys, tensors):
             shape, dtype = info[key]
-            if key != want or list(w.shape) != shape or _ST_DTYPES.get(w.dtype) != dtype:
+            if key != want or list(w.shape) != shape or ST_DTYPES.get(w.dtype) != dtype:
                 raise NextrapError(f"{path}: tensor {key} {list(w.shape)} {w.dtype} does not match its header ({want} {shape} {dtype})")
-            if w.is_floating_point() and not torch.isfinite(w).all():
+            if w.is_floating_point() and not all_finite(w):
                 raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
             f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del w  # not alive while the next tensor is made: one tensor in memory at a time
     return offset
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -248,13 +248,15 @@ def jump_in_place(model: torch.nn.Module, run: Path | str, step: int, settings: 
         fitted = load_fit(Path(tmp) / "fit")
         candidates = list(settings.reward_alphas) or None
         chosen = plan(fitted, candidates or (None if settings.alpha is None else [settings.alpha]), settings.method)
+        # read the move's checkpoint factors while the copies exist (a checkpoint difference is read lazily)
+        move = replace(chosen.move, factors={name: chosen.move.factors[name] for name in chosen.move.factors})
     modules = fitted.trajectory.modules
     alpha, scores, score_seconds = chosen.alphas[0], {}, 0.0
     if candidates:
         if score is None:
             raise NextrapError("alpha by reward: no score to choose the candidates by")
         t1 = time.perf_counter()
-        alpha, scores = choose_by_score(model, chosen.move, chosen.alphas, modules, score)
+        alpha, scores = choose_by_score(model, move, chosen.alphas, modules, score)
         score_seconds = time.perf_counter() - t1
     record = {"step": step, "method": chosen.method, "alpha": alpha, "fitted_steps": [c.step for c in ckpts],
               "choice": vars(chosen.choice) if chosen.choice else None, "backtest_error": chosen.errors.get(alpha),
@@ -263,11 +265,11 @@ def jump_in_place(model: torch.nn.Module, run: Path | str, step: int, settings: 
     if alpha != 0:
         folder = jump_folder(run / JUMPS, step)
         if save:  # saved before the weights change: a failed save leaves the model as it was
-            save_jump(run / JUMPS, step, chosen.move, alpha, modules,
+            save_jump(run / JUMPS, step, move, alpha, modules,
                       {"checkpoint": str(ckpts[-1].path.absolute()), "fitted_steps": record["fitted_steps"],
                        "horizon": settings.horizon, "choice": record["choice"], "backtest_error": record["backtest_error"],
                        "scores": record["scores"]})
             record["saved"] = str(folder)
-        apply_in_place(model, chosen.move, alpha, modules)
+        apply_in_place(model, move, alpha, modules)
     record["seconds"] = time.perf_counter() - t0
     return record

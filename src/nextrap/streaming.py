@@ -5,26 +5,18 @@ tensors, the prefetched next read, SVD workspace, the features being built) stay
 Tensors are read one at a time with ``safe_open``; a reader thread reads the next tensor stack while the current
 one is computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream).
 
-Memory is *accounted*, not sampled: every tensor the engine holds is registered with a ``Meter`` (its peak is
-what the manifest reports), and each SVD adds a conservative estimate of LAPACK's workspace. For the process's
-real peak to follow the account, glibc must hand large blocks back to the OS when they are freed (``heap_hygiene``):
-its default mmap threshold rises to the largest block freed (up to 32 MB), after which the per-batch stacks come
-from the heap, which fragments and never shrinks (measured: 444 MB of real growth under a 70 MB budget).
+Memory is *accounted*, not sampled (``budget``: the meter, batch sizing, glibc's heap hygiene, the reader
+thread), and each SVD adds a conservative estimate of LAPACK's workspace.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import platform
-import queue
-import threading
-import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 
+from .budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from .checkpoints import require_checkpoints
 from .errors import NextrapError
 from .fullparam import FullTrajectory, Param
@@ -38,159 +30,24 @@ SVD_MODES = ("exact", "fast")
 FEATURE_STACKS = 7
 
 
-class Meter:
-    """Thread-safe accounting of the bytes the engine holds; ``peak`` is the high-water mark."""
-
-    def __init__(self, budget: int | None):
-        self.budget, self.held, self.peak = budget, 0, 0
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:
-            self.held += nbytes
-            self.peak = max(self.peak, self.held)
-
-    def sub(self, nbytes: int) -> None:
-        with self._lock:
-            self.held -= nbytes
-
-    def scratch(self, nbytes: int) -> "_Scratch":
-        return _Scratch(self, nbytes)
+def read_stack(traj: FullTrajectory, shape: tuple[int, int], dtype: torch.dtype, job: tuple[int, list[str]], meter: Meter,
+               pin: bool) -> torch.Tensor:
+    """``Reader``'s load: row ``job[0]``'s tensors ``job[1]`` as one [len, m, n] stack."""
+    row, names = job
+    host = torch.empty(len(names), *shape, dtype=dtype, pin_memory=pin)
+    meter.add(nbytes(host))
+    with meter.scratch(native_bytes(shape)):  # safe_open's copy of one tensor, before conversion
+        traj.read_into(row, names, host)
+    return host
 
 
-class _Scratch:
-    def __init__(self, meter: Meter, nbytes: int):
-        self.meter, self.nbytes = meter, nbytes
+class Reader(Prefetcher):
+    """(row, names) stacks of a full trajectory read in order on a background thread, one ahead of the consumer;
+    iterating yields (row, stack)."""
 
-    def __enter__(self) -> None:
-        self.meter.add(self.nbytes)
-
-    def __exit__(self, *exc: object) -> None:
-        self.meter.sub(self.nbytes)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_MMAP_THRESHOLD = 1 << 16  # blocks above 64 KB (every stack of a real model) are mmapped and unmapped on free
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def heap_hygiene() -> None:
-    """Fix glibc's mmap threshold at 64 KB (a fixed threshold also stops its upward adaptation), so that freed
-    stacks leave the process at once in every thread's arena; a no-op off glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-
-
-def trim_heap() -> None:
-    """Return the heap's free pages to the OS (glibc's malloc_trim), after a batch; a no-op off glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-@dataclass
-class StreamStats:
-    """What one streaming run measured."""
-
-    budget: int | None
-    peak: int = 0
-    batches: int = 0
-    reads: int = 0
-    svd: str = "exact"
-    sigma_error_max: float = 0.0  # fast mode: the largest reported relative sigma error bound (0 for exact)
-    seconds_waiting: float = 0.0  # compute time spent waiting for the reader
-
-
-class Reader:
-    """Reads (row, names) stacks in order on a background thread, one ahead of the consumer."""
-
-    def __init__(self, traj: FullTrajectory, jobs: list[tuple[int, list[str]]], shape: tuple[int, int],
-                 dtype: torch.dtype, device: torch.device, meter: Meter):
-        self.traj, self.jobs, self.shape, self.dtype, self.device, self.meter = traj, jobs, shape, dtype, device, meter
-        self._q: queue.Queue = queue.Queue(maxsize=1)
-        self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        try:
-            for row, names in self.jobs:
-                host = torch.empty(len(names), *self.shape, dtype=self.dtype, pin_memory=cuda)
-                self.meter.add(nbytes(host))
-                with self.meter.scratch(native_bytes(self.shape)):  # safe_open's copy of one tensor, before conversion
-                    self.traj.read_into(row, names, host)
-                event = None
-                if cuda:  # untested here (no GPU): copy on a side stream, the consumer waits on the event
-                    with torch.cuda.stream(stream):
-                        dev = host.to(self.device, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    event.synchronize()  # the pinned host buffer may be freed only after the copy
-                    self.meter.sub(nbytes(host))
-                    self.meter.add(nbytes(dev))
-                    host = dev
-                if not self._put((row, host, event)):
-                    self.meter.sub(nbytes(host))
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put((None, e, None))
-
-    def _put(self, item: tuple) -> bool:
-        """Queue ``item`` unless the consumer has gone (then False)."""
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        for _ in self.jobs:
-            t0 = time.perf_counter()
-            row, t, event = self._q.get()
-            self.waited += time.perf_counter() - t0
-            if row is None:
-                raise t
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-                t.record_stream(torch.cuda.current_stream(self.device))
-            yield row, t
-
-    def close(self) -> None:
-        self._stop.set()
-        while True:  # release a stack the consumer never took
-            try:
-                row, t, _ = self._q.get_nowait()
-                if row is not None:
-                    self.meter.sub(nbytes(t))
-            except queue.Empty:
-                break
-        self._thread.join()
-
-
-def _param_groups(params: list[Param]) -> dict[tuple[int, int, bool], list[Param]]:
-    groups: dict[tuple[int, int, bool], list[Param]] = {}
-    for p in params:
-        groups.setdefault((*p.matrix_shape, p.is_vector), []).append(p)
-    return groups
+    def __init__(self, traj: FullTrajectory, jobs: list[tuple[int, list[str]]], shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, meter: Meter):
+        super().__init__(jobs, partial(read_stack, traj, shape, dtype), device, meter, key=lambda job: job[0])
 
 
 def native_bytes(shape: tuple[int, int]) -> int:
@@ -202,22 +59,18 @@ def batches(params: list[Param], stacks: int, itemsize: int, meter: Meter, svd: 
             scratch: Callable[[tuple[int, int]], int] | None = None) -> Iterator[list[Param]]:
     """Same-shape parameters in batches whose ``stacks`` copies (plus the SVD's workspace, plus one stored tensor
     being read, plus the pass's ``scratch`` for the shape) fit what the budget leaves free."""
-    for group in _param_groups(params).values():
-        m, n = shape = group[0].matrix_shape
-        per = stacks * group[0].numel * itemsize + (svd_workspace(m, n, svd, itemsize) if svd and not group[0].is_vector else 0)
-        fixed = native_bytes(shape) + (scratch(shape) if scratch else 0)
-        free = None if meter.budget is None else meter.budget - meter.held - fixed
-        size = len(group) if free is None else max(free, 0) // per
-        if size < 1:
-            raise NextrapError(f"parameter {group[0].name} {list(group[0].shape)} needs {_mb(per + fixed)} to stream "
-                               f"({stacks} copies in float{8 * itemsize}{' and SVD workspace' if svd else ''}), more than the --max-memory budget "
-                               f"{_mb(meter.budget)} leaves ({_mb(None if free is None else free + fixed)} after {_mb(meter.held)} of features held); raise --max-memory")
-        for start in range(0, len(group), size):
-            yield group[start:start + size]
+    def per(p: Param) -> int:
+        return stacks * p.numel * itemsize + (svd_workspace(*p.matrix_shape, svd, itemsize) if svd and not p.is_vector else 0)
 
+    def fixed(p: Param) -> int:
+        return native_bytes(p.matrix_shape) + (scratch(p.matrix_shape) if scratch else 0)
 
-def _mb(n: int | None) -> str:
-    return "unlimited" if n is None else f"{n / 1e6:.3g} MB"
+    def too_big(p: Param, need: int, free: int | None) -> str:
+        return (f"parameter {p.name} {list(p.shape)} needs {mb(need)} to stream ({stacks} copies in float{8 * itemsize}"
+                f"{' and SVD workspace' if svd else ''}), more than the --max-memory budget {mb(meter.budget)} leaves "
+                f"({mb(free)} after {mb(meter.held)} of features held); raise --max-memory")
+
+    return sized_batches(group_by(params, lambda p: (*p.matrix_shape, p.is_vector)), per, fixed, meter, too_big)
 
 
 def svd_workspace(m: int, n: int, svd: str, itemsize: int) -> int:

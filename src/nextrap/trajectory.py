@@ -4,7 +4,8 @@ Row i is checkpoint i in step order; the base model (zero delta) is the referenc
     global  G_i = W_i - W_0
     local   L_i = W_i - W_{i-1}        (L_0 = W_0' - W_0 for the first saved checkpoint)
     target  T_i = W_{i+h} - W_i        (NaN where i + h is past the last checkpoint)
-Each is a thin product of LoRA factors, so its top singular triple is exact and cheap (``lowrank``).
+Each is a thin product of LoRA factors, so its top singular triple is exact and cheap (``lowrank``); the
+checkpoints are streamed unit by unit under a memory budget, each read once (``lorastream``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoints import LoraTrajectory, first_line, require_checkpoints, shape_groups
+from .budget import DEFAULT_MAX_MEMORY, StreamStats, parse_size
+from .checkpoints import LoraTrajectory, first_line, require_checkpoints
 from .errors import NextrapError
-from .lowrank import align_signs, top1_factored
+from .lorastream import KINDS, stream_features
+from .lowrank import align_signs
 
-KINDS = ("global", "local", "target")
 PARTS = ("sigma", "u", "v")
 VEC = "vec"  # 1-D parameters (full fine-tuning): the raw delta vector, not decomposed (as the reference does)
 Progress = Callable[[int], None]  # called with the number of modules just finished
+DEFAULT_BUDGET = parse_size(DEFAULT_MAX_MEMORY)
 
 
 @dataclass
@@ -117,28 +120,27 @@ def pair_factors(b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor |
 
 
 def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, chunk_modules: int = 64,
-                     progress: Progress | None = None, device: str = "cpu") -> Features:
-    """Exact rank-1 features of every module, batched over modules of equal shape (QR and SVD on ``device``)."""
+                     progress: Progress | None = None, device: str = "cpu", budget: int | None = DEFAULT_BUDGET) -> Features:
+    """Exact rank-1 features of every module, streamed in batches of at most ``chunk_modules`` modules of equal
+    shape under ``budget`` bytes (``lorastream``; the math on ``device``)."""
+    return stream_lora_features(traj, horizon, sign_align, budget, progress, device, chunk_modules)[0]
+
+
+def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, budget: int | None = DEFAULT_BUDGET,
+                         progress: Progress | None = None, device: str = "cpu",
+                         max_batch: int | None = 64) -> tuple[Features, StreamStats]:
+    """``compute_features`` and what its pass measured (accounted peak, batches, reads)."""
     n = len(traj.checkpoints)
     require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
     tensors: dict[str, torch.Tensor] = {}
-    for names_all in shape_groups(traj.modules).values():
-        for start in range(0, len(names_all), chunk_modules):
-            names = names_all[start:start + chunk_modules]
-            scale = traj.scales(names)
-            bs, as_ = zip(*((b.to(device), a.to(device)) for b, a in (traj.factors(i, names) for i in range(n))))
-            scale = scale.to(device)
-            feats = {
-                "global": [pair_factors(bs[i], as_[i], None, None, scale) for i in range(n)],
-                "local": [pair_factors(bs[0], as_[0], None, None, scale)] + [
-                    pair_factors(bs[i], as_[i], bs[i - 1], as_[i - 1], scale) for i in range(1, n)],
-                "target": [pair_factors(bs[i + horizon], as_[i + horizon], bs[i], as_[i], scale) for i in range(n - horizon)],
-            }
-            for kind, pairs in feats.items():
-                _store(tensors, names, kind, pairs, n, sign_align)
-            if progress:
-                progress(len(names))
-    return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors)
+
+    def sink(names: list[str], kind: str, parts: dict[str, torch.Tensor]) -> None:
+        if sign_align:
+            parts["u"], parts["v"] = align_signs(parts["u"], parts["v"])
+        store_rows(tensors, names, kind, parts, n)
+
+    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch)
+    return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors), stats
 
 
 def store_rows(tensors: dict[str, torch.Tensor], names: list[str], kind: str, parts: dict[str, torch.Tensor], n_rows: int) -> None:
@@ -149,16 +151,3 @@ def store_rows(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pa
             full = torch.full((n_rows, *t.shape[2:]), float("nan"), dtype=torch.float32)
             full[:t.shape[1]] = t[j].to(torch.float32)
             tensors[f"{name}:{kind}:{part}"] = full
-
-
-def _store(tensors: dict[str, torch.Tensor], names: list[str], kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-           n_rows: int, sign_align: bool) -> None:
-    k = max(p.shape[-1] for p, _ in pairs)  # local row 0 has rank r, the others 2r: pad with zero columns
-    p = torch.stack([torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p, _ in pairs], 1)  # [mod, T, m, k]
-    q = torch.stack([torch.nn.functional.pad(q, (0, k - q.shape[-1])) for _, q in pairs], 1)
-    r1 = top1_factored(p, q)
-    u, v = align_signs(r1.u, r1.v) if sign_align else (r1.u, r1.v)
-    parts = {"sigma": r1.sigma.cpu(), "u": u.cpu(), "v": v.cpu()}
-    if kind == "global":
-        parts["energy"] = r1.energy.cpu()
-    store_rows(tensors, names, kind, parts, n_rows)

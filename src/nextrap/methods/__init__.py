@@ -7,9 +7,11 @@ A method is one module here with ``jump(ctx) -> Jump``; a method that learns fro
 ``METHODS`` (and ``FITTED`` when it learns).
 
 A move is low-rank factors per module (P [m, k], Q [n, k], move = P @ Q.T) plus, optionally, a checkpoint
-difference W_row - W_ref. On a LoRA trajectory the difference is exact in factors and folded into them; on a
-full-parameter trajectory (``ctx.trajectory`` is not a ``LoraTrajectory``) it stays symbolic in
-``Jump.difference`` and the readers stream it tensor by tensor.
+difference W_row - W_ref. On a LoRA trajectory the difference is exact in factors and folded into them
+(``Jump.factors`` is then a ``lorastream.LoraMove``, which reads a module's checkpoint factors when they are
+asked for and lets the streamed passes read them unit by unit); on a full-parameter trajectory
+(``ctx.trajectory`` is not a ``LoraTrajectory``) it stays symbolic in ``Jump.difference`` and the readers stream
+it tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..checkpoints import LoraTrajectory
+from ..lorastream import LoraMove
 from ..trajectory import Features
 
 
@@ -39,32 +42,19 @@ class Jump:
     ``difference`` = (row, ref) is set (ref None = the base model). ``sigma``: a size per module, for reports."""
 
     method: str
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # a dict, or a LoraMove read per module
     sigma: dict[str, float]
     difference: tuple[int, int | None] | None = None
 
 
 def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
-    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative): exact LoRA factors,
-    or a symbolic ``difference`` for a full-parameter trajectory."""
+    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative): exact LoRA factors
+    read per module when asked for (``LoraMove``), or a symbolic ``difference`` for a full-parameter trajectory."""
     ref = ref_row if ref_row is not None and ref_row >= 0 else None
     traj = ctx.trajectory
     if not isinstance(traj, LoraTrajectory):
         return Jump(name, {}, {}, difference=(ctx.row, ref))
-    from ..checkpoints import shape_groups
-    from ..lowrank import frobenius_factored
-    from ..trajectory import pair_factors
-
-    factors, sizes = {}, {}
-    for names in shape_groups(traj.modules).values():
-        b, a = traj.factors(ctx.row, names)
-        b0, a0 = traj.factors(ref, names) if ref is not None else (None, None)
-        p, q = pair_factors(b, a, b0, a0, traj.scales(names))
-        norms = frobenius_factored(p, q)
-        for j, module in enumerate(names):
-            factors[module] = (p[j], q[j])
-            sizes[module] = float(norms[j])
-    return Jump(name, factors, sizes)
+    return Jump(name, LoraMove(traj, ctx.row, ref), {})
 
 
 def rank1_factors(sigma: float, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +68,24 @@ def combine(name: str, first: Jump, second: Jump) -> Jump:
     """The sum of two moves (factors concatenated per module; at most one may carry a symbolic difference)."""
     if first.difference is not None and second.difference is not None:
         raise ValueError("cannot add two symbolic checkpoint differences")
+    sigma = {**first.sigma, **second.sigma}
+    if isinstance(first.factors, LoraMove):
+        return Jump(name, first.factors.plus(second.factors), sigma)
     factors = {}
     for module in {**first.factors, **second.factors}:
         parts = [j.factors[module] for j in (first, second) if module in j.factors]
         factors[module] = (torch.cat([p for p, _ in parts], -1), torch.cat([q for _, q in parts], -1))
-    return Jump(name, factors, {**first.sigma, **second.sigma}, first.difference or second.difference)
+    return Jump(name, factors, sigma, first.difference or second.difference)
+
+
+def only_modules(j: Jump, keep: set[str]) -> Jump:
+    """The same jump with a zero move (of the same rank) for the modules outside ``keep``."""
+    if isinstance(j.factors, LoraMove):
+        return Jump(j.method, j.factors.only(keep), {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
+    if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
+        raise ValueError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
+    factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
+    return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 
 def _modules() -> dict[str, ModuleType]:
@@ -124,7 +127,9 @@ def load_models(folder: Path, methods: tuple[str, ...] | list[str], settings: An
 
 def jump(method: str, ctx: JumpContext) -> Jump:
     result = _module(method).jump(ctx)
-    for name, (p, q) in result.factors.items():
+    # a LoraMove's checkpoint factors were checked when read: only what the method computed is checked here
+    explicit = result.factors.explicit if isinstance(result.factors, LoraMove) else result.factors
+    for name, (p, q) in explicit.items():
         if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
             raise FloatingPointError(f"method {method} predicted NaN or Inf for module {name}")
     return result

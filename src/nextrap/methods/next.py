@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoints import LoraTrajectory, shape_groups
+from ..checkpoints import LoraTrajectory
 from ..errors import NextrapError
 from ..files import write_json
-from ..lowrank import inner_factored
+from ..lorastream import Combo, difference, rank1, stream_inner
 from ..predictor import training_rows
-from ..trajectory import Features, pair_factors
+from ..trajectory import Features
 from . import Jump, JumpContext, combine, difference_jump
 
 CONFIG = "next.json"
@@ -172,28 +172,18 @@ def _choose_rho(features: Features, rows: list[int], trajectory: Any = None) -> 
 
 def _exact_terms(traj: LoraTrajectory, features: Features, row: int, preds: dict[str, tuple[Triple, Triple]]) -> tuple[float, float]:
     """num = sum <P - D1, T - D> and ||D - T||^2 over modules, with D = W_row - W_{row-h}, T = W_{row+h} - W_row,
-    exactly from the LoRA factors (a rank-1 X = sigma u v^T meets W_a - W_b as sigma u^T (W_a - W_b) v)."""
+    exactly from the LoRA factors, streamed (the three checkpoints read once per unit)."""
     h = features.horizon
-    num = straight = 0.0
-    for names in shape_groups(traj.modules).values():
-        names = [n for n in names if n in preds]
-        if not names:
-            continue
-        scale = traj.scales(names)
-        (bp, ap), (bc, ac), (bt, at) = (traj.factors(r, names) for r in (row - h, row, row + h))
-        for j, m in enumerate(names):
-            def with_move(x: Triple, b_new, a_new, b_old, a_old) -> float:
-                sigma, u, v = x
-                return float(sigma) * float(scale[j]) * float((u @ b_new[j]) @ (a_new[j] @ v) - (u @ b_old[j]) @ (a_old[j] @ v))
-            pred, d1 = preds[m]
-            num += (with_move(pred, bt, at, bc, ac) - with_move(pred, bc, ac, bp, ap)
-                    - with_move(d1, bt, at, bc, ac) + with_move(d1, bc, ac, bp, ap))
-        # ||D - T||^2 = ||2 W_row - W_{row-h} - W_{row+h}||^2, in factors
-        p_d, q_d = pair_factors(bc, ac, bp, ap, scale)
-        p_t, q_t = pair_factors(bt, at, bc, ac, scale)
-        p, q = torch.cat([p_d, -p_t], -1), torch.cat([q_d, q_t], -1)
-        straight += float(inner_factored(p, q, p, q).sum())
-    return num, straight
+
+    def combos(name: str) -> dict[str, Combo]:
+        s = traj.module(name).scale
+        (sigma, u, v), (sd, ud, vd) = preds[name]
+        return {"p - d1": Combo({}, [rank1(sigma, u, v), rank1(-sd, ud, vd)]),
+                "t - d": difference(row + h, row, s) + -difference(row, row - h, s)}
+
+    totals, _ = stream_inner(traj, combos, [("p - d1", "t - d"), ("t - d", "t - d")], [r for r in (row - h, row, row + h) if r >= 0],
+                             traj.budget, names=list(preds), what="next's held-out check")
+    return totals[("p - d1", "t - d")], totals[("t - d", "t - d")]
 
 
 def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None,

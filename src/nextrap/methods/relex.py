@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import LoraTrajectory, shape_groups
+from ..checkpoints import LoraTrajectory
+from ..lorastream import projections as lora_projections
 from . import Jump, JumpContext, rank1_factors
 
 
 def _coefficients(ctx: JumpContext, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """a_i = u^T G_i v for every checkpoint i <= row: exact from LoRA factors, or streamed from full checkpoints."""
+    """a_i = u^T G_i v for every checkpoint i <= row: exact from LoRA factors or from full checkpoints, streamed."""
     traj, row = ctx.trajectory, ctx.row
     if not isinstance(traj, LoraTrajectory):
         from ..fullmoves import projections
 
         return projections(traj, directions, list(range(row + 1)), traj.budget, traj.device)
-    out = {}
-    for names in shape_groups(traj.modules).values():
-        scale = traj.scales(names)[:, None]
-        per_ckpt = [traj.factors(i, names) for i in range(row + 1)]
-        for j, name in enumerate(names):
-            u, v = directions[name]
-            out[name] = torch.stack([scale[j, 0] * (u @ b[j]) @ (a_[j] @ v) for b, a_ in per_ckpt])  # u^T s B A v
-    return out
+    return lora_projections(traj, directions, list(range(row + 1)), traj.budget)
 
 
 def jump(ctx: JumpContext) -> Jump:
