@@ -81,7 +81,8 @@ def write_synthetic(folder: Path, kind: str, seed: int = 0, steps: int = 200, ev
         out = folder / f"step_{step}"
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+        (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
     return folder
 
 

@@ -104,7 +104,8 @@ def main() -> None:
             errors.append(((b[ok] - a[ok]).abs() / b[ok]).max())
         by_kind[kind] = float(torch.stack(errors).max())
     measured = max(by_kind.values())
-    print(f"\n| svd | seconds | peak MB (accounted) | real peak MB (process RSS growth) | budget MB | batches | reads | max rel. sigma error vs exact | reported bound |")
+    print("\n| svd | seconds | peak MB (accounted) | real peak MB (process RSS growth) | budget MB | batches | reads "
+          "| max rel. sigma error vs exact | reported bound |")
     print("|---|---|---|---|---|---|---|---|---|")
     for svd, (_, st, sec) in runs.items():
         err = "0 (reference)" if svd == "exact" else f"{measured:.2e}"

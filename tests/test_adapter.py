@@ -1,9 +1,8 @@
-import math
 
 import pytest
 import torch
 
-from conftest import TRAJECTORY, TWO_MODULES, LORA_CONFIG, lora_tensors, write_adapter
+from conftest import TRAJECTORY, LORA_CONFIG, lora_tensors, write_adapter
 from nextrap.adapter import jumped_config, jumped_factors
 from nextrap.checkpoints import load_trajectory, module_scale
 

@@ -16,7 +16,8 @@ def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tm
     res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=FAST_EPOCHS, horizon=5, seed=7)
     assert tree_digest(trajectory) == before
     out = tmp_path / "fit"
-    assert sorted(p.name for p in out.iterdir()) == [".nextrap-output.json", "manifest.json", "next.json", "predictor.json", "predictor.safetensors", "trajectory.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".nextrap-output.json", "manifest.json", "next.json", "predictor.json",
+                                                     "predictor.safetensors", "trajectory.safetensors"]
     man = json.loads((out / "manifest.json").read_text())
     assert man["steps"] == list(range(0, 161, 10)) and man["horizon"] == 5
     assert man["settings"]["seed"] == 7 and man["settings"]["epochs"] == FAST_EPOCHS and man["settings"]["sign_align"] is True

@@ -7,7 +7,7 @@ Library entry points (the CLI is a thin layer over them):
     push(folder, repo, ...)              -> PushResult    (upload with a model card, as `nextrap push`)
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402, F401
 
 # First, and stdlib only: in the `nextrap` command's process, signals and torch's threads are set before torch
 # loads (process.py); a program importing the library keeps its own.

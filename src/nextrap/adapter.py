@@ -21,7 +21,7 @@ from .errors import NextrapError
 from .files import read_json, write_json
 from .hfmodel import write_safetensors
 from .lorastream import module_factors, move_rank
-from .methods import Jump
+from .moves import Jump
 
 
 def jumped_factors(b: torch.Tensor, a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scale: float,

@@ -12,42 +12,17 @@ part: the ceiling for any rank-1 predictor such as NExt.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 
 from .checkpoints import LoraTrajectory
 from .lorastream import move_terms
-from .methods import FITTED, METHODS, Jump, JumpContext, fit_models, jump
+from .methods import FITTED, METHODS, JumpContext, fit_models, jump
+from .moves import ALPHA_MAX, Jump, Terms  # noqa: F401 - re-exported: the backtest's value types
 from .predictor import TrainSettings
 from .trajectory import Features
 
-ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
-
-
-@dataclass
-class Terms:
-    """Pooled squared norms: t = ||true move||^2, c = <true move, predicted move>, j = ||predicted move||^2."""
-
-    t: float = 0.0
-    c: float = 0.0
-    j: float = 0.0
-
-    def __iadd__(self, other: "Terms") -> "Terms":
-        self.t, self.c, self.j = self.t + other.t, self.c + other.c, self.j + other.j
-        return self
-
-    def error(self, alpha: float) -> float:
-        if self.t == 0:
-            return 0.0 if alpha * self.j == 0 else math.inf
-        return math.sqrt(max(1 - 2 * alpha * self.c / self.t + alpha**2 * self.j / self.t, 0.0))
-
-    def cosine(self) -> float:
-        return self.c / math.sqrt(self.t * self.j) if self.t > 0 and self.j > 0 else 0.0
-
-    def best_alpha(self, alpha_max: float = ALPHA_MAX) -> float:
-        return round(min(max(self.c / self.j, 0.0), alpha_max), 3) if self.j > 0 else 0.0
 
 
 @dataclass

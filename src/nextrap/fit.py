@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
-from . import __version__
+from .version import __version__
 from .backtest import BacktestResult, backtest, max_folds
 from .checkpoints import LoraTrajectory, find_folders, is_adapter, load_trajectory, save_limit_hint
 from .errors import NextrapError, one_line_os_errors

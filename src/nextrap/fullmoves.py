@@ -12,9 +12,8 @@ from functools import partial
 
 import torch
 
-from .backtest import Terms
 from .fullparam import FullTrajectory
-from .methods import Jump
+from .moves import Jump, Terms
 from .budget import Meter, StreamStats, chunk_bytes, heap_hygiene, nbytes, row_chunks, trim_heap
 from .streaming import FEATURE_STACKS, Reader, batches, feature_bytes
 

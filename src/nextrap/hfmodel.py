@@ -19,7 +19,7 @@ from .checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, all_finite, open
 from .lorastream import module_factors
 from .errors import NextrapError
 from .files import read_json, write_json
-from .methods import Jump
+from .moves import Jump
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
 from ..checkpoints import LoraTrajectory
 from ..lorastream import LoraMove
+from ..moves import Jump
 from ..trajectory import Features
 
 
@@ -34,17 +35,6 @@ class JumpContext:
     trajectory: Any  # a LoraTrajectory; None or another trajectory type in full-parameter mode
     row: int  # the checkpoint the jump starts from
     models: dict[str, Any] = field(default_factory=dict)  # fitted model per method name, for methods that learn
-
-
-@dataclass
-class Jump:
-    """The move: per module thin factors (P [m, k], Q [n, k]) with delta = P @ Q.T, plus W_row - W_ref when
-    ``difference`` = (row, ref) is set (ref None = the base model). ``sigma``: a size per module, for reports."""
-
-    method: str
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # a dict, or a LoraMove read per module
-    sigma: dict[str, float]
-    difference: tuple[int, int | None] | None = None
 
 
 def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
