@@ -96,3 +96,24 @@ def test_outputs_inside_the_checkpoint_folder_are_refused_and_the_run_stays_fitt
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["fit", str(trajectory), "--out", str(tmp_path / "fit"), "--methods", "linear", "--overwrite", "--json"])
     assert res.exit_code == 0, res.output  # replacing our own fit is allowed
+
+
+def test_help_and_usage_errors_never_load_torch():
+    """`nextrap --help` and a bad option answer in a fraction of a second: neither torch nor transformers loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom nextrap.cli import app\n"
+            "codes = [CliRunner().invoke(app, a).exit_code for a in (['--help'], ['fit', '--help'], ['grpo', '--help'],"
+            " ['pipeline', '--help'], ['extend', '--help'], ['fit'], ['extend', '--nope'])]\n"
+            "print(codes, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[0, 0, 0, 0, 0, 2, 2] False False"
+
+
+def test_the_library_functions_stay_functions_when_their_modules_load():
+    import nextrap
+    import nextrap.extend as extend_module  # noqa: F401 - importing the module must not replace the function
+    from nextrap.fit import load_fit  # noqa: F401
+
+    assert callable(nextrap.fit) and callable(nextrap.extend) and nextrap.fit.__module__ == "nextrap.fit"

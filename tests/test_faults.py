@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib
 import json
 import os
 import re
@@ -62,8 +63,9 @@ def test_an_output_under_a_file_is_refused_before_any_work(command, trajectory, 
     afile = tmp_path / "afile"
     afile.write_text("mine")
     out = afile / "out"
-    for module, expensive in {"fit": "load_trajectory", "extend": "load_fit", "pipeline": "train", "grpo_cli": "train"}.items():
-        monkeypatch.setattr(sys.modules[f"nextrap.{module}"], expensive, lambda *a, **k: pytest.fail("worked before checking --out"))
+    for module, expensive in {"fit": "load_trajectory", "extend": "load_fit", "pipeline": "train", "grpo": "train"}.items():
+        monkeypatch.setattr(importlib.import_module(f"nextrap.{module}"), expensive,
+                            lambda *a, **k: pytest.fail("worked before checking --out"))
     args = {"fit": ["fit", trajectory, "--out", out],
             "extend": ["extend", "--fit", fitted, "--alpha", "1", "--out", out],
             "pipeline": ["pipeline", "--out", out],

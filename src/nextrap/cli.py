@@ -10,25 +10,22 @@ import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .backtest import MIN_GAIN
-from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis
 from .errors import NextrapError, NextrapWarning, os_error
-from .extend import alpha_folder, extend as run_extend, parse_alphas
-from .fit import FitResult, fit as run_fit
-from .grpo import ALL_LINEAR, GRPOConfig
 from .grpo_cli import grpo as grpo_cmd
-from .hub import push as run_push
-from .jumps import fold as run_fold
-from .methods import METHODS
-from .progress import rich_progress
-from .pipeline import PipelineConfig, PipelineResult, plot as plot_pipeline, run_pipeline, speedup
+from .grpo_config import ALL_LINEAR, GRPOConfig
 from .process import check_interrupted, command
+from .progress import rich_progress
+from .registry import METHODS
+
+if TYPE_CHECKING:
+    from .fit import FitResult
+    from .pipeline import PipelineResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")
@@ -68,6 +65,7 @@ def _progress(enabled: bool):
 
 
 def _fit_summary(r: FitResult) -> None:
+    from .backtest import MIN_GAIN  # here, not at the top: --help never loads torch
     table = Table(title=f"nextrap fit -> {r.out}", show_header=False, title_justify="left")
     table.add_row("checkpoints", f"{len(r.steps)} (steps {r.steps[0]} .. {r.steps[-1]})")
     table.add_row("modules" if r.streaming else "LoRA modules", str(r.n_modules))  # full fits: parameters
@@ -122,6 +120,7 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Compute rank-1 features of a LoRA (or, with --base, full-parameter) trajectory and fit the methods; writes the fit folder."""
+    from .fit import fit as run_fit  # here, not at the top: --help never loads torch
     with _errors(), _progress(not as_json) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
                          run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
@@ -148,6 +147,7 @@ def extend(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Jump: write W_c + alpha * predicted move as an adapter or a merged model."""
+    from .extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
     with _errors():
         alphas = parse_alphas(alpha)
         with err_console.status("extending...") if not as_json else nullcontext():
@@ -187,6 +187,7 @@ def fold_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Fold jumps saved during training into the base model, so that the adapters saved after them load (and resume) on it."""
+    from .jumps import fold as run_fold  # here, not at the top: --help never loads torch
     with _errors():
         result = run_fold(base, jumps, out, upto=upto, max_shard_size=max_shard_size, overwrite=overwrite)
     if as_json:
@@ -221,6 +222,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
+    from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis  # here, not at the top: --help never loads torch
     with _errors():
         with err_console.status("reading checkpoints...") if not as_json else nullcontext():
             d = diagnose(ckpts, fit_checkpoints=fit_checkpoints, base=base, max_memory=max_memory)
@@ -287,6 +289,7 @@ def push_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Upload a jumped checkpoint to the Hugging Face Hub with a provenance model card."""
+    from .hub import push as run_push  # here, not at the top: --help never loads torch
     with _errors():
         with err_console.status("uploading...") if not (as_json or dry_run) else nullcontext():
             result = run_push(folder, repo, private=private, revision=revision, dry_run=dry_run, token_env=token_env,
@@ -356,6 +359,8 @@ def pipeline_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Train -> jump -> train against plain GRPO, a no-jump restart and a jump to the true future."""
+    from .extend import parse_alphas
+    from .pipeline import PipelineConfig, plot as plot_pipeline, run_pipeline  # here, not at the top: --help never loads torch
     base = GRPOConfig(model=model, save_every=save_every, lr=lr, batch_prompts=batch_prompts, group_size=group_size,
                       temperature=temperature, max_new_tokens=max_new_tokens, advantage=advantage, device=device,
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
@@ -389,6 +394,7 @@ def pipeline_cmd(
 
 
 def _pipeline_table(r: PipelineResult) -> None:
+    from .pipeline import speedup  # here, not at the top: --help never loads torch
     end = r.s1 + r.s2
     table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon}, "
                         f"jumps {'folded into the base' if r.jump_format == 'base' else 'as rank-grown adapters'})",

@@ -19,7 +19,7 @@ from rich.console import Console
 from nextrap.errors import NextrapError, os_error
 from nextrap.files import check_writable
 from nextrap.progress import rich_progress
-from nextrap.grpo import ADVANTAGES, ALL_LINEAR, GRPOConfig, train, validate
+from nextrap.grpo_config import ADVANTAGES, ALL_LINEAR, GRPOConfig
 
 _OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json|nextrap-jumps)$")  # what a run writes into --out
 
@@ -90,6 +90,7 @@ def grpo(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
 ) -> None:
     """Train LoRA with GRPO-style RLVR and save a PEFT adapter every --save-every steps: the trajectory nextrap extrapolates."""
+    from nextrap.grpo import train, validate  # here, not at the top: --help never loads torch
     config = GRPOConfig(
         model=model,
         out=str(out),

@@ -26,6 +26,7 @@ import torch
 from ..checkpoints import LoraTrajectory
 from ..lorastream import LoraMove
 from ..moves import Jump
+from ..registry import FITTED, METHODS
 from ..trajectory import Features
 
 
@@ -83,8 +84,6 @@ def _modules() -> dict[str, ModuleType]:
     return {"next": next_method, "next-paper": next_paper, "linear": linear, "expo": expo, "relex": relex}
 
 
-METHODS: tuple[str, ...] = ("next", "next-paper", "linear", "expo", "relex")
-FITTED: tuple[str, ...] = ("next", "next-paper")  # methods that learn a model from the trajectory
 
 
 def _module(method: str) -> ModuleType:
