@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 from .checkpoints import LoraTrajectory
 from .lorastream import move_terms
 from .methods import FITTED, METHODS, Jump, JumpContext, fit_models, jump

@@ -9,7 +9,6 @@ formed in float64 on row chunks of a few MB, so the terms match a float64 comput
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
 
 import torch
 
