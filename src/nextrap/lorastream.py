@@ -6,7 +6,7 @@ The math is exact and shares its work. Every delta is a combination of checkpoin
 top singular triple follows from the k x k Grams B_i^T B_j and A_i A_j^T (``lowrank.top1_gram``). The feature
 pass computes, per checkpoint i, the Grams of i with itself, with i - 1 and with i - h, once, and assembles
 from them the cores of G_i = s B_i A_i, L_i = s (B_i A_i - B_{i-1} A_{i-1}) and T_{i-h} = s (B_i A_i - B_{i-h}
-A_{i-h}); u and v are then P cu and Q cv. Only the last h checkpoints of a unit are held. Grams are float64
+A_{i-h}); u and v are then P cu and Q cv. Only the last h + 1 checkpoints of a unit are held. Grams are float64
 (the cancellation in a local delta enters them squared); the factors are read as stored (bf16, fp16, fp32).
 
 A move on a LoRA trajectory (``LoraMove``) is a checkpoint difference s (B_row A_row - B_ref A_ref) plus explicit
@@ -273,9 +273,6 @@ class LoraMove(Mapping):
         kept = frozenset(keep) if self.keep is None else self.keep & frozenset(keep)
         return LoraMove(self.traj, self.row, self.ref, self.explicit, kept)
 
-    def explicit_bytes(self) -> int:
-        return sum(nbytes(p) + nbytes(q) for p, q in self.explicit.values())
-
 
 def move_rank(factors: Mapping[str, Factors], name: str) -> int:
     """Columns of a move's (P, Q) for module ``name``, without reading a LoraMove's checkpoints."""
@@ -289,9 +286,8 @@ def module_factors(factors: Mapping[str, Factors], name: str, held: Mapping[int,
 
 def explicit_bytes(factors: Mapping[str, Factors]) -> int:
     """Bytes a move holds in memory: its explicit factors (a LoraMove's checkpoint difference is read per unit)."""
-    if isinstance(factors, LoraMove):
-        return factors.explicit_bytes()
-    return sum(nbytes(p) + nbytes(q) for p, q in factors.values())
+    explicit = factors.explicit if isinstance(factors, LoraMove) else factors
+    return sum(nbytes(p) + nbytes(q) for p, q in explicit.values())
 
 
 @dataclass
