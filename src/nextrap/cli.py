@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import NextrapError, NextrapWarning, os_error
-from .grpo_cli import grpo as grpo_cmd
-from .grpo_config import ALL_LINEAR, GRPOConfig
+from .grpo_cli import (GRPO_DEFAULTS, Advantage, BatchPrompts, Data, Device, EvalData, EvalEvery, EvalPrompts, EvalSamples,
+                       GroupSize, LoraAlpha, LoraR, Lr, MaxNewTokens, Model, Reward, SaveEvery, Seed, Task, TargetModules,
+                       Temperature, grpo as grpo_cmd)
+from .grpo_config import GRPOConfig
 from .process import check_interrupted, command
 from .progress import rich_progress
 from .registry import METHODS
@@ -319,7 +321,7 @@ def pipeline_cmd(
     steps: int = typer.Option(400, "--steps", help="N: length of the plain GRPO run."),
     s1: Optional[int] = typer.Option(None, "--s1", help="Steps before the jump (default 0.375 N, on a save)."),
     s2: Optional[int] = typer.Option(None, "--s2", help="Steps after the jump (default 0.625 N - s1)."),
-    save_every: int = typer.Option(10, "--save-every", help="Checkpoint interval (the trajectory's resolution)."),
+    save_every: SaveEvery = GRPO_DEFAULTS.save_every,
     horizon: int = typer.Option(5, "--horizon", help="Checkpoints the jump looks ahead."),
     alpha: str = typer.Option("1.5", "--alpha", help="Jump size for every method, or auto (each method's backtest-chosen alpha, 0 = no jump)."),
     methods: str = typer.Option("next-paper,next", "--methods", help="Comma list of extend methods to compare (next equals linear where its held-out pair says so)."),
@@ -335,25 +337,25 @@ def pipeline_cmd(
                                                   "--select-prompts; its rollouts count in the cost."),
     select_prompts: int = typer.Option(0, "--select-prompts", help="Hold the last N training prompts out of every arm's training "
                                        "stream (plain included), for --alpha-by-reward."),
-    model: Optional[str] = typer.Option(None, "--model", help="HF causal LM folder (default: the embedded addition model)."),
-    task: str = typer.Option("addition", "--task", help="Built-in task; ignored with --data."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Training jsonl of {prompt, answer} rows."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out jsonl for --data."),
-    reward: Optional[str] = typer.Option(None, "--reward", help="module:function reward."),
-    lr: float = typer.Option(1e-4, "--lr"),
-    batch_prompts: int = typer.Option(64, "--batch-prompts"),
-    group_size: int = typer.Option(8, "--group-size"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    max_new_tokens: int = typer.Option(4, "--max-new-tokens", help="Raise it for real math data."),
-    target_modules: str = typer.Option(",".join(ALL_LINEAR), "--target-modules"),
-    advantage: str = typer.Option("grpo", "--advantage", help="grpo | rloo | reinforce++"),
-    device: str = typer.Option("cpu", "--device"),
-    lora_r: int = typer.Option(64, "--lora-r"),
-    lora_alpha: float = typer.Option(32.0, "--lora-alpha"),
-    seed: int = typer.Option(0, "--seed"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (default: every save)."),
-    eval_prompts: int = typer.Option(1000, "--eval-prompts"),
-    eval_samples: int = typer.Option(8, "--eval-samples"),
+    model: Model = GRPO_DEFAULTS.model,
+    task: Task = GRPO_DEFAULTS.task,
+    data: Data = None,
+    eval_data: EvalData = None,
+    reward: Reward = GRPO_DEFAULTS.reward,
+    lr: Lr = GRPO_DEFAULTS.lr,
+    batch_prompts: BatchPrompts = GRPO_DEFAULTS.batch_prompts,
+    group_size: GroupSize = GRPO_DEFAULTS.group_size,
+    temperature: Temperature = GRPO_DEFAULTS.temperature,
+    max_new_tokens: MaxNewTokens = GRPO_DEFAULTS.max_new_tokens,
+    target_modules: TargetModules = ",".join(GRPO_DEFAULTS.target_modules),
+    advantage: Advantage = GRPO_DEFAULTS.advantage,
+    device: Device = GRPO_DEFAULTS.device,
+    lora_r: LoraR = GRPO_DEFAULTS.lora_r,
+    lora_alpha: LoraAlpha = GRPO_DEFAULTS.lora_alpha,
+    seed: Seed = GRPO_DEFAULTS.seed,
+    eval_every: EvalEvery = GRPO_DEFAULTS.eval_every,
+    eval_prompts: EvalPrompts = GRPO_DEFAULTS.eval_prompts,
+    eval_samples: EvalSamples = GRPO_DEFAULTS.eval_samples,
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against RL step for every arm."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),

@@ -19,9 +19,33 @@ from rich.console import Console
 from nextrap.errors import NextrapError, os_error
 from nextrap.files import check_writable
 from nextrap.progress import rich_progress
-from nextrap.grpo_config import ADVANTAGES, ALL_LINEAR, GRPOConfig
+from nextrap.grpo_config import ADVANTAGES, GRPOConfig
 
 _OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json|nextrap-jumps)$")  # what a run writes into --out
+
+
+# The GRPO options `grpo` and `pipeline` share, declared once (their defaults are GRPOConfig's).
+GRPO_DEFAULTS = GRPOConfig()
+Model = Annotated[Optional[str], typer.Option("--model", help="HF model folder or hub id. Default: the embedded tiny addition model (fixtures/addition-lm).")]
+SaveEvery = Annotated[int, typer.Option(help="Save an adapter every N steps (step 0 and the last step always).")]
+Lr = Annotated[float, typer.Option(help="AdamW learning rate.")]
+BatchPrompts = Annotated[int, typer.Option(help="Prompts per step.")]
+GroupSize = Annotated[int, typer.Option(help="Sampled completions per prompt (>= 2).")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (training and sampled eval).")]
+MaxNewTokens = Annotated[int, typer.Option(help="Completion length limit (4 fits the addition task).")]
+LoraR = Annotated[int, typer.Option(help="LoRA rank (ignored with --init-adapter: the adapter's rank is kept).")]
+LoraAlpha = Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")]
+TargetModules = Annotated[str, typer.Option(help="Comma list of linear layer names to adapt.")]
+Seed = Annotated[int, typer.Option(help="Seed for prompt order, sampling and LoRA init.")]
+Task = Annotated[str, typer.Option(help="Built-in task (addition); ignored with --data.")]
+Data = Annotated[Optional[Path], typer.Option("--data", help='Training jsonl of {"prompt": ..., "answer": ...} rows.')]
+EvalData = Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out jsonl for eval with --data (default: no eval).")]
+Reward = Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.tasks:math_reward for --data.")]
+Advantage = Annotated[str, typer.Option(help=f"Advantage estimator: {' | '.join(ADVANTAGES)}.")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at every save; 0: never).")]
+EvalPrompts = Annotated[int, typer.Option(help="Held-out prompts per eval.")]
+EvalSamples = Annotated[int, typer.Option(help="Samples per held-out prompt for sampled accuracy (0: greedy only).")]
+Device = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 
 
 def _fail(message: str) -> None:
@@ -48,34 +72,34 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def grpo(
-    model: Annotated[Optional[str], typer.Option("--model", help="HF model folder or hub id. Default: the embedded tiny addition model (fixtures/addition-lm).")] = None,
+    model: Model = GRPO_DEFAULTS.model,
     out: Annotated[Path, typer.Option("--out", help="Output folder for step_N/ adapters and metrics.jsonl.")] = Path("grpo-run"),
     steps: Annotated[int, typer.Option(help="Training steps (one batch of prompts each).")] = 400,
-    save_every: Annotated[int, typer.Option(help="Save an adapter every N steps (step 0 and the last step always).")] = 10,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    batch_prompts: Annotated[int, typer.Option(help="Prompts per step.")] = 64,
-    group_size: Annotated[int, typer.Option(help="Sampled completions per prompt (>= 2).")] = 8,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (training and sampled eval).")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Completion length limit (4 fits the addition task).")] = 4,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank (ignored with --init-adapter: the adapter's rank is kept).")] = 64,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32.0,
-    target_modules: Annotated[str, typer.Option(help="Comma list of linear layer names to adapt.")] = ",".join(ALL_LINEAR),
-    seed: Annotated[int, typer.Option(help="Seed for prompt order, sampling and LoRA init.")] = 0,
-    task: Annotated[str, typer.Option(help="Built-in task (addition); ignored with --data.")] = "addition",
-    data: Annotated[Optional[Path], typer.Option("--data", help='Training jsonl of {"prompt": ..., "answer": ...} rows.')] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out jsonl for eval with --data (default: no eval).")] = None,
-    reward: Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.tasks:math_reward for --data.")] = None,
-    advantage: Annotated[str, typer.Option(help=f"Advantage estimator: {' | '.join(ADVANTAGES)}.")] = "grpo",
+    save_every: SaveEvery = GRPO_DEFAULTS.save_every,
+    lr: Lr = GRPO_DEFAULTS.lr,
+    batch_prompts: BatchPrompts = GRPO_DEFAULTS.batch_prompts,
+    group_size: GroupSize = GRPO_DEFAULTS.group_size,
+    temperature: Temperature = GRPO_DEFAULTS.temperature,
+    max_new_tokens: MaxNewTokens = GRPO_DEFAULTS.max_new_tokens,
+    lora_r: LoraR = GRPO_DEFAULTS.lora_r,
+    lora_alpha: LoraAlpha = GRPO_DEFAULTS.lora_alpha,
+    target_modules: TargetModules = ",".join(GRPO_DEFAULTS.target_modules),
+    seed: Seed = GRPO_DEFAULTS.seed,
+    task: Task = GRPO_DEFAULTS.task,
+    data: Data = None,
+    eval_data: EvalData = None,
+    reward: Reward = GRPO_DEFAULTS.reward,
+    advantage: Advantage = GRPO_DEFAULTS.advantage,
     init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Continue training this PEFT adapter folder (e.g. a jumped step, "
                                                                    "or with --init-model a checkpoint to resume on a folded base), any rank.")] = None,
     init_model: Annotated[Optional[Path], typer.Option("--init-model", help="Start from these full model weights: a merged jumped model, or with "
                                                                  "--init-adapter the base the adapter loads on (extend --format base, nextrap fold); the "
                                                                  "tokenizer comes from --model unless the folder has one.")] = None,
     resume_optimizer: Annotated[Optional[Path], typer.Option("--resume-optimizer", help="Step folder whose optimizer.safetensors to continue from (moments of a grown rank start at 0).")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at every save; 0: never).")] = None,
-    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per eval.")] = 1000,
-    eval_samples: Annotated[int, typer.Option(help="Samples per held-out prompt for sampled accuracy (0: greedy only).")] = 8,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    eval_every: EvalEvery = GRPO_DEFAULTS.eval_every,
+    eval_prompts: EvalPrompts = GRPO_DEFAULTS.eval_prompts,
+    eval_samples: EvalSamples = GRPO_DEFAULTS.eval_samples,
+    device: Device = GRPO_DEFAULTS.device,
     jump_every: Annotated[int, typer.Option("--jump-every", help="Jump the LoRA base weights in place every K steps (a multiple of "
                                                 "--save-every; not at the last step), fitted on the checkpoints since the last jump; saved under "
                                                 "OUT/nextrap-jumps. 0: never.")] = 0,
