@@ -49,3 +49,24 @@ def test_two_gloo_ranks_split_units_and_gather_the_same_results():
     assert sorted(mine0 + mine1) == sorted(f"m{i}" for i in range(7)) and not set(mine0) & set(mine1)
     assert merged0 == merged1 == {f"m{i}": i * i for i in range(7)}
     assert sum0 == sum1 == [3.0, 20.0]
+
+
+def test_torchrun_with_two_gloo_ranks_writes_the_same_fit_and_jump_as_one_process(trajectory, tmp_path):
+    """`torchrun --nproc-per-node 2 ... nextrap fit` splits the feature pass across ranks; rank 0 writes a fit
+    folder whose trajectory.safetensors, and the adapter extended from it, are byte-identical to one process's."""
+    import subprocess
+    import sys
+
+    def fit(out, ranks):
+        runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else [sys.executable]
+        subprocess.run([*runner, "-m", "nextrap.cli", "fit", str(trajectory), "--out", str(out), "--methods", "linear,next",
+                        "--json"], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([sys.executable, "-m", "nextrap.cli", "extend", "--fit", str(out), "--method", "linear", "--alpha", "1.5",
+                        "--out", str(out.parent / f"{out.name}-jump")], check=True, capture_output=True)
+
+    fit(tmp_path / "one", 0)
+    fit(tmp_path / "two", 2)
+    for a, b in (("one/trajectory.safetensors", "two/trajectory.safetensors"),
+                 ("one-jump/adapter_model.safetensors", "two-jump/adapter_model.safetensors")):
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpts", "one", "one-jump", "two", "two-jump"]  # rank 1 wrote nothing

@@ -122,12 +122,16 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Compute rank-1 features of a LoRA (or, with --base, full-parameter) trajectory and fit the methods; writes the fit folder."""
+    from .distributed import world
     from .fit import fit as run_fit  # here, not at the top: --help never loads torch
-    with _errors(), _progress(not as_json) as report:
+    main_rank = world().is_main  # under torchrun, rank 0 alone shows progress and the result
+    with _errors(), _progress(not as_json and main_rank) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
                          run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
                          methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                          base=base, svd=svd, max_memory=max_memory)
+    if not main_rank:
+        return
     if as_json:
         print(json.dumps(result.to_json()))
     else:

@@ -23,6 +23,7 @@ from .lorastream import preflight
 from .fullparam import is_model
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
 from .predictor import TrainSettings
+from .distributed import world
 from .trajectory import Features, stream_lora_features
 
 MANIFEST = "manifest.json"
@@ -184,6 +185,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     else:  # the budget extend's writers keep, and the highest memory any streamed pass accounted
         manifest["streaming"] = {"max_memory_bytes": traj.budget, "peak_bytes": traj.peak, "feature_batches": stats.batches}
     manifest["summary"].pop("out")
+    if not world(settings.device).is_main:
+        return result  # under torchrun every rank holds the same result; rank 0 alone writes it
     with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
         features.save(tmp / TRAJECTORY)
         result.models = save_models(models, tmp)

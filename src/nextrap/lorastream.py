@@ -108,14 +108,16 @@ def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device:
 # --------------------------------------------------------------------------------------------- features
 
 def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int | None = None, device: str = "cpu",
-                    progress: Callable[[int], None] | None = None, max_batch: int | None = None) -> StreamStats:
+                    progress: Callable[[int], None] | None = None, max_batch: int | None = None,
+                    names: Sequence[str] | None = None) -> StreamStats:
     """Exact rank-1 features of every module's global, local and target deltas, unit by unit under ``budget``
     bytes; each unit's rows go to ``sink(names, kind, parts)`` (parts: sigma [b, rows], u [b, rows, m],
-    v [b, rows, n] float32, raw SVD signs; energy for global; target rows only up to c - h)."""
+    v [b, rows, n] float32, raw SVD signs; energy for global; target rows only up to c - h). ``names``: only
+    these modules (a rank's share under torchrun)."""
     n = len(traj.checkpoints)
     meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
     scratch = partial(_unit_output_bytes, rows=n)
-    for names in units(traj, None, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch):
+    for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch):
         module = traj.module(names[0])
         with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter) as rd:
             parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter)

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from .budget import DEFAULT_MAX_MEMORY, StreamStats, parse_size
 from .checkpoints import LoraTrajectory, first_line, require_checkpoints
 from .errors import NextrapError
-from .lorastream import KINDS, stream_features
+from .distributed import world
+from .lorastream import KINDS, factor_bytes, stream_features
 from .lowrank import align_signs
 
 PARTS = ("sigma", "u", "v")
@@ -139,7 +140,13 @@ def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = 
             parts["u"], parts["v"] = align_signs(parts["u"], parts["v"])
         store_rows(tensors, names, kind, parts, n)
 
-    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch)
+    # under torchrun each rank computes its share of the modules (balanced by their factors' size), and every
+    # rank gets all the rows: the same features as one process computes
+    ranks = world(device)
+    share = ranks.mine(traj.modules, cost=factor_bytes) if ranks.size > 1 else None
+    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch,
+                            names=[m.name for m in share] if share is not None else None)
+    tensors = ranks.merge(tensors)
     return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors), stats
 
 
