@@ -156,7 +156,7 @@ def extend(
     from .extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
     with _errors():
         alphas = parse_alphas(alpha)
-        with err_console.status("extending...") if not as_json else nullcontext():
+        with err_console.status("extending...") if not as_json and err_console.is_terminal else nullcontext():
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
                                 max_shard_size=max_shard_size, min_energy=min_energy)
     for w in result.warnings:
@@ -230,7 +230,7 @@ def inspect_cmd(
     """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
     from .diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis  # here, not at the top: --help never loads torch
     with _errors():
-        with err_console.status("reading checkpoints...") if not as_json else nullcontext():
+        with err_console.status("reading checkpoints...") if not as_json and err_console.is_terminal else nullcontext():
             d = diagnose(ckpts, fit_checkpoints=fit_checkpoints, base=base, max_memory=max_memory)
         if plot is not None:
             plot_diagnosis(d, plot)
@@ -297,7 +297,7 @@ def push_cmd(
     """Upload a jumped checkpoint to the Hugging Face Hub with a provenance model card."""
     from .hub import push as run_push  # here, not at the top: --help never loads torch
     with _errors():
-        with err_console.status("uploading...") if not (as_json or dry_run) else nullcontext():
+        with err_console.status("uploading...") if not (as_json or dry_run) and err_console.is_terminal else nullcontext():
             result = run_push(folder, repo, private=private, revision=revision, dry_run=dry_run, token_env=token_env,
                               base_model=base_model)
     if as_json:
