@@ -4,8 +4,8 @@ write everything ``extend`` needs into one folder (manifest.json, trajectory.saf
 from __future__ import annotations
 
 import platform
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -122,9 +122,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         traj = load_trajectory(ckpts)
         traj.budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
         preflight(traj, horizon, traj.budget, backtest=run_backtest)  # every pass fits the budget, before any reads
-        hashing = ThreadPoolExecutor(1, thread_name_prefix="nextrap-hash")  # the inputs' sha256 beside the features
-        fingerprints = hashing.submit(_inputs, traj)
-        hashing.shutdown(wait=False)
+        fingerprints = Background(_inputs, traj)  # the inputs' sha256 beside the feature pass
         done = 0
 
         def on_modules(k: int) -> None:
@@ -248,17 +246,36 @@ def inputs_checked_meanwhile(loaded: FitFolder) -> Iterator[Callable[[], None]]:
     """Run ``check_inputs`` on a background thread (hashing GBs of checkpoints costs as much as reading them;
     hashlib and file reads release the GIL) while the body works. The body calls the yielded ``wait`` before it
     commits anything; a changed input's error also replaces any error the body raised, which it explains."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="nextrap-check-inputs")
-    check = pool.submit(check_inputs, loaded)
+    check = Background(check_inputs, loaded)
     try:
-        try:
-            yield check.result
-        except Exception:
-            check.result()
-            raise
+        yield check.result
+    except Exception:
         check.result()
-    finally:
-        pool.shutdown(wait=False)
+        raise
+    check.result()
+
+
+class Background:
+    """``fn(*args)`` on a daemon thread (an error or an interrupt never waits for it at exit); ``result()`` joins it
+    and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True, name="nextrap-background")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _holds_checkpoints(path: Path) -> bool:
