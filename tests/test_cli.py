@@ -112,8 +112,12 @@ def test_help_and_usage_errors_never_load_torch():
 
 
 def test_the_library_functions_stay_functions_when_their_modules_load():
-    import nextrap
-    import nextrap.extend as extend_module  # noqa: F401 - importing the module must not replace the function
-    from nextrap.fit import load_fit  # noqa: F401
+    """In a fresh interpreter (where nothing has loaded them yet): importing the modules named fit and extend,
+    as the library itself does, must not replace the functions nextrap.fit and nextrap.extend."""
+    import subprocess
+    import sys
 
-    assert callable(nextrap.fit) and callable(nextrap.extend) and nextrap.fit.__module__ == "nextrap.fit"
+    code = ("import nextrap\nimport nextrap.extend\nfrom nextrap.fit import load_fit\n"
+            "print(callable(nextrap.fit), callable(nextrap.extend), nextrap.fit.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "True True nextrap.fit"

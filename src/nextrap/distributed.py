@@ -59,10 +59,6 @@ class World:
             return [float(v) for v in values]
         return [float(sum(column)) for column in zip(*self.gather([float(v) for v in values]))]
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
 
 def split(units: Sequence[T], size: int, cost: Callable[[T], int] | None = None) -> list[list[int]]:
     """Indices of ``units`` per rank: longest-processing-time-first over ``cost`` (1 each when None)."""
