@@ -1,4 +1,4 @@
-"""Specification of nextrap.grpo (and its CLI, nextrap.grpo_cli) on the embedded addition model."""
+"""Specification of nextrap.grpo (and its CLI, nextrap.cli.grpo) on the embedded addition model."""
 
 import json
 import shutil
@@ -29,7 +29,7 @@ from nextrap.grpo import (
     save_optimizer_state,
     train,
 )
-from nextrap.grpo_cli import grpo
+from nextrap.cli.grpo import grpo
 
 TINY = dict(steps=2, save_every=1, batch_prompts=4, group_size=4, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
 

@@ -1,0 +1,65 @@
+"""What every command shares: the two consoles, one-line errors and warnings, the progress bar, sizes as text.
+
+Exit codes: 0 success; 1 bad input or a refused result (one line on stderr, nothing written); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+from nextrap.errors import NextrapError, NextrapWarning, os_error
+from nextrap.process import check_interrupted
+from nextrap.progress import rich_progress
+
+out_console = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Library errors (and any OSError) as one ``error:`` line and exit 1; the library's warnings (NextrapWarning)
+    as one ``warning:`` line each, when they happen."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NextrapWarning)
+            shown = warnings.showwarning
+            warnings.showwarning = lambda message, category, *rest: (
+                warn(str(message)) if issubclass(category, NextrapWarning) else shown(message, category, *rest))
+            yield
+    except (NextrapError, OSError) as e:
+        check_interrupted()  # an error that a swallowed interrupt became is that interrupt
+        message = os_error(e) if isinstance(e, OSError) else e
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def progress(enabled: bool):
+    """A rich progress bar on stderr; yields the (stage, done, total) callback the library expects."""
+    return rich_progress(err_console, enabled)
+
+
+def status(message: str, enabled: bool):
+    """A spinner on a terminal only: in a log it would write control characters."""
+    return err_console.status(message) if enabled and err_console.is_terminal else nullcontext()
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
