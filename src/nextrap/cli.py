@@ -223,7 +223,7 @@ def _r2_cell(summary: dict) -> str:
 def inspect_cmd(
     ckpts: Path = typer.Argument(..., readable=False, help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Peak memory budget for every pass that streams the checkpoints, e.g. 2GB (default 8GB)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
     fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
