@@ -215,3 +215,14 @@ def test_inspect_reports_layout_steps_and_rank1_energies(case):
         assert (got is None) == (not values), step
         if values:
             assert got == pytest.approx(statistics.median(values), rel=1e-4), step
+
+
+def test_a_folder_of_the_other_kind_is_refused_with_what_to_do(case, tmp_path):
+    from nextrap.errors import NextrapError
+
+    if case.opened_with is None:  # adapters read as full-parameter checkpoints
+        with pytest.raises(NextrapError, match="holds PEFT adapters; --base is for full-parameter checkpoints"):
+            open_trajectory(case.root, base=BASE)
+    else:  # model folders read as adapters
+        with pytest.raises(NextrapError, match="holds Hugging Face model folders, not PEFT adapters; pass --base"):
+            open_trajectory(case.root)
