@@ -31,10 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 from nextrap.backtest import Terms, backtest, choose, jump_terms, oracle_terms
-from nextrap.checkpoints import load_trajectory
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
+from nextrap.opening import open_trajectory
 from nextrap.predictor import TrainSettings
-from nextrap.trajectory import compute_features
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 SYNTHETIC = ("synthetic-turning", "synthetic-saturating", "synthetic-random-walk")
@@ -91,8 +90,8 @@ VARIANTS = (("next-paper + sign alignment", True, None), ("next-paper + sign ali
 
 
 def evaluate(folder: Path, horizon: int, from_step: int | None, settings: TrainSettings, variants: bool = False) -> list[dict]:
-    traj = load_trajectory(folder)
-    feats = compute_features(traj, horizon, sign_align=False)
+    traj = open_trajectory(folder)
+    feats = traj.features(horizon, sign_align=False)
     steps = traj.steps
     if from_step is not None and from_step not in steps:
         raise SystemExit(f"{folder}: no checkpoint at step {from_step}")

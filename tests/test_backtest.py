@@ -5,18 +5,17 @@ import torch
 
 from conftest import TRAJECTORY, dense_deltas
 from nextrap.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
-from nextrap.checkpoints import load_trajectory
 from nextrap.methods import METHODS, Jump
+from nextrap.opening import open_trajectory
 from nextrap.predictor import TrainSettings
-from nextrap.trajectory import compute_features
 
 H = 5
 
 
 @pytest.fixture(scope="module")
 def setup():
-    traj = load_trajectory(TRAJECTORY)
-    return traj, compute_features(traj, H)
+    traj = open_trajectory(TRAJECTORY)
+    return traj, traj.features(H, sign_align=True)
 
 
 def test_evaluate_jump_matches_dense_distances(setup):

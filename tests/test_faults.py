@@ -63,7 +63,7 @@ def test_an_output_under_a_file_is_refused_before_any_work(command, trajectory, 
     afile = tmp_path / "afile"
     afile.write_text("mine")
     out = afile / "out"
-    for module, expensive in {"fit": "load_trajectory", "extend": "load_fit", "pipeline": "train", "grpo": "train"}.items():
+    for module, expensive in {"fit": "open_trajectory", "extend": "load_fit", "pipeline": "train", "grpo": "train"}.items():
         monkeypatch.setattr(importlib.import_module(f"nextrap.{module}"), expensive,
                             lambda *a, **k: pytest.fail("worked before checking --out"))
     args = {"fit": ["fit", trajectory, "--out", out],

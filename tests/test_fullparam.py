@@ -456,3 +456,14 @@ def test_row_and_column_parameters_are_vectors():
 
     assert Param("a", (1, 64)).is_vector and Param("b", (64, 1)).is_vector and not Param("c", (2, 64)).is_vector
     assert Param("a", (1, 64)).matrix_shape == (64, 1)
+
+
+def test_the_model_card_of_a_full_jump_calls_it_a_merged_full_parameter_model(full_fit, tmp_path):
+    import nextrap
+    from nextrap.hub import build_card
+
+    res = nextrap.extend(full_fit[0], [1.0], tmp_path / "linear", method="linear")
+    info = json.loads((res.out / "nextrap.json").read_text())
+    card = str(build_card(res.out, info, "org/m"))
+    assert info["kind"] == "full" and "full-parameter checkpoint at step 90" in card
+    assert "| format | merged full-parameter model (Hugging Face) |" in card and "LoRA" not in card

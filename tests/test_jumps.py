@@ -18,7 +18,7 @@ from nextrap.jumps import apply_in_place, choose_by_score, fold, load_jumps, par
 def moves(fitted):
     """Two different moves of the fixture trajectory (linear and expo), as a run would have jumped them."""
     fit = load_fit(fitted)
-    return fit.trajectory.modules, plan(fit, [1.0], "linear").move, plan(fit, [1.0], "expo").move
+    return fit.trajectory.modules, plan(fit, [1.0], "linear").factored(), plan(fit, [1.0], "expo").factored()
 
 
 def test_fold_adds_every_saved_jump_up_to_a_step_and_equals_the_jump_made_in_place(moves, tmp_path):

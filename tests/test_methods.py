@@ -4,19 +4,18 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY
-from nextrap.checkpoints import load_trajectory
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
 from nextrap.methods import next as next_method
+from nextrap.opening import open_trajectory
 from nextrap.predictor import TrainSettings
-from nextrap.trajectory import compute_features
 
 H = 5
 
 
 @pytest.fixture(scope="module")
 def setup():
-    traj = load_trajectory(TRAJECTORY)
-    return traj, compute_features(traj, H)
+    traj = open_trajectory(TRAJECTORY)
+    return traj, traj.features(H, sign_align=True)
 
 
 def _delta(traj, row, name):
@@ -29,9 +28,9 @@ def _delta(traj, row, name):
 @pytest.mark.parametrize("row", [16, 3])  # 3 - h < 0: the move is measured from the base model
 def test_linear_is_the_last_h_checkpoint_move(setup, row):
     traj, feats = setup
-    j = jump("linear", JumpContext(feats, traj, row))
+    j = traj.move_factors(jump("linear", JumpContext(feats, traj, row)))
     for m in traj.modules:
-        p, q = j.factors[m.name]
+        p, q = j[m.name]
         assert torch.allclose(p @ q.mT, _delta(traj, row, m.name) - _delta(traj, row - H, m.name), atol=1e-12)
 
 
@@ -58,9 +57,9 @@ def test_next_without_predictor_and_unknown_method(setup):
 
 def test_expo_is_the_whole_update_so_far(setup):
     traj, feats = setup
-    j = jump("expo", JumpContext(feats, traj, 12))
+    j = traj.move_factors(jump("expo", JumpContext(feats, traj, 12)))
     for m in traj.modules:
-        p, q = j.factors[m.name]
+        p, q = j[m.name]
         assert torch.allclose(p @ q.mT, _delta(traj, 12, m.name), atol=1e-12)
 
 
@@ -85,13 +84,13 @@ def test_next_is_the_straight_line_with_its_rank1_part_replaced(setup):
     row = 16
     model = next_method.fit(feats.truncate(row + 1))
     model.rho = 0.5  # whatever the held-out pair chose, check the algebra at a nonzero share
-    j = jump("next", JumpContext(feats, traj, row, {"next": model}))
+    j = traj.move_factors(jump("next", JumpContext(feats, traj, row, {"next": model})))
     aligned = feats.aligned()
     for m in traj.modules[:5]:
         sigma, u, v, (sd, ud, vd) = next_method._predict(aligned, m.name, row, model.weights_u, model.weights_v, model.log_ratio)
         straight = _delta(traj, row, m.name) - _delta(traj, row - H, m.name)
         expected = straight + 0.5 * (sigma * torch.outer(u, v) - sd * torch.outer(ud, vd))
-        p, q = j.factors[m.name]
+        p, q = j[m.name]
         assert torch.allclose(p @ q.mT, expected, atol=1e-9)
         # D's rank-1 part is the top singular triple of the straight line's move
         assert float(torch.linalg.matrix_norm(straight, ord=2)) == pytest.approx(float(sd), rel=1e-5)
@@ -101,11 +100,11 @@ def test_next_with_rho_zero_is_exactly_linear(setup):
     traj, feats = setup
     model = next_method.fit(feats)
     model.rho = 0.0
-    j = jump("next", JumpContext(feats, traj, 16, {"next": model}))
-    lin = jump("linear", JumpContext(feats, traj, 16))
+    j = traj.move_factors(jump("next", JumpContext(feats, traj, 16, {"next": model})))
+    lin = traj.move_factors(jump("linear", JumpContext(feats, traj, 16)))
     for m in traj.modules:
-        assert torch.equal(j.factors[m.name][0], lin.factors[m.name][0])
-        assert torch.equal(j.factors[m.name][1], lin.factors[m.name][1])
+        assert torch.equal(j[m.name][0], lin[m.name][0])
+        assert torch.equal(j[m.name][1], lin[m.name][1])
 
 
 def _turning_features(n: int = 16, h: int = 3, d: int = 12):
@@ -197,7 +196,7 @@ def test_next_measures_its_held_out_pair_exactly_on_lora(setup):
     row, h = 10, H
     gen = torch.Generator().manual_seed(3)
     preds = {}
-    for m in traj.modules[:6]:
+    for m in traj.modules:  # every module: the passes measure the true moves over all of them
         u = torch.randn(m.out_features, generator=gen, dtype=torch.float64)
         v = torch.randn(m.in_features, generator=gen, dtype=torch.float64)
         d1 = next_method._rank1(feats, m.name, "target", row - h)

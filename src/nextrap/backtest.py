@@ -13,16 +13,12 @@ part: the ceiling for any rank-1 predictor such as NExt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
-
-from .checkpoints import LoraTrajectory
-from .lorastream import move_terms
 from .methods import FITTED, METHODS, JumpContext, fit_models, jump
 from .moves import ALPHA_MAX, Jump, Terms  # noqa: F401 - re-exported: the backtest's value types
 from .predictor import TrainSettings
+from .source import Trajectory
 from .trajectory import Features
-
 
 
 @dataclass
@@ -43,36 +39,23 @@ class BacktestResult:
         return cls(**{**d, "terms": Terms(**d["terms"])})
 
 
-# (jumps per method, from_row, to_row) -> (terms per method, t = ||W_to - W_from||^2): how a pass over the
-# trajectory measures the moves (LoRA: ``lora_measure``; full parameters: ``fullfit.streamed_measure``)
-Measure = Callable[[dict[str, Jump], int, int], tuple[dict[str, Terms], float]]
+def jump_terms(traj: Trajectory, j: Jump, from_row: int, to_row: int) -> Terms:
+    """t, c, j of a predicted move against the true W_to - W_from (one streamed pass)."""
+    terms, _ = traj.terms({"jump": j}, from_row, to_row)
+    return terms["jump"]
 
 
-def jump_terms(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int) -> Terms:
-    """t, c, j of a predicted move against the true W_to - W_from, exactly in factor space (streamed)."""
-    terms, _, _ = move_terms(traj, {"jump": j.factors}, from_row, to_row, traj.budget)
-    return Terms(*terms["jump"])
-
-
-def evaluate_jump(traj: LoraTrajectory, j: Jump, from_row: int, to_row: int, alpha: float) -> tuple[float, float]:
+def evaluate_jump(traj: Trajectory, j: Jump, from_row: int, to_row: int, alpha: float) -> tuple[float, float]:
     """(error e, cosine) of ``W_from + alpha * move`` against the true ``W_to``."""
     terms = jump_terms(traj, j, from_row, to_row)
     return terms.error(alpha), terms.cosine()
 
 
-def oracle_terms(features: Features, traj: LoraTrajectory, from_row: int) -> Terms:
+def oracle_terms(features: Features, traj: Trajectory, from_row: int) -> Terms:
     """Terms of jumping by the true move's own best rank-1 part: c = j = sigma_1^2 per module."""
     kept = oracle_kept(features, from_row)
-    _, t, _ = move_terms(traj, {}, from_row, from_row + features.horizon, traj.budget)
+    _, t = traj.terms({}, from_row, from_row + features.horizon)
     return Terms(t, kept, kept)
-
-
-def lora_measure(traj: LoraTrajectory) -> Measure:
-    """The backtest's terms of every method's move and t, in one streamed pass over a LoRA trajectory."""
-    def measure(jumps: dict[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
-        terms, t, _ = move_terms(traj, {m: j.factors for m, j in jumps.items()}, from_row, to_row, traj.budget)
-        return {m: Terms(*x) for m, x in terms.items()}, t
-    return measure
 
 
 def oracle_kept(features: Features, from_row: int) -> float:
@@ -81,7 +64,7 @@ def oracle_kept(features: Features, from_row: int) -> float:
                else float(features.get(m, "target", "sigma")[from_row].double() ** 2) for m in features.modules)
 
 
-def oracle_rank1(features: Features, traj: LoraTrajectory, from_row: int) -> tuple[float, float]:
+def oracle_rank1(features: Features, traj: Trajectory, from_row: int) -> tuple[float, float]:
     """(error, cosine) of the rank-1 oracle at alpha 1."""
     terms = oracle_terms(features, traj, from_row)
     return terms.error(1.0), terms.cosine()
@@ -96,10 +79,10 @@ def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     return max(0, c - h - earliest + 1)
 
 
-def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
-             alpha: float = 1.0, folds: int = 1, measure: Measure | None = None) -> list[BacktestResult]:
-    """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...
-    ``measure`` replaces the exact LoRA factor-space terms (``lora_measure``; see ``Measure``)."""
+def backtest(features: Features, traj: Trajectory, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
+             alpha: float = 1.0, folds: int = 1) -> list[BacktestResult]:
+    """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...; each
+    fold's moves are measured in one pass of the trajectory (``Trajectory.terms``)."""
     h, c = features.horizon, features.n_rows - 1
     available = max_folds(features, methods)
     if available < 1:
@@ -107,12 +90,11 @@ def backtest(features: Features, traj: Any, settings: TrainSettings, methods: tu
                          f"have {features.n_rows} in all")
     starts = [c - h - f for f in range(min(folds, available))]
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
-    measure = measure or lora_measure(traj)
     for start in starts:
         past = features.truncate(start + 1)
         models = fit_models(past, methods, settings, trajectory=traj)
         jumps = {method: jump(method, JumpContext(past, traj, start, models)) for method in methods}
-        terms, t = measure(jumps, start, start + h)
+        terms, t = traj.terms(jumps, start, start + h)
         for method in methods:
             pooled[method] += terms[method]
         kept = oracle_kept(features, start)

@@ -21,30 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoints import LATEST_ITERATION, load_trajectory, open_weights
 from .errors import NextrapError
-from .fullfit import DEFAULT_MAX_MEMORY
-from .fullparam import load_full_trajectory
-from .hfmodel import parse_size, read_header
+from .opening import open_trajectory
 from .plotting import pyplot
-from .streaming import compute_full_features
-from .trajectory import Features, compute_features
 
-LAYOUT = "peft-lora"
-FULL_LAYOUT = "hf-full"  # Hugging Face model folders, one per step, read against --base
 R2_THRESHOLD = 0.5  # the paper's cut: "over 50% of parameters have R^2 < 0.5"
 PARTS = ("sigma", "u", "v")  # u is fitted as sigma * u, so that the scale counts
 _LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
-_TRAINERS = (  # trainer layouts recognisable from the folders between CKPTS and an adapter
-    ("verl", re.compile(r"(^|/)global_step_\d+/actor(/|$)")),
-    ("openrlhf", re.compile(r"(^|/)global_step\d+(_hf)?(/|$)")),
-    ("trl", re.compile(r"(^|/)checkpoint-\d+(/|$)")),
-)
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                       "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool"}
-
-
 # ----------------------------------------------------------------------------------------------- pure math
 
 def line_fit_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_eval: torch.Tensor, y_eval: torch.Tensor) -> float | None:
@@ -125,44 +108,6 @@ def module_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def trainer_layout(root: Path, checkpoints: Sequence[Any], default: str = "peft") -> str:
-    """The trainer that wrote the folders: ``trl`` (checkpoint-N), ``verl`` (global_step_N/actor/...),
-    ``openrlhf`` (global_stepN[_hf]), else ``default`` (``peft``; ``hf`` for model folders).
-
-    Folder names decide; failing them, the trainers' own files: verl's ``latest_checkpointed_iteration.txt`` at
-    the root, or a ``trainer_state.json`` (HF Trainer / TRL) in every checkpoint folder.
-    """
-    for name, pattern in _TRAINERS:
-        if all(pattern.search(c.path.relative_to(root).as_posix()) for c in checkpoints):
-            return name
-    if (root / LATEST_ITERATION).is_file():
-        return "verl"
-    if checkpoints and all((c.path / "trainer_state.json").is_file() for c in checkpoints):
-        return "trl"
-    return default
-
-
-def _dtype_name(f: Any, key: str) -> str:
-    sl = f.get_slice(key)
-    if hasattr(sl, "get_dtype"):
-        raw = sl.get_dtype()
-        return _SAFETENSORS_DTYPES.get(raw, raw.lower())
-    return str(sl.dtype).removeprefix("torch.")
-
-
-def weight_dtypes(checkpoints: Sequence[Any]) -> list[str]:
-    """The dtypes of every tensor in every adapter weights file (headers only for safetensors)."""
-    found: set[str] = set()
-    for c in checkpoints:
-        with open_weights(c.weights) as f:
-            found.update(_dtype_name(f, k) for k in f.keys())
-    return sorted(found)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 # ----------------------------------------------------------------------------------------------- result
 
 @dataclass
@@ -185,8 +130,10 @@ class Diagnosis:
     trainer: str
     steps: list[int]
     dtypes: list[str]
-    size_bytes: int  # every file in the adapter folders
-    weights_bytes: int  # the adapter weights files alone
+    size_bytes: int  # every file in the checkpoint folders
+    weights_bytes: int  # their weights files alone
+    units_label: str  # how reports name ``modules`` (LoRA modules, weight matrices)
+    weights_label: str  # what the weights files hold (adapter, model)
     modules: list[ModuleReport]
     energy_overall: list[float | None]  # per step, median over all modules (None: every delta is zero)
     energy_by_type: dict[str, list[float | None]]
@@ -250,62 +197,29 @@ def default_fit_checkpoints(n: int) -> int:
     return min(max(2, (2 * n) // 3), n - 1)
 
 
-@dataclass
-class _Read:
-    """What ``diagnose`` needs of a trajectory, LoRA or full-parameter: its facts and global rank-1 features."""
-
-    layout: str
-    trainer: str
-    steps: list[int]
-    dtypes: list[str]
-    size_bytes: int
-    weights_bytes: int
-    modules: list[tuple[str, int, int, int | None]]  # name, out_features, in_features, LoRA rank (None: full)
-    features: Features
-
-
-def _read_lora(root: Path) -> _Read:
-    traj = load_trajectory(root)
-    # Only the global deltas are used; horizon 1 is the cheapest valid setting (0 for a single checkpoint).
-    feats = compute_features(traj, horizon=min(1, len(traj.checkpoints) - 1), sign_align=True)
-    return _Read(LAYOUT, trainer_layout(root, traj.checkpoints), traj.steps, weight_dtypes(traj.checkpoints),
-                 sum(folder_bytes(c.path) for c in traj.checkpoints), sum(c.weights.stat().st_size for c in traj.checkpoints),
-                 [(m.name, m.out_features, m.in_features, m.rank) for m in traj.modules], feats)
-
-
-def _read_full(root: Path, base: Path, max_memory: str | None) -> _Read:
-    traj = load_full_trajectory(root, base)
-    if len(traj.checkpoints) < 2:
-        raise NextrapError(f"{root}: {len(traj.checkpoints)} checkpoint; inspecting a trajectory needs at least 2")
-    feats, _ = compute_full_features(traj, horizon=1, budget=parse_size(max_memory or DEFAULT_MAX_MEMORY), sign_align=True)
-    files = {f for c in traj.checkpoints for f in c.files.values()}
-    dtypes = sorted({_SAFETENSORS_DTYPES.get(dt, dt.lower()) for f in files for _, dt in read_header({f}).values()})
-    matrices = [q for q in traj.params if not q.is_vector]  # 1-D parameters have no singular vectors to diagnose
-    return _Read(FULL_LAYOUT, trainer_layout(root, traj.checkpoints, default="hf"), traj.steps, dtypes,
-                 sum(folder_bytes(c.path) for c in traj.checkpoints), sum(f.stat().st_size for f in files),
-                 [(q.name, *q.matrix_shape, None) for q in matrices], feats)
-
-
 def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None, base: Path | str | None = None,
              max_memory: str | None = None) -> Diagnosis:
     """Read a trajectory folder and compute its layout facts, rank-1 energies and linearity R^2. With ``base``,
-    ``ckpts`` holds full-parameter model folders, streamed under ``max_memory`` as ``fit --base`` does."""
+    ``ckpts`` holds full-parameter model folders; every pass is streamed under ``max_memory`` as in ``fit``."""
     root = Path(ckpts)
-    read = _read_full(root, Path(base), max_memory) if base is not None else _read_lora(root)
-    feats = read.features
-    n = len(read.steps)
+    traj = open_trajectory(root, base, max_memory)
+    n = len(traj.steps)
+    # Only the global deltas are used; horizon 1 is the cheapest valid setting (0 for a single checkpoint).
+    feats = traj.features(horizon=min(1, n - 1), sign_align=True)
+    layout = traj.layout()
     if fit_checkpoints is None:
         fit_checkpoints = default_fit_checkpoints(n) if n >= 3 else max(n - 1, 0)
     elif not 2 <= fit_checkpoints <= n - 1:
         raise NextrapError(f"--fit-checkpoints {fit_checkpoints}: {root} has {n} checkpoints; use 2 .. {n - 1} "
                            "(fit on the first K, predict the rest)" if n >= 3 else
                            f"--fit-checkpoints {fit_checkpoints}: {root} has {n} checkpoints; the linearity check needs at least 3")
-    steps = torch.tensor(read.steps, dtype=torch.float64)
+    steps = torch.tensor(traj.steps, dtype=torch.float64)
     reports = []
-    for name, out_features, in_features, rank in read.modules:
+    for unit in (u for u in traj.units if not u.vector):  # 1-D parameters have no singular vectors to diagnose
+        name = unit.name
         sigma = feats.get(name, "global", "sigma")
         r2 = module_linearity(steps, sigma, feats.get(name, "global", "u"), feats.get(name, "global", "v"), fit_checkpoints)
-        reports.append(ModuleReport(name, module_type(name), module_layer(name), out_features, in_features, rank, r2))
+        reports.append(ModuleReport(name, module_type(name), module_layer(name), *unit.shape, unit.rank, r2))
 
     energy = torch.stack([feats.get(r.name, "global", "energy") for r in reports]).to(torch.float64)
     keep = torch.stack([nonzero_rows(feats.get(r.name, "global", "sigma")) for r in reports])
@@ -317,8 +231,9 @@ def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None, base: Path |
     by_type = {t: medians([r.type == t for r in reports]) for t in sorted({r.type for r in reports})}
     by_layer = {k: medians([r.layer == k for r in reports]) for k in {r.layer for r in reports}}
     return Diagnosis(
-        root=root, layout=read.layout, trainer=read.trainer, steps=read.steps, dtypes=read.dtypes,
-        size_bytes=read.size_bytes, weights_bytes=read.weights_bytes, modules=reports,
+        root=root, layout=layout.layout, trainer=layout.trainer, steps=traj.steps, dtypes=layout.dtypes,
+        size_bytes=layout.size_bytes, weights_bytes=layout.weights_bytes, units_label=layout.units_label,
+        weights_label=layout.weights_label, modules=reports,
         energy_overall=masked_medians(energy, keep), energy_by_type=by_type, energy_by_layer=by_layer,
         fit_checkpoints=fit_checkpoints,
     )

@@ -13,18 +13,14 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from .adapter import write_adapter
 from .backtest import BacktestResult, Choice, choose
-from .budget import chunk_bytes, nbytes
-from .checkpoints import LoraModule, LoraTrajectory, relative_name
+from .budget import parse_size
 from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, write_json
 from .fit import FitFolder, inputs_checked_meanwhile, load_fit
-from .hfmodel import DTYPE_BYTES, lora_deltas, parse_size, read_header, weight_map, write_merged
-from .lorastream import LoraMove, explicit_bytes, move_rank
 from .lowrank import top1_factored
-from .fullfit import write_full_merged
-from .methods import FITTED, METHODS, Jump, JumpContext, jump, only_modules
+from .methods import FITTED, METHODS, Jump, JumpContext, jump
+from .source import Trajectory
 from .trajectory import VEC, Features
 
 FORMATS = ("adapter", "merged", "base")
@@ -84,24 +80,23 @@ class ExtendResult:
                 "resume_from": self.resume_from}
 
 
-def _prediction_tensors(j: Jump, features: Features) -> dict[str, torch.Tensor]:
+def _prediction_tensors(j: Jump, features: Features, traj: Trajectory) -> dict[str, torch.Tensor]:
     """The move's top singular triple per module (exactly NExt's prediction; the dominant part of linear's).
 
     A checkpoint difference (linear, expo; ``next``'s straight line) has a triple the fit already stored:
     W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c, so it is not read
     again. A module whose move is such a difference plus low-rank factors (``next`` with rho > 0) has its triple
-    computed from the LoRA factors, or, on full parameters (never formed in memory), is left out."""
-    lora = isinstance(j.factors, LoraMove)
-    difference = (j.factors.row, j.factors.ref) if lora else j.difference
-    explicit = j.factors.explicit if lora else j.factors
+    computed from the move's thin factors where the trajectory has them (LoRA), or, where it never forms them
+    (full parameters), is left out."""
+    factors = traj.move_factors(j)
     out = {}
-    for name in features.modules if difference is not None else explicit:
-        if lora and j.factors.keep is not None and name not in j.factors.keep:
-            out.update(_triple(name, *_zero_triple(j.factors.traj.module(name))))
-        elif difference is not None and name not in explicit and _stored(difference, features) is not None:
-            out.update(_triple(name, *_stored_triple(features, name, *_stored(difference, features))))
-        elif difference is None or lora:
-            r1 = top1_factored(*(t[None] for t in j.factors[name]))
+    for name in features.modules if j.difference is not None else j.factors:
+        if j.keep is not None and name not in j.keep:
+            out.update(_triple(name, *_zero_triple(features, name)))
+        elif j.difference is not None and name not in j.factors and _stored(j.difference, features) is not None:
+            out.update(_triple(name, *_stored_triple(features, name, *_stored(j.difference, features))))
+        elif factors is not None:
+            r1 = top1_factored(*(t[None] for t in factors[name]))
             out.update(_triple(name, r1.sigma, r1.u[0], r1.v[0]))
     return out
 
@@ -122,8 +117,9 @@ def _stored_triple(features: Features, name: str, kind: str, at: int) -> tuple[t
     return features.get(name, kind, "sigma")[at:at + 1], features.get(name, kind, "u")[at], features.get(name, kind, "v")[at]
 
 
-def _zero_triple(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.zeros(1), torch.zeros(m.out_features), torch.zeros(m.in_features)
+def _zero_triple(features: Features, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.zeros(1), torch.zeros(features.get(name, "global", "u").shape[-1]),
+            torch.zeros(features.get(name, "global", "v").shape[-1]))
 
 
 def _triple(name: str, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,33 +150,14 @@ def _energy(features: Features, module: str, row: int) -> float:
     return 1.0 if features.is_vector(module) else float(features.get(module, "global", "energy")[row])
 
 
-def _only_energetic(j: Jump, features: Features, row: int, min_energy: float) -> Jump:
+def _only_energetic(traj: Trajectory, j: Jump, features: Features, row: int, min_energy: float) -> Jump:
     """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
-    keep = {n for n in j.factors if _energy(features, n, row) >= min_energy}
+    modules = features.modules if j.difference is not None else j.factors
+    keep = {n for n in modules if _energy(features, n, row) >= min_energy}
     try:
-        return only_modules(j, keep)
+        return traj.only(j, keep)
     except ValueError as e:
         raise NextrapError(str(e)) from None
-
-
-def _check_lora_budget(traj: LoraTrajectory, features: Features, j: Jump, fmt: str, base: Path | None) -> None:
-    """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse up
-    front, naming the module, when that exceeds the fit's --max-memory."""
-    if traj.budget is None:
-        return
-    held = sum(nbytes(t) for t in features.tensors.values()) + explicit_bytes(j.factors)
-    weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
-    for m in traj.modules:
-        k, width = move_rank(j.factors, m.name), m.out_features + m.in_features
-        need = 8 * width * (4 * m.rank + 3 * k)  # two checkpoints' factors, the move's (P, Q), the jumped ones and their cast
-        if m.base_key in weights:
-            shape, dtype = weights[m.base_key]
-            rows = (shape[0], math.prod(shape[1:]))
-            need += 2 * DTYPE_BYTES.get(dtype, 8) * math.prod(shape) + chunk_bytes(rows, traj.budget)
-        if held + need > traj.budget:
-            raise NextrapError(f"writing LoRA module {m.name} needs {need / 1e6:.3g} MB beside {held / 1e6:.3g} MB of "
-                               f"features and moves, more than the fit's --max-memory {traj.budget / 1e6:.3g} MB; refit "
-                               "with a larger --max-memory")
 
 
 @dataclass
@@ -197,6 +174,14 @@ class Plan:
     row: int
     errors: dict[float, float]  # alpha -> backtest e of this method
     warnings: list[str]
+
+    def factored(self) -> Jump:
+        """The move as thin factors per module (a checkpoint difference read per module when asked for): what a
+        live model's weights get added (``jumps.apply_in_place``)."""
+        factors = self.fit.trajectory.move_factors(self.move)
+        if factors is None:
+            raise NextrapError(f"{self.fit.path}: its move is never held as thin factors; write it with `nextrap extend`")
+        return Jump(self.move.method, factors, self.move.sigma)
 
 
 def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_energy: float = 0.0) -> Plan:
@@ -228,7 +213,7 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_e
     except FloatingPointError as e:
         raise NextrapError(f"{fit.path}: {e}; refusing to write a jumped checkpoint") from None
     if min_energy > 0:
-        j = _only_energetic(j, features, row, min_energy)
+        j = _only_energetic(fit.trajectory, j, features, row, min_energy)
     return Plan(fit, method, alphas, choice, j, row, errors, warnings)
 
 
@@ -260,25 +245,19 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
             method: str, overwrite: bool, shard_bytes: int, min_energy: float, inputs_unchanged: Callable[[], None]) -> ExtendResult:
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
-    full = loaded.manifest.get("kind") == "full"  # full-parameter fit: always a merged model, from checkpoint c
-    if full and fmt == "base":
-        raise NextrapError("--format base folds the jump under a LoRA adapter; a full-parameter fit has none: its "
-                           "--format merged output already is the jumped model")
-    fmt = "merged" if full else fmt
-    if fmt in ("merged", "base") and base is None and not full:
-        raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
+    base = Path(base) if base else None
+    fmt = traj.output_format(fmt, base)
     chosen = plan(loaded, alphas, method, min_energy)
     method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
-    if not full:
-        _check_lora_budget(traj, features, j, fmt, Path(base) if base else None)
-    prediction = _prediction_tensors(j, features)
+    prediction = _prediction_tensors(j, features, traj)
     provenance = {
-        "tool": "nextrap", "method": method, "format": fmt, "source": loaded.manifest["source"],
+        "tool": "nextrap", "method": method, "format": fmt, "kind": traj.kind, "source": loaded.manifest["source"],
+        "describes": {"source": traj.checkpoint_text, "format": traj.formats[fmt]},  # for model cards (``hub``)
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
-        "fit": str(Path(fit_dir).absolute()), "base": str(Path(base).absolute()) if base else None,
+        "fit": str(Path(fit_dir).absolute()), "base": str(base.absolute()) if base else None,
         "min_energy": min_energy,
         # --format base: resume this checkpoint (its adapter, optimizer, schedule, step) on the folded base
-        "resume_from": ({"path": str(traj.checkpoints[row].path.absolute()), "step": features.steps[row]}
+        "resume_from": ({"path": str(traj.folder(row).absolute()), "step": features.steps[row]}
                         if fmt == "base" else None),
         "backtest": loaded.manifest.get("summary", {}).get("backtest", []),
         "choice": vars(choice) if choice else None,
@@ -288,15 +267,7 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
     with atomic_dir(out, overwrite=overwrite, kind="extend") as tmp:
         for alpha in alphas:
             folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
-            if full:
-                write_full_merged(folder, traj, row, j, alpha, shard_bytes)
-            elif fmt == "adapter":
-                write_adapter(folder, traj, row, j, alpha)
-            else:
-                trained = fmt == "merged"
-                extra = {relative_name(k): v for k, v in traj.read_extra(row).items()} if trained else None  # modules_to_save
-                write_merged(folder, Path(base), lora_deltas(traj, row, j, alpha, trained=trained), shard_bytes,
-                             extra, traj.checkpoints[row].weights)
+            traj.write(folder, fmt, row, j, alpha, base, shard_bytes)
             save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
             write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))

@@ -15,16 +15,16 @@ from typing import Any, Callable, Iterator, NoReturn
 import torch
 from .version import __version__
 from .backtest import BacktestResult, backtest, max_folds
-from .checkpoints import LoraTrajectory, find_folders, is_adapter, load_trajectory, save_limit_hint
+from .checkpoints import find_folders, is_adapter, save_limit_hint
 from .errors import NextrapError, one_line_os_errors
 from .files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
-from .budget import DEFAULT_MAX_MEMORY, parse_size
-from .lorastream import preflight
 from .fullparam import is_model
 from .methods import FITTED, METHODS, fit_models, load_models, save_models
+from .opening import manifest_problem, open_trajectory, reopen
 from .predictor import TrainSettings
 from .distributed import world
-from .trajectory import Features, stream_lora_features
+from .source import Trajectory
+from .trajectory import Features
 
 MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"
@@ -45,7 +45,8 @@ class FitResult:
     backtest: list[BacktestResult] = field(default_factory=list)
     backtest_skipped: str = ""  # why there is no backtest, if there is none
     seconds: dict[str, float] = field(default_factory=dict)
-    streaming: dict[str, Any] = field(default_factory=dict)  # full-parameter fits: svd, budget, peak, sigma error
+    streaming: dict[str, Any] = field(default_factory=dict)  # what the streamed passes measured (``Trajectory.report``)
+    units_label: str = "modules"  # how reports name the units (``Trajectory.units_label``)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,15 +77,6 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__}
 
 
-def _inputs(traj: LoraTrajectory) -> list[dict[str, Any]]:
-    out = []
-    for c in traj.checkpoints:
-        files = [c.path / "adapter_config.json", c.weights]
-        out.append({"step": c.step, "path": str(c.path.absolute()),
-                    "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for f in files]})
-    return out
-
-
 @one_line_os_errors
 def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
         device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
@@ -92,8 +84,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
     """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
     ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
-    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB; ``lorastream``). With
-    ``base``, ``ckpts`` holds full-parameter model folders (``fullfit``)."""
+    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB). With ``base``, ``ckpts``
+    holds full-parameter model folders (``opening.open_trajectory``)."""
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -112,29 +104,20 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    full = None
-    if base is not None:  # full-parameter checkpoints: features streamed under --max-memory
-        from .fullfit import prepare_full
+    traj = open_trajectory(ckpts, base, max_memory, settings.device, svd)
+    traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
+    fingerprints = Background(traj.inputs)  # the inputs' fingerprints beside the feature pass
+    done = 0
 
-        full = prepare_full(ckpts, base, horizon, svd, max_memory, settings.device, report, backtest=run_backtest)
-        traj, inputs, features = full.trajectory, full.inputs, full.features
-    else:
-        traj = load_trajectory(ckpts)
-        traj.budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
-        preflight(traj, horizon, traj.budget, backtest=run_backtest)  # every pass fits the budget, before any reads
-        fingerprints = Background(_inputs, traj)  # the inputs' sha256 beside the feature pass
-        done = 0
+    def on_units(k: int) -> None:
+        nonlocal done
+        done += k
+        report("rank-1 features", done, len(traj.units))
 
-        def on_modules(k: int) -> None:
-            nonlocal done
-            done += k
-            report("rank-1 features", done, len(traj.modules))
-
-        # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
-        # that align do it on the fly (Features.aligned).
-        features, stats = stream_lora_features(traj, horizon, sign_align=False, budget=traj.budget, progress=on_modules,
-                                               device=settings.device, max_batch=None)
-        inputs = fingerprints.result()
+    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
+    # that align do it on the fly (Features.aligned).
+    features = traj.features(horizon, progress=on_units)
+    inputs = fingerprints.result()
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -154,8 +137,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         t0 = time.perf_counter()
         report("backtest", 0, 1)
         try:
-            results = backtest(features, traj, settings, methods=methods, folds=backtest_folds,
-                               measure=full.measure if full else None)
+            results = backtest(features, traj, settings, methods=methods, folds=backtest_folds)
         except (ValueError, FloatingPointError) as e:
             skipped = str(e)
         report("backtest", 1, 1)
@@ -167,21 +149,18 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         out=out, steps=traj.steps, horizon=horizon, n_modules=len(features.modules),
         energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
         group_losses={g.length: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups} if "next-paper" in models else {},
-        backtest=results, backtest_skipped=skipped, seconds=seconds,
+        backtest=results, backtest_skipped=skipped, seconds=seconds, units_label=traj.units_label,
     )
     manifest = {
-        "format": "nextrap-fit/1", "kind": "lora", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": "nextrap-fit/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
         "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align, "backtest_folds": backtest_folds,
                      "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
                      "hidden": settings.hidden, "methods": list(methods)},
         "versions": versions(), "summary": result.to_json(),
     }
-    if full:
-        manifest.update(full.manifest())  # kind "full", base, streaming (svd, budget, peak)
-        result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
-    else:  # the budget extend's writers keep, and the highest memory any streamed pass accounted
-        manifest["streaming"] = {"max_memory_bytes": traj.budget, "peak_bytes": traj.peak, "feature_batches": stats.batches}
+    manifest.update(traj.manifest())  # kind, streaming (budget, peak, ...) and what else reopening it needs
+    result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
     manifest["summary"].pop("out")
     if not world(settings.device).is_main:
         return result  # under torchrun every rank holds the same result; rank 0 alone writes it
@@ -201,7 +180,7 @@ class FitFolder:
     manifest: dict[str, Any]
     features: Features
     models: dict[str, Any]  # fitted model per method name
-    trajectory: LoraTrajectory
+    trajectory: Trajectory
 
 
 @one_line_os_errors
@@ -217,13 +196,7 @@ def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
     check_manifest(path / MANIFEST, manifest)
     features = Features.load(path / TRAJECTORY)
     models = load_models(path, FITTED, TrainSettings())
-    if manifest.get("kind") == "full":
-        from .fullfit import reopen
-
-        traj = reopen(manifest)
-    else:
-        traj = load_trajectory(manifest["source"])
-        traj.budget = manifest.get("streaming", {}).get("max_memory_bytes")  # an older fit: no budget recorded
+    traj = reopen(manifest)
     if traj.steps != manifest["steps"]:
         raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
     loaded = FitFolder(path, manifest, features, models, traj)
@@ -298,8 +271,9 @@ def check_manifest(file: Path, m: Any) -> None:
             bad(f"{key} is missing or not a {kind.__name__}")
     if not all(isinstance(s, int) for s in m["steps"]):
         bad("steps are not all integers")
-    if m.get("kind", "lora") == "full" and not isinstance(m.get("base"), str):
-        bad("a full-parameter fit without base")
+    problem = manifest_problem(m)
+    if problem:
+        bad(problem)
     for entry in m["inputs"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("files"), list):
             bad("an inputs entry without path or files")

@@ -23,6 +23,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .errors import NextrapError
 from .files import read_json
+from .lora import LoraRun
 
 PROVENANCE = "nextrap.json"  # written by ``extend`` into every jumped folder
 CARD = "README.md"
@@ -95,7 +96,7 @@ def _backtest_table(rows: list[dict[str, Any]]) -> str:
     for b in rows:
         lines.append(f"| {b.get('method')} | {b.get('from_step')} | {b.get('to_step')} | {_num(b.get('error'), '.3f')} | "
                      f"{_num(b.get('cosine'), '+.3f')} |")
-    return ("\n".join(lines) + "\n\n`e = ||W_hat - W_true|| / ||W_from - W_true||` (Frobenius, all LoRA modules): e < 1 means the "
+    return ("\n".join(lines) + "\n\n`e = ||W_hat - W_true|| / ||W_from - W_true||` (Frobenius, all jumped weights together): e < 1 means the "
             "jump landed closer to the true later checkpoint than not jumping; `oracle-rank1` is the ceiling for any "
             "rank-1 predictor. Measured on the source run itself with alpha 1.\n")
 
@@ -124,6 +125,9 @@ def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | No
                          tags=TAGS + ([method] if method not in TAGS else []))
     steps = info.get("source_steps") or []
     alpha, from_step, horizon = info.get("alpha"), info.get("from_step"), info.get("horizon")
+    # how extend described what it read and wrote; a nextrap.json from before it did so was written from LoRA
+    describes = info.get("describes") or {"source": LoraRun.checkpoint_text,
+                                          "format": LoraRun.formats["merged" if merged else "adapter"]}
     rev = f', revision="{revision}"' if revision else ""
     base_ref = base_id or "BASE_MODEL"
     if merged:
@@ -135,8 +139,8 @@ def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | No
                 f'model = PeftModel.from_pretrained(base, "{repo}"{rev}, is_trainable=True)  # continue RLVR from here\n```\n')
     body = [
         f"# {repo.split('/')[-1]}\n",
-        f"An extrapolated RLVR checkpoint written by nextrap (`nextrap extend`): the run's LoRA "
-        f"checkpoint at step {from_step} moved ahead by alpha = {alpha} times the predicted move over {horizon} "
+        f"An extrapolated RLVR checkpoint written by nextrap (`nextrap extend`): the run's {describes['source']} "
+        f"at step {from_step} moved ahead by alpha = {alpha} times the predicted move over {horizon} "
         "checkpoints, meant as the starting point for more RL training, not as a finished model.\n",
         "## Provenance\n",
         "| | |\n|---|---|",
@@ -145,7 +149,7 @@ def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | No
         f"| jumped from step | {from_step} |",
         f"| horizon | {horizon} checkpoints |",
         f"| source checkpoints | {len(steps)}: steps {', '.join(str(s) for s in steps)} |",
-        f"| format | {'merged Hugging Face model' if merged else 'PEFT LoRA adapter (trained rank plus the jump)'} |",
+        f"| format | {describes['format']} |",
         f"| base model | {base_text if base_text else 'not recorded'} |",
         "",
         "## Backtest on the source run\n",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -249,7 +249,8 @@ def jump_in_place(model: torch.nn.Module, run: Path | str, step: int, settings: 
         candidates = list(settings.reward_alphas) or None
         chosen = plan(fitted, candidates or (None if settings.alpha is None else [settings.alpha]), settings.method)
         # read the move's checkpoint factors while the copies exist (a checkpoint difference is read lazily)
-        move = replace(chosen.move, factors={name: chosen.move.factors[name] for name in chosen.move.factors})
+        lazy = chosen.factored()
+        move = Jump(lazy.method, {name: lazy.factors[name] for name in lazy.factors}, lazy.sigma)
     modules = fitted.trajectory.modules
     alpha, scores, score_seconds = chosen.alphas[0], {}, 0.0
     if candidates:

@@ -16,12 +16,15 @@ ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
 @dataclass
 class Jump:
     """The move: per module thin factors (P [m, k], Q [n, k]) with delta = P @ Q.T, plus W_row - W_ref when
-    ``difference`` = (row, ref) is set (ref None = the base model). ``sigma``: a size per module, for reports."""
+    ``difference`` = (row, ref) is set (ref None = the base model), read by the trajectory
+    (``source.Trajectory``); ``keep``: the modules the move is made for (None: all), the others' is zero.
+    ``sigma``: a size per module, for reports."""
 
     method: str
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # a dict, or a LoraMove read per module
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     sigma: dict[str, float]
     difference: tuple[int, int | None] | None = None
+    keep: frozenset[str] | None = None
 
 
 @dataclass

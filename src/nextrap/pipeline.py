@@ -276,7 +276,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
         alphas, note = (None if cfg.alpha is None else [cfg.alpha]), ""
         if by_reward:  # every candidate jumped in place from checkpoint S1 and scored on the held-out prompts
             chosen = plan(load_fit(out / "fit"), list(cfg.reward_alphas), method)
-            alpha, scores = choose_alpha_by_reward(replace(cfg.grpo, init_adapter=str(at_s1)), chosen.move,
+            alpha, scores = choose_alpha_by_reward(replace(cfg.grpo, init_adapter=str(at_s1)), chosen.factored(),
                                                    chosen.fit.trajectory.modules, chosen.alphas)
             alphas = [alpha]
             note = f"chose alpha {alpha:g} by reward (" + ", ".join(f"{a:g}: {r:.3f}" for a, r in scores.items()) + ")"

@@ -20,7 +20,7 @@ def _fit_summary(r: FitResult) -> None:
     from nextrap.backtest import MIN_GAIN  # here, not at the top: --help never loads torch
     table = Table(title=f"nextrap fit -> {r.out}", show_header=False, title_justify="left")
     table.add_row("checkpoints", f"{len(r.steps)} (steps {r.steps[0]} .. {r.steps[-1]})")
-    table.add_row("modules" if r.streaming else "LoRA modules", str(r.n_modules))  # full fits: parameters
+    table.add_row(r.units_label, str(r.n_modules))
     table.add_row("horizon", f"{r.horizon} checkpoints")
     shown = [s for s in r.steps if r.energy_median[s] > 0]  # a step-0 adapter has no delta, hence no energy
     picks = dict.fromkeys([shown[0], shown[len(shown) // 2], shown[-1]]) if shown else {}
@@ -29,10 +29,11 @@ def _fit_summary(r: FitResult) -> None:
     for d, (first, last) in r.group_losses.items():
         table.add_row(f"predictor loss, length {d}", f"{first:.4g} -> {last:.4g}")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
-    if r.streaming:  # full-parameter fit
-        st = r.streaming
-        table.add_row("streaming", f"--svd {st['svd']}, peak {st['peak_bytes'] / 1e6:.1f} MB of {st['max_memory_bytes'] / 1e6:.1f} MB"
-                      + (f", sigma error <= {st['sigma_rel_error_max']:.1e}" if st["svd"] == "fast" else ""))
+    st = r.streaming
+    if st:
+        table.add_row("streaming", (f"--svd {st['svd']}, " if "svd" in st else "")
+                      + f"peak {st['peak_bytes'] / 1e6:.1f} MB of {st['max_memory_bytes'] / 1e6:.1f} MB"
+                      + (f", sigma error <= {st['sigma_rel_error_max']:.1e}" if st.get("svd") == "fast" else ""))
     out_console.print(table)
     if not r.backtest:
         out_console.print(f"backtest: skipped ({r.backtest_skipped})", highlight=False)

@@ -21,7 +21,7 @@ def _r2_cell(summary: dict) -> str:
 def inspect_cmd(
     ckpts: Path = typer.Argument(..., readable=False, help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Full-parameter mode: peak memory budget for streaming, e.g. 2GB (default 8GB)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Peak memory budget for every pass that streams the checkpoints, e.g. 2GB (default 8GB)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
     fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
@@ -40,13 +40,11 @@ def inspect_cmd(
     table = Table(title=f"nextrap inspect {d.root}", show_header=False, title_justify="left")
     table.add_row("layout", f"{d.layout} ({d.trainer} folders)")
     table.add_row("checkpoints", f"{len(d.steps)} (steps {d.steps[0]} .. {d.steps[-1]})")
-    full = base is not None
-    table.add_row("weight matrices" if full else "LoRA modules",
-                  f"{len(d.modules)}: " + ", ".join(f"{t} x{n}" for t, n in j["modules"]["types"].items()))
-    if not full:
+    table.add_row(d.units_label, f"{len(d.modules)}: " + ", ".join(f"{t} x{n}" for t, n in j["modules"]["types"].items()))
+    if j["modules"]["ranks"]:
         table.add_row("ranks", ", ".join(str(r) for r in j["modules"]["ranks"]))
     table.add_row("dtypes", ", ".join(d.dtypes))
-    table.add_row("size on disk", f"{human_bytes(d.size_bytes)} ({'model' if full else 'adapter'} weights {human_bytes(d.weights_bytes)})")
+    table.add_row("size on disk", f"{human_bytes(d.size_bytes)} ({d.weights_label} weights {human_bytes(d.weights_bytes)})")
     out_console.print(table)
 
     shown = [i for i, e in enumerate(d.energy_overall) if e is not None]

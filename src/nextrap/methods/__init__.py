@@ -7,11 +7,8 @@ A method is one module here with ``jump(ctx) -> Jump``; a method that learns fro
 ``METHODS`` (and ``FITTED`` when it learns).
 
 A move is low-rank factors per module (P [m, k], Q [n, k], move = P @ Q.T) plus, optionally, a checkpoint
-difference W_row - W_ref. On a LoRA trajectory the difference is exact in factors and folded into them
-(``Jump.factors`` is then a ``lorastream.LoraMove``, which reads a module's checkpoint factors when they are
-asked for and lets the streamed passes read them unit by unit); on a full-parameter trajectory
-(``ctx.trajectory`` is not a ``LoraTrajectory``) it stays symbolic in ``Jump.difference`` and the readers stream
-it tensor by tensor.
+difference W_row - W_ref (``Trajectory.difference``), which the trajectory reads its own way
+(``source.Trajectory``): methods never ask which kind of trajectory they are given.
 """
 
 from __future__ import annotations
@@ -23,29 +20,27 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoints import LoraTrajectory
-from ..lorastream import LoraMove
 from ..moves import Jump
 from ..registry import FITTED, METHODS
+from ..source import Trajectory
 from ..trajectory import Features
 
 
 @dataclass
 class JumpContext:
     features: Features
-    trajectory: Any  # a LoraTrajectory; None or another trajectory type in full-parameter mode
+    trajectory: Trajectory | None  # None: methods that need no more than the features only
     row: int  # the checkpoint the jump starts from
     models: dict[str, Any] = field(default_factory=dict)  # fitted model per method name, for methods that learn
 
 
 def difference_jump(ctx: JumpContext, ref_row: int | None, name: str) -> Jump:
-    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative): exact LoRA factors
-    read per module when asked for (``LoraMove``), or a symbolic ``difference`` for a full-parameter trajectory."""
+    """The move W_row - W_ref (W_ref = the base model when ``ref_row`` is None or negative), as the trajectory
+    gives it."""
     ref = ref_row if ref_row is not None and ref_row >= 0 else None
-    traj = ctx.trajectory
-    if not isinstance(traj, LoraTrajectory):
-        return Jump(name, {}, {}, difference=(ctx.row, ref))
-    return Jump(name, LoraMove(traj, ctx.row, ref), {})
+    if ctx.trajectory is None:
+        raise ValueError(f"method {name} moves by a checkpoint difference: it needs the trajectory")
+    return ctx.trajectory.difference(ctx.row, ref, name)
 
 
 def rank1_factors(sigma: float, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,27 +51,18 @@ def rank1_factors(sigma: float, u: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 
 def combine(name: str, first: Jump, second: Jump) -> Jump:
-    """The sum of two moves (factors concatenated per module; at most one may carry a symbolic difference)."""
+    """The sum of two moves (factors concatenated per module, the difference's columns first; at most one may carry
+    a checkpoint difference, and neither a ``keep``)."""
     if first.difference is not None and second.difference is not None:
         raise ValueError("cannot add two symbolic checkpoint differences")
+    if first.keep is not None or second.keep is not None:
+        raise ValueError("cannot add moves made for some modules only")
     sigma = {**first.sigma, **second.sigma}
-    if isinstance(first.factors, LoraMove):
-        return Jump(name, first.factors.plus(second.factors), sigma)
     factors = {}
     for module in {**first.factors, **second.factors}:
         parts = [j.factors[module] for j in (first, second) if module in j.factors]
         factors[module] = (torch.cat([p for p, _ in parts], -1), torch.cat([q for _, q in parts], -1))
     return Jump(name, factors, sigma, first.difference or second.difference)
-
-
-def only_modules(j: Jump, keep: set[str]) -> Jump:
-    """The same jump with a zero move (of the same rank) for the modules outside ``keep``."""
-    if isinstance(j.factors, LoraMove):
-        return Jump(j.method, j.factors.only(keep), {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
-    if j.difference is not None:  # a symbolic checkpoint difference cannot be dropped per module
-        raise ValueError("--min-energy needs a method whose move is explicit per module (not a full-parameter difference)")
-    factors = {n: (p, q) if n in keep else (torch.zeros_like(p), torch.zeros_like(q)) for n, (p, q) in j.factors.items()}
-    return Jump(j.method, factors, {n: s if n in keep else 0.0 for n, s in j.sigma.items()})
 
 
 def _modules() -> dict[str, ModuleType]:
@@ -93,7 +79,8 @@ def _module(method: str) -> ModuleType:
 
 
 def fit_models(features: Features, methods: tuple[str, ...] | list[str], settings: Any,
-               on_epoch: Callable[[str, int, int], None] | None = None, trajectory: Any = None) -> dict[str, Any]:
+               on_epoch: Callable[[str, int, int], None] | None = None,
+               trajectory: Trajectory | None = None) -> dict[str, Any]:
     """Fit the model of every method in ``methods`` that learns one, on the rows of ``features`` only (a
     ``trajectory`` lets a method measure those rows exactly). ``on_epoch(method, done, total)``."""
     models = {}
@@ -116,9 +103,8 @@ def load_models(folder: Path, methods: tuple[str, ...] | list[str], settings: An
 
 def jump(method: str, ctx: JumpContext) -> Jump:
     result = _module(method).jump(ctx)
-    # a LoraMove's checkpoint factors were checked when read: only what the method computed is checked here
-    explicit = result.factors.explicit if isinstance(result.factors, LoraMove) else result.factors
-    for name, (p, q) in explicit.items():
+    # a checkpoint difference is checked when the trajectory reads it: only what the method computed is checked here
+    for name, (p, q) in result.factors.items():
         if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
             raise FloatingPointError(f"method {method} predicted NaN or Inf for module {name}")
     return result

@@ -27,13 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoints import LoraTrajectory
 from ..errors import NextrapError
 from ..files import write_json
-from ..lorastream import Combo, difference, rank1, stream_inner
 from ..predictor import training_rows
+from ..source import Trajectory
 from ..trajectory import Features
-from . import Jump, JumpContext, combine, difference_jump
+from . import Jump, JumpContext, combine, difference_jump, rank1_factors
 
 CONFIG = "next.json"
 RIDGE = 1e-6  # relative to the Gram matrix's trace: keeps the 3 x 3 solve defined when inputs coincide
@@ -134,13 +133,13 @@ def _inner(a: Triple, b: Triple) -> float:
     return float(a[0]) * float(b[0]) * float(a[1] @ b[1]) * float(a[2] @ b[2])
 
 
-def _choose_rho(features: Features, rows: list[int], trajectory: Any = None) -> tuple[float, dict[str, Any]]:
+def _choose_rho(features: Features, rows: list[int], trajectory: Trajectory | None = None) -> tuple[float, dict[str, Any]]:
     """Fit without the last pair, predict it: the best share rho of (prediction P - D's rank-1 D1) to add to D.
 
     The error of D + rho (P - D1) against the true move T is quadratic in rho: ||D - T||^2 - 2 rho num +
-    rho^2 den with num = <P - D1, T - D> and den = ||P - D1||^2. On a LoRA trajectory both are exact (from the
-    factors); otherwise only the rank-1 parts are known and T, D stand in as T1, D1 (a proxy that misses how
-    the rest of D relates to P). The pairs whose target overlaps the held-out one (i > i* - h) are left out of
+    rho^2 den with num = <P - D1, T - D> and den = ||P - D1||^2. Where the trajectory affords passes of its own
+    (``exact_checks``: LoRA factors) both are exact; otherwise only the rank-1 parts are known and T, D stand in
+    as T1, D1 (a proxy that misses how the rest of D relates to P). The pairs whose target overlaps the held-out one (i > i* - h) are left out of
     that fit, or the held-out move would leak into it; rho is 0 when no pair is left for it."""
     held = rows[-1] if rows else None
     train_rows = [i for i in rows if held is not None and i <= held - features.horizon]
@@ -154,7 +153,7 @@ def _choose_rho(features: Features, rows: list[int], trajectory: Any = None) -> 
     for m in matrices(features):
         sigma, u, v, d1 = _predict(features, m, held, wu, wv, lr)
         preds[m] = ((torch.tensor(sigma, dtype=torch.float64), u, v), d1)
-    exact = isinstance(trajectory, LoraTrajectory)
+    exact = trajectory is not None and trajectory.exact_checks
     if exact:
         num, straight = _exact_terms(trajectory, features, held, preds)
     else:
@@ -170,24 +169,21 @@ def _choose_rho(features: Features, rows: list[int], trajectory: Any = None) -> 
                  "exact": exact, "error_straight": math.sqrt(max(straight, 0.0)), "error_next": math.sqrt(max(after, 0.0))}
 
 
-def _exact_terms(traj: LoraTrajectory, features: Features, row: int, preds: dict[str, tuple[Triple, Triple]]) -> tuple[float, float]:
+def _exact_terms(traj: Trajectory, features: Features, row: int, preds: dict[str, tuple[Triple, Triple]]) -> tuple[float, float]:
     """num = sum <P - D1, T - D> and ||D - T||^2 over modules, with D = W_row - W_{row-h}, T = W_{row+h} - W_row,
-    exactly from the LoRA factors, streamed (the three checkpoints read once per unit)."""
+    exactly, from two passes of the trajectory's ``terms``: <Y, T>, ||T||^2, <T, D> and ||D||^2 against T, then
+    <Y, D> against D (Y = P - D1)."""
     h = features.horizon
-
-    def combos(name: str) -> dict[str, Combo]:
-        s = traj.module(name).scale
-        (sigma, u, v), (sd, ud, vd) = preds[name]
-        return {"p - d1": Combo({}, [rank1(sigma, u, v), rank1(-sd, ud, vd)]),
-                "t - d": difference(row + h, row, s) + -difference(row, row - h, s)}
-
-    totals, _ = stream_inner(traj, combos, [("p - d1", "t - d"), ("t - d", "t - d")], [r for r in (row - h, row, row + h) if r >= 0],
-                             traj.budget, names=list(preds), what="next's held-out check")
-    return totals[("p - d1", "t - d")], totals[("t - d", "t - d")]
+    y = Jump("p - d1", {m: tuple(torch.cat(f, -1) for f in zip(rank1_factors(float(sigma), u, v), rank1_factors(-float(sd), ud, vd)))
+                        for m, ((sigma, u, v), (sd, ud, vd)) in preds.items()}, {})
+    d = traj.difference(row, row - h if row >= h else None, "d")
+    against_t, t = traj.terms({"y": y, "d": d}, row, row + h)
+    against_d, _ = traj.terms({"y": y}, row - h if row >= h else -1, row)
+    return against_t["y"].c - against_d["y"].c, t - 2 * against_t["d"].c + against_t["d"].j
 
 
 def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None,
-        trajectory: Any = None) -> NextModel:
+        trajectory: Trajectory | None = None) -> NextModel:
     sign_align = getattr(settings, "sign_align", True)
     aligned = features.aligned() if sign_align else features
     rows = _rows(aligned)
@@ -214,7 +210,7 @@ def jump(ctx: JumpContext) -> Jump:
         factors[m] = (torch.stack([ra * u, -rb * ud], 1), torch.stack([ra * v, rb * vd], 1))
         sigmas[m] = sigma
     if model.rho == 0:  # the straight line: no zero columns in the adapter
-        return Jump("next", straight.factors, straight.sigma, straight.difference)
+        return straight
     return combine("next", straight, Jump("next", factors, sigmas))
 
 

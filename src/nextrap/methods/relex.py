@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import LoraTrajectory
-from ..lorastream import projections as lora_projections
 from . import Jump, JumpContext, rank1_factors
 
 
-def _coefficients(ctx: JumpContext, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """a_i = u^T G_i v for every checkpoint i <= row: exact from LoRA factors or from full checkpoints, streamed."""
-    traj, row = ctx.trajectory, ctx.row
-    if not isinstance(traj, LoraTrajectory):
-        from ..fullmoves import projections
-
-        return projections(traj, directions, list(range(row + 1)), traj.budget, traj.device)
-    return lora_projections(traj, directions, list(range(row + 1)), traj.budget)
-
-
 def jump(ctx: JumpContext) -> Jump:
+    if ctx.trajectory is None:
+        raise ValueError("the relex method projects the checkpoints: it needs the trajectory")
     feats, row, h = ctx.features, ctx.row, ctx.features.horizon
     steps = torch.tensor(feats.steps[: row + 1], dtype=torch.float64)
     # the step h checkpoints ahead, assuming the run keeps its saving interval
@@ -32,7 +22,8 @@ def jump(ctx: JumpContext) -> Jump:
     directions = {m: (feats.get(m, "global", "u")[row].double(), feats.get(m, "global", "v")[row].double())
                   for m in feats.modules if not feats.is_vector(m)}
     factors, coeffs = {}, {}
-    for name, a in _coefficients(ctx, directions).items():
+    # a_i = u^T G_i v for every checkpoint i <= row, streamed by the trajectory
+    for name, a in ctx.trajectory.projections(directions, list(range(row + 1))).items():
         u, v = directions[name]
         start = int((a != 0).nonzero()[0]) if (a != 0).any() else row
         x, y = steps[start:], a[start:]
