@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nextrap.backtest import Terms, backtest, choose, jump_terms, oracle_terms
+from nextrap.methods.backtest import Terms, backtest, choose, jump_terms, oracle_terms
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
-from nextrap.opening import open_trajectory
-from nextrap.predictor import TrainSettings
+from nextrap.trajectories.opening import open_trajectory
+from nextrap.methods.predictor import TrainSettings
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 SYNTHETIC = ("synthetic-turning", "synthetic-saturating", "synthetic-random-walk")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from nextrap.checkpoints import load_trajectory
-from nextrap.lowrank import top1_dense, top1_factored
-from nextrap.trajectory import compute_features, pair_factors
+from nextrap.io.checkpoints import load_trajectory
+from nextrap.core.lowrank import top1_dense, top1_factored
+from nextrap.engine.features import compute_features, pair_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 

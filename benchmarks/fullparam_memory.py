@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from nextrap.fullparam import load_full_trajectory
-from nextrap.hfmodel import parse_size
-from nextrap.streaming import compute_full_features
+from nextrap.io.fullparam import load_full_trajectory
+from nextrap.engine.budget import parse_size
+from nextrap.engine.fullstream import compute_full_features
 
 
 def generate(root: Path, layers: int, hidden: int, ckpts: int, seed: int = 0) -> None:

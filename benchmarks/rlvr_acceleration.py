@@ -1,6 +1,6 @@
 """Does jumping save RL steps? The train -> jump -> train comparison over paired seeds.
 
-For each seed, ``nextrap.pipeline.run_pipeline`` runs, from the embedded default (tiny Llama, 2-digit
+For each seed, ``nextrap.rl.pipeline.run_pipeline`` runs, from the embedded default (tiny Llama, 2-digit
 addition): plain GRPO for N steps; S1 steps + jump (``--methods``, by default folded into the base so that
 checkpoint S1's own adapter and AdamW state go on) + S2 steps (S1 + S2 = 0.625 N); the no-jump control
 continued exactly like the jumps; a jump to plain's own checkpoint h later (the ceiling); optionally a jump
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from nextrap.grpo import GRPOConfig
-from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
+from nextrap.rl.grpo import GRPOConfig
+from nextrap.rl.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
 
 KEY = "eval_sampled_acc"
 

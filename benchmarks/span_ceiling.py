@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from nextrap.checkpoints import load_trajectory, shape_groups
-from nextrap.lowrank import top1_dense
+from nextrap.io.checkpoints import load_trajectory, shape_groups
+from nextrap.core.lowrank import top1_dense
 
 SETS = (("D",), ("r1D",), ("D", "r1D"), ("D", "Dprev"), ("D", "G", "r1G"), ("D", "r1L"), ("D", "Dprev", "G", "r1G", "r1L", "r1D"))
 

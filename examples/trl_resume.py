@@ -35,9 +35,9 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 import nextrap
-from nextrap.extend import parse_alphas
-from nextrap.grpo import default_model_dir
-from nextrap.tasks import exact_match, get_task
+from nextrap.api.extend import parse_alphas
+from nextrap.rl.grpo import default_model_dir
+from nextrap.rl.tasks import exact_match, get_task
 
 
 def lora_config() -> LoraConfig:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY, LORA_CONFIG, lora_tensors, write_adapter
-from nextrap.adapter import jumped_config, jumped_factors
-from nextrap.checkpoints import load_trajectory, module_scale
+from nextrap.writers.adapter import jumped_config, jumped_factors
+from nextrap.io.checkpoints import load_trajectory, module_scale
 
 
 @pytest.mark.parametrize("alpha", [1.5, 0.0, -0.5])

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY, dense_deltas
-from nextrap.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
+from nextrap.methods.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
 from nextrap.methods import METHODS, Jump
-from nextrap.opening import open_trajectory
-from nextrap.predictor import TrainSettings
+from nextrap.trajectories.opening import open_trajectory
+from nextrap.methods.predictor import TrainSettings
 
 H = 5
 

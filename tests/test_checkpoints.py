@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import LORA_CONFIG, TWO_MODULES, lora_tensors, write_adapter
-from nextrap.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory, module_scale
-from nextrap.errors import NextrapError, NextrapWarning
+from nextrap.io.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory, module_scale
+from nextrap.core.errors import NextrapError, NextrapWarning
 
 
 def _traj(root: Path, names: list[str], config=LORA_CONFIG, modules=TWO_MODULES) -> Path:
@@ -175,7 +175,7 @@ def test_integer_lora_factors_are_refused(tmp_path):
 
 
 def test_nextraps_own_outputs_inside_a_run_folder_are_not_checkpoints(tmp_path):
-    from nextrap.files import OUTPUT_MARKER
+    from nextrap.io.files import OUTPUT_MARKER
 
     _traj(tmp_path, ["step_1", "step_2"])
     jumped = write_adapter(tmp_path / "jumped", lora_tensors(5, TWO_MODULES), LORA_CONFIG)

@@ -112,12 +112,12 @@ def test_help_and_usage_errors_never_load_torch():
 
 
 def test_the_library_functions_stay_functions_when_their_modules_load():
-    """In a fresh interpreter (where nothing has loaded them yet): importing the modules named fit and extend,
-    as the library itself does, must not replace the functions nextrap.fit and nextrap.extend."""
+    """In a fresh interpreter (where nothing has loaded them yet): loading the modules that hold fit and extend,
+    as the library itself does, leaves nextrap.fit and nextrap.extend the functions."""
     import subprocess
     import sys
 
-    code = ("import nextrap\nimport nextrap.extend\nfrom nextrap.fit import load_fit\n"
+    code = ("import nextrap\nimport nextrap.api.extend\nfrom nextrap.api.fit import load_fit\n"
             "print(callable(nextrap.fit), callable(nextrap.extend), nextrap.fit.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "True True nextrap.fit"
+    assert out == "True True nextrap.api.fit"

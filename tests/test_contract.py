@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import BASE, FAST_EPOCHS, TRAJECTORY, model_state
-from nextrap.checkpoints import load_trajectory, relative_name
-from nextrap.diagnostics import diagnose
+from nextrap.io.checkpoints import load_trajectory, relative_name
+from nextrap.api.diagnostics import diagnose
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
-from nextrap.moves import Jump
-from nextrap.opening import open_trajectory
-from nextrap.predictor import TrainSettings
-from nextrap.source import Trajectory
+from nextrap.core.moves import Jump
+from nextrap.trajectories.opening import open_trajectory
+from nextrap.methods.predictor import TrainSettings
+from nextrap.trajectories.interface import Trajectory
 from test_fullparam import make_run
 
 H = 2
@@ -218,7 +218,7 @@ def test_inspect_reports_layout_steps_and_rank1_energies(case):
 
 
 def test_a_folder_of_the_other_kind_is_refused_with_what_to_do(case, tmp_path):
-    from nextrap.errors import NextrapError
+    from nextrap.core.errors import NextrapError
 
     if case.opened_with is None:  # adapters read as full-parameter checkpoints
         with pytest.raises(NextrapError, match="holds PEFT adapters; --base is for full-parameter checkpoints"):

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from conftest import LORA_CONFIG, TRAJECTORY, TWO_MODULES, lora_tensors, tree_digest, write_adapter
 from nextrap.cli import app
-from nextrap.diagnostics import (default_fit_checkpoints, diagnose, line_fit_r2, masked_medians, module_layer,
+from nextrap.api.diagnostics import (default_fit_checkpoints, diagnose, line_fit_r2, masked_medians, module_layer,
                                  module_linearity, module_type, summarize_r2)
-from nextrap.errors import NextrapError
+from nextrap.core.errors import NextrapError
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@ import socket
 
 import torch.multiprocessing as mp
 
-from nextrap.distributed import World, split
+from nextrap.runtime.distributed import World, split
 
 
 def test_split_balances_cost_and_is_a_partition():
@@ -31,7 +31,7 @@ def _worker(rank: int, size: int, port: int, out: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from nextrap import distributed
+    from nextrap.runtime import distributed
 
     w = distributed.world()
     units = [f"m{i}" for i in range(7)]

@@ -5,10 +5,10 @@ import torch
 
 import nextrap
 from conftest import TRAJECTORY, model_state
-from nextrap.checkpoints import load_trajectory
-from nextrap.errors import NextrapError
+from nextrap.io.checkpoints import load_trajectory
+from nextrap.core.errors import NextrapError
 from nextrap.methods import METHODS
-from nextrap.extend import alpha_folder, parse_alphas
+from nextrap.api.extend import alpha_folder, parse_alphas
 
 
 def test_parse_alphas():
@@ -62,7 +62,7 @@ def test_linear_adapter_is_exact(fitted, tmp_path):
 
 
 def test_nan_prediction_is_refused_and_nothing_is_written(fitted, tmp_path, monkeypatch):
-    from nextrap.predictor import NExtMLP
+    from nextrap.methods.predictor import NExtMLP
 
     monkeypatch.setattr(NExtMLP, "forward", lambda self, g, l: torch.full_like(g, float("nan")))
     with pytest.raises(NextrapError, match="NaN"):
@@ -104,7 +104,7 @@ def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
 def test_min_energy_jumps_only_the_energetic_modules(fitted, tmp_path):
     from safetensors.torch import load_file
 
-    from nextrap.trajectory import Features
+    from nextrap.engine.features import Features
 
     feats = Features.load(fitted / "trajectory.safetensors")
     energy = {m: float(feats.get(m, "global", "energy")[-1]) for m in feats.modules}

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import nextrap
 from conftest import save_drifting_run
-from nextrap.checkpoints import load_trajectory
+from nextrap.io.checkpoints import load_trajectory
 
 
 def _gpt2_run(tmp_path):

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from conftest import BASE, FAST_EPOCHS, TRAJECTORY, tree_digest
 from nextrap.cli import app
-from nextrap.files import PAUSE_ENV
+from nextrap.io.files import PAUSE_ENV
 from test_fullparam import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,8 @@ def test_an_output_under_a_file_is_refused_before_any_work(command, trajectory, 
     afile = tmp_path / "afile"
     afile.write_text("mine")
     out = afile / "out"
-    for module, expensive in {"fit": "open_trajectory", "extend": "load_fit", "pipeline": "train", "grpo": "train"}.items():
+    for module, expensive in {"api.fit": "open_trajectory", "api.extend": "load_fit", "rl.pipeline": "train",
+                              "rl.grpo": "train"}.items():
         monkeypatch.setattr(importlib.import_module(f"nextrap.{module}"), expensive,
                             lambda *a, **k: pytest.fail("worked before checking --out"))
     args = {"fit": ["fit", trajectory, "--out", out],
@@ -213,7 +214,7 @@ def test_full_disk_while_writing_is_one_line(error, fitted, tmp_path, monkeypatc
 
     def full(*args, **kwargs):
         raise error
-    monkeypatch.setattr("nextrap.adapter.write_safetensors", full)
+    monkeypatch.setattr("nextrap.writers.adapter.write_safetensors", full)
     fails(["extend", "--fit", fitted, "--alpha", "1", "--method", "linear", "--out", tmp_path / "out"], tmp_path,
           f"no space left on device writing {tmp_path / 'out'}", inputs=(fitted,))
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from nextrap.errors import NextrapError
-from nextrap.files import OUTPUT_MARKER, atomic_dir, check_apart, check_replaceable, write_marker
+from nextrap.core.errors import NextrapError
+from nextrap.io.files import OUTPUT_MARKER, atomic_dir, check_apart, check_replaceable, write_marker
 
 
 def test_output_appears_only_on_success(tmp_path):

@@ -6,8 +6,8 @@ from safetensors import safe_open
 
 import nextrap
 from conftest import FAST_EPOCHS, tree_digest
-from nextrap.errors import NextrapError
-from nextrap.fit import load_fit
+from nextrap.core.errors import NextrapError
+from nextrap.api.fit import load_fit
 from nextrap.methods import METHODS
 
 

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import BASE, FAST_EPOCHS, REAL_PEAK_PREAMBLE, run_peak_script
-from nextrap.errors import NextrapError
-from nextrap.fullparam import load_full_trajectory
-from nextrap.hfmodel import INDEX
-from nextrap.lowrank import top1_dense
-from nextrap.predictor import TrainSettings, make_groups, predict, train
-from nextrap.randsvd import top1_randomized
-from nextrap.streaming import Meter, Reader, compute_full_features
+from nextrap.core.errors import NextrapError
+from nextrap.io.fullparam import load_full_trajectory
+from nextrap.io.hfmodel import INDEX
+from nextrap.core.lowrank import top1_dense
+from nextrap.methods.predictor import TrainSettings, make_groups, predict, train
+from nextrap.core.randsvd import top1_randomized
+from nextrap.engine.fullstream import Meter, Reader, compute_full_features
 
 H = 2
 STEPS = list(range(0, 100, 10))  # 10 checkpoints; step 0 is the base itself (a zero delta)
@@ -252,7 +252,7 @@ def full_fit(run, tmp_path_factory):
 
 
 def test_full_fit_streams_under_the_budget_and_backtests_by_streaming(run, full_fit):
-    from nextrap.trajectory import Features
+    from nextrap.engine.features import Features
 
     out, result = full_fit
     manifest = json.loads((out / "manifest.json").read_text())
@@ -298,7 +298,7 @@ def test_extend_writes_a_loadable_model_equal_to_w_c_plus_alpha_move(run, full_f
     assert abs(float(prediction[f"{name}:sigma"]) - float(top)) <= 1e-4 * float(top)
     assert res.to_json()["predicted_sigma_median"] is not None
 
-    from nextrap.fit import load_fit
+    from nextrap.api.fit import load_fit
     from nextrap.methods import JumpContext, jump
 
     loaded = load_fit(fit_dir)
@@ -315,7 +315,7 @@ def test_extend_writes_a_loadable_model_equal_to_w_c_plus_alpha_move(run, full_f
 
 def test_relex_streams_its_projections_and_next_keeps_the_straight_line(run, full_fit, tmp_path):
     import nextrap
-    from nextrap.fit import load_fit
+    from nextrap.api.fit import load_fit
     from nextrap.methods import JumpContext, jump
 
     fit_dir, _ = full_fit
@@ -452,7 +452,7 @@ def test_min_energy_on_a_full_fit_judges_matrices_and_always_jumps_vectors(run, 
 
 
 def test_row_and_column_parameters_are_vectors():
-    from nextrap.fullparam import Param
+    from nextrap.io.fullparam import Param
 
     assert Param("a", (1, 64)).is_vector and Param("b", (64, 1)).is_vector and not Param("c", (2, 64)).is_vector
     assert Param("a", (1, 64)).matrix_shape == (64, 1)
@@ -460,7 +460,7 @@ def test_row_and_column_parameters_are_vectors():
 
 def test_the_model_card_of_a_full_jump_calls_it_a_merged_full_parameter_model(full_fit, tmp_path):
     import nextrap
-    from nextrap.hub import build_card
+    from nextrap.api.hub import build_card
 
     res = nextrap.extend(full_fit[0], [1.0], tmp_path / "linear", method="linear")
     info = json.loads((res.out / "nextrap.json").read_text())

@@ -1,4 +1,4 @@
-"""Specification of nextrap.grpo (and its CLI, nextrap.cli.grpo) on the embedded addition model."""
+"""Specification of nextrap.rl.grpo (and its CLI, nextrap.cli.grpo) on the embedded addition model."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from nextrap.grpo import (
+from nextrap.rl.grpo import (
     OPTIMIZER_FILE,
     GRPOConfig,
     GRPOError,
@@ -219,7 +219,7 @@ def test_continue_from_an_adapter_of_another_rank_with_its_optimizer(run, tmp_pa
 
 def test_an_adapter_resumes_on_the_base_weights_of_init_model(run, tmp_path):
     """--init-model with --init-adapter: the adapter (of its own rank) loads on those base weights (a folded base)."""
-    from nextrap.grpo import load_policy
+    from nextrap.rl.grpo import load_policy
 
     _, out = run
     base = load_file(str(default_model_dir() / "model.safetensors"))
@@ -236,10 +236,10 @@ def test_an_adapter_resumes_on_the_base_weights_of_init_model(run, tmp_path):
 
 
 def test_jumps_every_k_steps_in_place_fold_to_the_live_base_and_keep_the_adapter_shape(tmp_path, monkeypatch):
-    import nextrap.grpo as grpo_module
+    import nextrap.rl.grpo as grpo_module
     from conftest import model_state
-    from nextrap.checkpoints import relative_name
-    from nextrap.jumps import JUMPS, fold, jump_in_place
+    from nextrap.io.checkpoints import relative_name
+    from nextrap.api.jumps import JUMPS, fold, jump_in_place
 
     live = []
 
@@ -272,7 +272,7 @@ def test_jumps_every_k_steps_in_place_fold_to_the_live_base_and_keep_the_adapter
 
 
 def test_alpha_by_reward_scores_every_candidate_on_prompts_held_out_of_training(tmp_path):
-    from nextrap.grpo import _resolve_data
+    from nextrap.rl.grpo import _resolve_data
 
     cfg = GRPOConfig(out=str(tmp_path / "run"), **{**TINY, "steps": 3, "eval_samples": 1}, jump_every=2, jump_method="linear",
                      jump_alpha="reward:0,1.5,40", jump_horizon=1, select_prompts=16)
@@ -286,7 +286,7 @@ def test_alpha_by_reward_scores_every_candidate_on_prompts_held_out_of_training(
     rows = "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n" for i in range(10))
     (tmp_path / "d.jsonl").write_text(rows)
     cfg = GRPOConfig(out=str(tmp_path / "o"), **{**TINY, "steps": 1}, data=str(tmp_path / "d.jsonl"),
-                     eval_data=str(tmp_path / "d.jsonl"), reward="nextrap.tasks:math_reward", advantage="rloo")
+                     eval_data=str(tmp_path / "d.jsonl"), reward="nextrap.rl.tasks:math_reward", advantage="rloo")
     result = train(cfg)
     assert [p.name for p in result.checkpoints] == ["step_0", "step_1"] and result.evals[-1]["eval_prompts"] == 8
 
@@ -370,7 +370,7 @@ def test_the_embedded_default_model_ships_inside_the_wheel(tmp_path):
     from pathlib import Path
 
     import nextrap
-    from nextrap.grpo import default_model_dir
+    from nextrap.rl.grpo import default_model_dir
 
     folder = default_model_dir()
     assert Path(nextrap.__file__).parent in folder.parents

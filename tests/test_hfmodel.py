@@ -6,9 +6,10 @@ from safetensors.torch import load_file, save_file
 
 import nextrap
 from conftest import BASE, TRAJECTORY
-from nextrap.checkpoints import load_trajectory
-from nextrap.errors import NextrapError
-from nextrap.hfmodel import INDEX, parse_size, weight_map
+from nextrap.io.checkpoints import load_trajectory
+from nextrap.core.errors import NextrapError
+from nextrap.io.hfmodel import INDEX, weight_map
+from nextrap.engine.budget import parse_size
 
 
 def test_parse_size():

@@ -9,11 +9,11 @@ import yaml
 from typer.testing import CliRunner
 
 import nextrap
-import nextrap.hub as hub
+import nextrap.api.hub as hub
 from conftest import tree_digest
 from nextrap.cli import app
-from nextrap.errors import NextrapError
-from nextrap.hub import build_card, hub_model_id, push
+from nextrap.core.errors import NextrapError
+from nextrap.api.hub import build_card, hub_model_id, push
 
 runner = CliRunner()
 SECRET = "hf_FAKEtokenVALUE0123456789abcdefXYZ"

@@ -5,13 +5,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import BASE, TRAJECTORY, model_state
-from nextrap.checkpoints import load_trajectory
+from nextrap.io.checkpoints import load_trajectory
 from nextrap.cli import app
-from nextrap.errors import NextrapError
-from nextrap.extend import plan
-from nextrap.fit import load_fit
-from nextrap.grpo import default_model_dir
-from nextrap.jumps import apply_in_place, choose_by_score, fold, load_jumps, parse_jump_alpha, save_jump
+from nextrap.core.errors import NextrapError
+from nextrap.api.extend import plan
+from nextrap.api.fit import load_fit
+from nextrap.rl.grpo import default_model_dir
+from nextrap.api.jumps import apply_in_place, choose_by_score, fold, load_jumps, parse_jump_alpha, save_jump
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import FIXTURES, TRAJECTORY
-from nextrap.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory
+from nextrap.io.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory
 from nextrap.cli import app
-from nextrap.errors import NextrapError
-from nextrap.trajectory import compute_features
+from nextrap.core.errors import NextrapError
+from nextrap.engine.features import compute_features
 
 LAYOUTS = FIXTURES / "layouts"
 STEPS = [0, 20, 40, 60, 80]

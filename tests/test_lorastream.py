@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 import nextrap
 from conftest import LORA_CONFIG, REAL_PEAK_PREAMBLE, TRAJECTORY, dense_deltas, run_peak_script, write_adapter
-from nextrap.checkpoints import LoraTrajectory, load_trajectory, shape_groups
-from nextrap.errors import NextrapError
-from nextrap.lorastream import LoraMove, feature_bytes, preflight
-from nextrap.lowrank import top1_dense
-from nextrap.trajectory import Features, compute_features, pair_factors, stream_lora_features
+from nextrap.io.checkpoints import LoraTrajectory, load_trajectory, shape_groups
+from nextrap.core.errors import NextrapError
+from nextrap.engine.lorastream import LoraMove, feature_bytes, preflight
+from nextrap.core.lowrank import top1_dense
+from nextrap.engine.features import Features, compute_features, pair_factors, stream_lora_features
 
 H = 5
 METHODS = ("next", "linear", "expo", "relex")  # next-paper trains on raw SVD signs, which are the SVD's to choose

@@ -1,6 +1,6 @@
 import torch
 
-from nextrap.lowrank import align_signs, canonical_sign, frobenius_factored, gram_root, top1_dense, top1_factored, top1_gram
+from nextrap.core.lowrank import align_signs, canonical_sign, frobenius_factored, gram_root, top1_dense, top1_factored, top1_gram
 
 
 def _rand(*shape):

@@ -6,8 +6,8 @@ import torch
 from conftest import TRAJECTORY
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
 from nextrap.methods import next as next_method
-from nextrap.opening import open_trajectory
-from nextrap.predictor import TrainSettings
+from nextrap.trajectories.opening import open_trajectory
+from nextrap.methods.predictor import TrainSettings
 
 H = 5
 
@@ -111,7 +111,7 @@ def _turning_features(n: int = 16, h: int = 3, d: int = 12):
     """Features of modules whose rank-1 direction turns at a constant rate while growing linearly."""
     import math
 
-    from nextrap.trajectory import Features
+    from nextrap.engine.features import Features
 
     gen = torch.Generator().manual_seed(0)
     tensors, modules = {}, []
@@ -183,7 +183,7 @@ def test_next_ignores_a_module_that_never_moves(setup):
 
 
 def test_a_malformed_next_model_is_a_one_line_error(tmp_path):
-    from nextrap.errors import NextrapError
+    from nextrap.core.errors import NextrapError
 
     (tmp_path / "next.json").write_text('{"weights_u": [1.0], "weights_v": [1, 0, 0]}')
     with pytest.raises(NextrapError, match="next.json: cannot read the next model"):

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from nextrap.cli import app
-from nextrap.errors import NextrapError
-from nextrap.grpo import GRPOConfig
-from nextrap.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
+from nextrap.core.errors import NextrapError
+from nextrap.rl.grpo import GRPOConfig
+from nextrap.rl.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
 
 TINY = GRPOConfig(save_every=2, batch_prompts=4, group_size=2, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
 
@@ -54,8 +54,8 @@ def test_by_default_the_jump_is_folded_into_the_base_and_checkpoint_s1_itself_go
     """jump_format base: the jump and the no-jump control continue plain's checkpoint S1 (its adapter at rank r
     and its AdamW state) with the same prompts; they differ only in the base: W_0 + alpha * move against W_0."""
     from conftest import model_state
-    from nextrap.checkpoints import load_trajectory
-    from nextrap.grpo import default_model_dir
+    from nextrap.io.checkpoints import load_trajectory
+    from nextrap.rl.grpo import default_model_dir
 
     p = tmp_path / "p"
     r = run_pipeline(PipelineConfig(out=str(p), steps=16, horizon=2, methods=("linear",), grpo=TINY))

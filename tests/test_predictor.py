@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from conftest import TRAJECTORY
-from nextrap.checkpoints import load_trajectory
-from nextrap.predictor import NExtMLP, TrainSettings, load, make_groups, predict, train, training_rows
-from nextrap.trajectory import compute_features
+from nextrap.io.checkpoints import load_trajectory
+from nextrap.methods.predictor import NExtMLP, TrainSettings, load, make_groups, predict, train, training_rows
+from nextrap.engine.features import compute_features
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from nextrap import process
-from nextrap.process import Interrupted, check_interrupted, deferred_interrupts
+from nextrap.runtime import process
+from nextrap.runtime.process import Interrupted, check_interrupted, deferred_interrupts
 
 
 def test_threads_are_the_usable_physical_cores():

@@ -2,7 +2,7 @@ import io
 
 from rich.console import Console
 
-from nextrap import progress
+from nextrap.runtime import progress
 
 
 def test_without_a_terminal_progress_is_plain_lines_at_start_throttled_and_at_the_end(monkeypatch):

@@ -1,10 +1,10 @@
-"""Specification of nextrap.tasks: the addition split, the math checker, jsonl input, reward loading."""
+"""Specification of nextrap.rl.tasks: the addition split, the math checker, jsonl input, reward loading."""
 
 import json
 
 import pytest
 
-from nextrap.tasks import (
+from nextrap.rl.tasks import (
     TaskError,
     addition_splits,
     answers_match,
@@ -127,12 +127,12 @@ def test_load_jsonl_missing_file(tmp_path):
 
 
 def test_load_reward():
-    assert load_reward("nextrap.tasks:math_reward") is math_reward
+    assert load_reward("nextrap.rl.tasks:math_reward") is math_reward
     for spec, message in [
-        ("nextrap.tasks", "expected module:function"),
+        ("nextrap.rl.tasks", "expected module:function"),
         ("no_such_module_xyz:f", "cannot import"),
-        ("nextrap.tasks:nope", "has no function"),
-        ("nextrap.tasks:ADDITION_SEED", "has no function"),
+        ("nextrap.rl.tasks:nope", "has no function"),
+        ("nextrap.rl.tasks:ADDITION_SEED", "has no function"),
     ]:
         with pytest.raises(TaskError, match=message):
             load_reward(spec)

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TRAJECTORY
-from nextrap.checkpoints import load_trajectory
-from nextrap.errors import NextrapError
-from nextrap.lowrank import top1_dense
-from nextrap.trajectory import Features, compute_features
+from nextrap.io.checkpoints import load_trajectory
+from nextrap.core.errors import NextrapError
+from nextrap.core.lowrank import top1_dense
+from nextrap.engine.features import Features, compute_features
 
 H = 5
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from conftest import model_state  # noqa: E402
-from nextrap.checkpoints import relative_name  # noqa: E402
-from nextrap.grpo import default_model_dir  # noqa: E402
+from nextrap.io.checkpoints import relative_name  # noqa: E402
+from nextrap.rl.grpo import default_model_dir  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("trl_resume", Path(__file__).resolve().parents[1] / "examples" / "trl_resume.py")
 recipe = importlib.util.module_from_spec(_spec)
@@ -108,7 +108,7 @@ def test_the_callback_jumps_a_live_trl_run_twice_in_place_and_fold_gives_the_bas
     from transformers import AutoModelForCausalLM
 
     from nextrap.integrations.trl import JumpCallback
-    from nextrap.jumps import JUMPS, fold
+    from nextrap.api.jumps import JUMPS, fold
 
     base, run = default_model_dir(), tmp_path / "run"
     jumper = JumpCallback(steps=[3, 5], method="linear", alpha=ALPHA, horizon=1)
@@ -144,7 +144,7 @@ def test_the_callback_jumps_a_live_trl_run_twice_in_place_and_fold_gives_the_bas
 def test_the_callback_refuses_steps_without_a_checkpoint_before_training():
     from types import SimpleNamespace
 
-    from nextrap.errors import NextrapError
+    from nextrap.core.errors import NextrapError
     from nextrap.integrations.trl import JumpCallback
 
     args = SimpleNamespace(save_strategy="steps", save_steps=10)

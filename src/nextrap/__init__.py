@@ -10,19 +10,18 @@ They are loaded on first use, so that `import nextrap` (and `nextrap --help`) do
 """
 
 import importlib
-import sys
-import types
 
-from .version import __version__
+from nextrap.version import __version__
 
 # First, and stdlib only: in the `nextrap` command's process, signals and torch's threads are set before torch
 # loads (process.py); a program importing the library keeps its own.
-from .process import at_import  # noqa: E402
+from nextrap.runtime.process import at_import  # noqa: E402
 
 at_import()
 
-_API = {"NextrapError": "errors", "FitResult": "fit", "fit": "fit", "load_fit": "fit", "ExtendResult": "extend",
-        "extend": "extend", "parse_alphas": "extend", "diagnose": "diagnostics", "push": "hub"}
+_API = {"NextrapError": "core.errors", "FitResult": "api.fit", "fit": "api.fit", "load_fit": "api.fit",
+        "ExtendResult": "api.extend", "extend": "api.extend", "parse_alphas": "api.extend", "diagnose": "api.diagnostics",
+        "push": "api.hub"}
 __all__ = [*_API, "__version__"]
 
 
@@ -32,16 +31,3 @@ def __getattr__(name: str) -> object:
     value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """``nextrap.fit`` and ``nextrap.extend`` are the functions, although modules of the same names exist: importing
-    such a module (which Python records on its package) leaves the function in place."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

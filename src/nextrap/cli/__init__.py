@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from nextrap.cli import extend, fit, fold, grpo, inspect, pipeline, push
-from nextrap.process import command
+from nextrap.runtime.process import command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Skip RLVR training steps: fit the rank-1 trajectory of saved checkpoints, then jump ahead (NExt).")

@@ -13,9 +13,9 @@ from typing import Iterator
 import typer
 from rich.console import Console
 
-from nextrap.errors import NextrapError, NextrapWarning, os_error
-from nextrap.process import check_interrupted
-from nextrap.progress import rich_progress
+from nextrap.core.errors import NextrapError, NextrapWarning, os_error
+from nextrap.runtime.process import check_interrupted
+from nextrap.runtime.progress import rich_progress
 
 out_console = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs
 err_console = Console(stderr=True)

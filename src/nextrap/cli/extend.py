@@ -26,7 +26,7 @@ def extend(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Jump: write W_c + alpha * predicted move as an adapter or a merged model."""
-    from nextrap.extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
+    from nextrap.api.extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
     with errors():
         alphas = parse_alphas(alpha)
         with status("extending...", not as_json):

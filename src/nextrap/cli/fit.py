@@ -10,14 +10,14 @@ import typer
 from rich.table import Table
 
 from nextrap.cli.common import errors, out_console, progress
-from nextrap.registry import METHODS
+from nextrap.core.registry import METHODS
 
 if TYPE_CHECKING:
-    from nextrap.fit import FitResult
+    from nextrap.api.fit import FitResult
 
 
 def _fit_summary(r: FitResult) -> None:
-    from nextrap.backtest import MIN_GAIN  # here, not at the top: --help never loads torch
+    from nextrap.methods.backtest import MIN_GAIN  # here, not at the top: --help never loads torch
     table = Table(title=f"nextrap fit -> {r.out}", show_header=False, title_justify="left")
     table.add_row("checkpoints", f"{len(r.steps)} (steps {r.steps[0]} .. {r.steps[-1]})")
     table.add_row(r.units_label, str(r.n_modules))
@@ -72,8 +72,8 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Compute rank-1 features of a LoRA (or, with --base, full-parameter) trajectory and fit the methods; writes the fit folder."""
-    from nextrap.distributed import world
-    from nextrap.fit import fit as run_fit  # here, not at the top: --help never loads torch
+    from nextrap.runtime.distributed import world
+    from nextrap.api.fit import fit as run_fit  # here, not at the top: --help never loads torch
     main_rank = world().is_main  # under torchrun, rank 0 alone shows progress and the result
     with errors(), progress(not as_json and main_rank) as report:
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,

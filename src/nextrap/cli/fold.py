@@ -21,7 +21,7 @@ def fold_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Fold jumps saved during training into the base model, so that the adapters saved after them load (and resume) on it."""
-    from nextrap.jumps import fold as run_fold  # here, not at the top: --help never loads torch
+    from nextrap.api.jumps import fold as run_fold  # here, not at the top: --help never loads torch
     with errors():
         result = run_fold(base, jumps, out, upto=upto, max_shard_size=max_shard_size, overwrite=overwrite)
     if as_json:

@@ -1,4 +1,4 @@
-"""`nextrap grpo`: the command-line face of nextrap.grpo.train (a thin layer: options -> GRPOConfig).
+"""`nextrap grpo`: the command-line face of nextrap.rl.grpo.train (a thin layer: options -> GRPOConfig).
 
 Exit codes: 0 success; 1 bad input (one line on stderr); 2 bad usage (typer).
 """
@@ -16,10 +16,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from nextrap.errors import NextrapError, os_error
-from nextrap.files import check_writable
-from nextrap.progress import rich_progress
-from nextrap.grpo_config import ADVANTAGES, GRPOConfig
+from nextrap.core.errors import NextrapError, os_error
+from nextrap.io.files import check_writable
+from nextrap.runtime.progress import rich_progress
+from nextrap.rl.grpo_config import ADVANTAGES, GRPOConfig
 
 _OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json|nextrap-jumps)$")  # what a run writes into --out
 
@@ -40,7 +40,7 @@ Seed = Annotated[int, typer.Option(help="Seed for prompt order, sampling and LoR
 Task = Annotated[str, typer.Option(help="Built-in task (addition); ignored with --data.")]
 Data = Annotated[Optional[Path], typer.Option("--data", help='Training jsonl of {"prompt": ..., "answer": ...} rows.')]
 EvalData = Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out jsonl for eval with --data (default: no eval).")]
-Reward = Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.tasks:math_reward for --data.")]
+Reward = Annotated[Optional[str], typer.Option(help="Reward as module:function(completion, answer) -> float. Default: exact match for addition, nextrap.rl.tasks:math_reward for --data.")]
 Advantage = Annotated[str, typer.Option(help=f"Advantage estimator: {' | '.join(ADVANTAGES)}.")]
 EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at every save; 0: never).")]
 EvalPrompts = Annotated[int, typer.Option(help="Held-out prompts per eval.")]
@@ -114,7 +114,7 @@ def grpo(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
 ) -> None:
     """Train LoRA with GRPO-style RLVR and save a PEFT adapter every --save-every steps: the trajectory nextrap extrapolates."""
-    from nextrap.grpo import train, validate  # here, not at the top: --help never loads torch
+    from nextrap.rl.grpo import train, validate  # here, not at the top: --help never loads torch
     config = GRPOConfig(
         model=model,
         out=str(out),

@@ -27,7 +27,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
-    from nextrap.diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis  # here, not at the top: --help never loads torch
+    from nextrap.api.diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis  # here, not at the top: --help never loads torch
     with errors():
         with status("reading checkpoints...", not as_json):
             d = diagnose(ckpts, fit_checkpoints=fit_checkpoints, base=base, max_memory=max_memory)

@@ -13,11 +13,11 @@ from nextrap.cli.common import errors, out_console, progress
 from nextrap.cli.grpo import (GRPO_DEFAULTS, Advantage, BatchPrompts, Data, Device, EvalData, EvalEvery, EvalPrompts,
                               EvalSamples, GroupSize, LoraAlpha, LoraR, Lr, MaxNewTokens, Model, Reward, SaveEvery, Seed,
                               Task, TargetModules, Temperature)
-from nextrap.errors import NextrapError
-from nextrap.grpo_config import GRPOConfig
+from nextrap.core.errors import NextrapError
+from nextrap.rl.grpo_config import GRPOConfig
 
 if TYPE_CHECKING:
-    from nextrap.pipeline import PipelineResult
+    from nextrap.rl.pipeline import PipelineResult
 
 
 def pipeline_cmd(
@@ -65,8 +65,8 @@ def pipeline_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Train -> jump -> train against plain GRPO, a no-jump restart and a jump to the true future."""
-    from nextrap.extend import parse_alphas
-    from nextrap.pipeline import PipelineConfig, plot as plot_pipeline, run_pipeline  # here, not at the top: --help never loads torch
+    from nextrap.api.extend import parse_alphas
+    from nextrap.rl.pipeline import PipelineConfig, plot as plot_pipeline, run_pipeline  # here, not at the top: --help never loads torch
     base = GRPOConfig(model=model, save_every=save_every, lr=lr, batch_prompts=batch_prompts, group_size=group_size,
                       temperature=temperature, max_new_tokens=max_new_tokens, advantage=advantage, device=device,
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
@@ -100,7 +100,7 @@ def pipeline_cmd(
 
 
 def _pipeline_table(r: PipelineResult) -> None:
-    from nextrap.pipeline import speedup  # here, not at the top: --help never loads torch
+    from nextrap.rl.pipeline import speedup  # here, not at the top: --help never loads torch
     end = r.s1 + r.s2
     table = Table(title=f"train -> jump -> train: S1 {r.s1} + S2 {r.s2} steps vs plain {r.steps} (horizon {r.horizon}, "
                         f"jumps {'folded into the base' if r.jump_format == 'base' else 'as rank-grown adapters'})",

@@ -23,7 +23,7 @@ def push_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Upload a jumped checkpoint to the Hugging Face Hub with a provenance model card."""
-    from nextrap.hub import push as run_push  # here, not at the top: --help never loads torch
+    from nextrap.api.hub import push as run_push  # here, not at the top: --help never loads torch
     with errors():
         with status("uploading...", not (as_json or dry_run)):
             result = run_push(folder, repo, private=private, revision=revision, dry_run=dry_run, token_env=token_env,

@@ -11,7 +11,7 @@ module in place. Since W_c + alpha * move = (W_0 + alpha * move) + s B_c A_c, tr
 weights with the adapter, optimizer, schedule and step count untouched.
 
 The adapters saved afterwards are relative to the jumped base, so every jump is saved beside the checkpoints
-(``OUTPUT_DIR/nextrap-jumps/step_N/``, see ``nextrap.jumps``), and
+(``OUTPUT_DIR/nextrap-jumps/step_N/``, see ``nextrap.api.jumps``), and
 
     nextrap fold MODEL OUTPUT_DIR/nextrap-jumps --upto M --out BASE_M
 
@@ -31,8 +31,8 @@ from typing import Any, Iterable
 
 from transformers import TrainerCallback
 
-from ..errors import NextrapError
-from ..jumps import JUMPS, JumpSettings, jump_in_place
+from nextrap.core.errors import NextrapError
+from nextrap.api.jumps import JUMPS, JumpSettings, jump_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class JumpCallback(TrainerCallback):
 
     ``method`` / ``alpha``: as ``extend --method`` / ``--alpha`` (``"auto"`` / None = chosen by the backtest);
     ``methods``, ``horizon``, ``backtest_folds``, ``epochs``: as ``nextrap fit``. ``history`` records every
-    decision (also logged, and written to each jump's ``jump.json``). The work is ``nextrap.jumps.jump_in_place``,
+    decision (also logged, and written to each jump's ``jump.json``). The work is ``nextrap.api.jumps.jump_in_place``,
     shared with the bundled runner's ``--jump-every``."""
 
     def __init__(self, steps: Iterable[int], method: str = "auto", alpha: float | None = None,

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..moves import Jump
-from ..registry import FITTED, METHODS
-from ..source import Trajectory
-from ..trajectory import Features
+from nextrap.core.moves import Jump
+from nextrap.core.registry import FITTED, METHODS
+from nextrap.trajectories.interface import Trajectory
+from nextrap.engine.features import Features
 
 
 @dataclass
@@ -66,7 +66,7 @@ def combine(name: str, first: Jump, second: Jump) -> Jump:
 
 
 def _modules() -> dict[str, ModuleType]:
-    from . import expo, linear, next as next_method, next_paper, relex
+    from nextrap.methods import expo, linear, next as next_method, next_paper, relex
     return {"next": next_method, "next-paper": next_paper, "linear": linear, "expo": expo, "relex": relex}
 
 

@@ -3,7 +3,7 @@ W_hat = W_c + alpha (W_c - W_0). Exact in LoRA factors (rank r)."""
 
 from __future__ import annotations
 
-from . import Jump, JumpContext, difference_jump
+from nextrap.methods import Jump, JumpContext, difference_jump
 
 
 def jump(ctx: JumpContext) -> Jump:

@@ -3,7 +3,7 @@ W_c - W_{c-h} (from the base model when c - h is before the first checkpoint), e
 
 from __future__ import annotations
 
-from . import Jump, JumpContext, difference_jump
+from nextrap.methods import Jump, JumpContext, difference_jump
 
 
 def jump(ctx: JumpContext) -> Jump:

@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import NextrapError
-from ..files import write_json
-from ..predictor import training_rows
-from ..source import Trajectory
-from ..trajectory import Features
-from . import Jump, JumpContext, combine, difference_jump, rank1_factors
+from nextrap.core.errors import NextrapError
+from nextrap.io.files import write_json
+from nextrap.methods.predictor import training_rows
+from nextrap.trajectories.interface import Trajectory
+from nextrap.engine.features import Features
+from nextrap.methods import Jump, JumpContext, combine, difference_jump, rank1_factors
 
 CONFIG = "next.json"
 RIDGE = 1e-6  # relative to the Gram matrix's trace: keeps the 3 x 3 solve defined when inputs coincide

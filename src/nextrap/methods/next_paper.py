@@ -1,5 +1,5 @@
 """NExt exactly as published (arXiv 2604.11446 and its reference code; see shared METHOD.md): the predictor
-(``nextrap.predictor``) maps the last checkpoint's global and local rank-1 components to the target one, on the
+(``nextrap.methods.predictor``) maps the last checkpoint's global and local rank-1 components to the target one, on the
 features as the SVD gives them (no sign alignment), and the move is sigma_hat * u_hat v_hat^T with u_hat,
 v_hat normalized. Kept for reproduction; ``next`` is our measured improvement."""
 
@@ -11,12 +11,12 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoints import first_line
-from ..errors import NextrapError
-from ..files import read_json, write_json
-from ..predictor import Group, Predictor, TrainSettings, load as load_predictor, predict, train
-from ..trajectory import Features
-from . import Jump, JumpContext, rank1_factors
+from nextrap.io.checkpoints import first_line
+from nextrap.core.errors import NextrapError
+from nextrap.io.files import read_json, write_json
+from nextrap.methods.predictor import Group, Predictor, TrainSettings, load as load_predictor, predict, train
+from nextrap.engine.features import Features
+from nextrap.methods import Jump, JumpContext, rank1_factors
 
 WEIGHTS = "predictor.safetensors"
 CONFIG = "predictor.json"

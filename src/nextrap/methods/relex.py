@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Jump, JumpContext, rank1_factors
+from nextrap.methods import Jump, JumpContext, rank1_factors
 
 
 def jump(ctx: JumpContext) -> Jump:

@@ -1,0 +1,298 @@
+"""``nextrap fit``: read a trajectory, compute its rank-1 features, train the NExt predictor, backtest, and
+write everything ``extend`` needs into one folder (manifest.json, trajectory.safetensors, predictor.*)."""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
+
+import torch
+from nextrap.version import __version__
+from nextrap.methods.backtest import BacktestResult, backtest, max_folds
+from nextrap.io.checkpoints import find_folders, is_adapter, save_limit_hint
+from nextrap.core.errors import NextrapError, one_line_os_errors
+from nextrap.io.files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
+from nextrap.io.fullparam import is_model
+from nextrap.methods import FITTED, METHODS, fit_models, load_models, save_models
+from nextrap.trajectories.opening import manifest_problem, open_trajectory, reopen
+from nextrap.methods.predictor import TrainSettings
+from nextrap.runtime.distributed import world
+from nextrap.trajectories.interface import Trajectory
+from nextrap.engine.features import Features
+
+MANIFEST = "manifest.json"
+TRAJECTORY = "trajectory.safetensors"
+
+# (stage, done, total): the CLI draws it as a rich progress bar; library users may pass their own.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class FitResult:
+    out: Path
+    steps: list[int]
+    horizon: int
+    n_modules: int
+    energy_median: dict[int, float]  # step -> median over modules of sigma1 / sum(sigma) of the global delta
+    group_losses: dict[int, tuple[float, float]]  # next-paper: vector length -> (first, last) training loss
+    models: dict[str, Any] = field(default_factory=dict)  # per fitted method: files, validation numbers
+    backtest: list[BacktestResult] = field(default_factory=list)
+    backtest_skipped: str = ""  # why there is no backtest, if there is none
+    seconds: dict[str, float] = field(default_factory=dict)
+    streaming: dict[str, Any] = field(default_factory=dict)  # what the streamed passes measured (``Trajectory.report``)
+    units_label: str = "modules"  # how reports name the units (``Trajectory.units_label``)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "steps": self.steps, "horizon": self.horizon, "modules": self.n_modules,
+            "rank1_energy_median": {str(k): v for k, v in self.energy_median.items()},
+            "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
+            "models": self.models,
+            "backtest": [asdict(b) for b in self.backtest], "backtest_skipped": self.backtest_skipped or None,
+            "seconds": self.seconds, **({"streaming": self.streaming} if self.streaming else {}),
+        }
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NextrapError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise NextrapError(f"--device {device}: use auto, cpu or cuda")
+    return device
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import peft
+    import safetensors
+    return {"nextrap": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "peft": peft.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__}
+
+
+@one_line_os_errors
+def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
+        device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
+        overwrite: bool = False, progress: ProgressFn | None = None, methods: tuple[str, ...] | list[str] = METHODS,
+        base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
+    """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
+    ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
+    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB). With ``base``, ``ckpts``
+    holds full-parameter model folders (``opening.open_trajectory``)."""
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise NextrapError(f"--methods {','.join(methods)}: choose from {', '.join(METHODS)}")
+    if horizon < 1:
+        raise NextrapError(f"--horizon {horizon}: must be at least 1")
+    if backtest_folds < 1:
+        raise NextrapError(f"--backtest-folds {backtest_folds}: must be at least 1")
+    if epochs < 1:
+        raise NextrapError(f"--epochs {epochs}: must be at least 1")
+    out = Path(out)
+    check_apart(out, {"the checkpoint folder": ckpts, "the base model": base})
+    check_replaceable(out, overwrite)  # fail before the expensive part
+    settings = TrainSettings(epochs=epochs, seed=seed, device=resolve_device(device), sign_align=sign_align)
+    report = progress or (lambda *_: None)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    traj = open_trajectory(ckpts, base, max_memory, settings.device, svd)
+    traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
+    fingerprints = Background(traj.inputs)  # the inputs' fingerprints beside the feature pass
+    done = 0
+
+    def on_units(k: int) -> None:
+        nonlocal done
+        done += k
+        report("rank-1 features", done, len(traj.units))
+
+    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
+    # that align do it on the fly (Features.aligned).
+    features = traj.features(horizon, progress=on_units)
+    inputs = fingerprints.result()
+    seconds["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    try:
+        models = fit_models(features, methods, settings, on_epoch=lambda m, done, total: report(f"fit {m}", done, total),
+                            trajectory=traj)
+    except (ValueError, FloatingPointError) as e:
+        raise NextrapError(f"{ckpts}: {e}") from None
+    seconds["predictor"] = time.perf_counter() - t0
+
+    results: list[BacktestResult] = []
+    skipped = "" if run_backtest else "--no-backtest"
+    if run_backtest and max_folds(features) < 1:
+        skipped = (f"needs at least 2h + 1 = {2 * horizon + 1} checkpoints after the first move"
+                   + save_limit_hint([c.path for c in traj.checkpoints]))
+    elif run_backtest:
+        t0 = time.perf_counter()
+        report("backtest", 0, 1)
+        try:
+            results = backtest(features, traj, settings, methods=methods, folds=backtest_folds)
+        except (ValueError, FloatingPointError) as e:
+            skipped = str(e)
+        report("backtest", 1, 1)
+        seconds["backtest"] = time.perf_counter() - t0
+
+    energy = torch.stack([features.get(m, "global", "energy") for m in features.modules
+                          if not features.is_vector(m)])  # [modules, rows]; 1-D parameters have no SVD
+    result = FitResult(
+        out=out, steps=traj.steps, horizon=horizon, n_modules=len(features.modules),
+        energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
+        group_losses={g.length: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups} if "next-paper" in models else {},
+        backtest=results, backtest_skipped=skipped, seconds=seconds, units_label=traj.units_label,
+    )
+    manifest = {
+        "format": "nextrap-fit/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
+        "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align, "backtest_folds": backtest_folds,
+                     "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
+                     "hidden": settings.hidden, "methods": list(methods)},
+        "versions": versions(), "summary": result.to_json(),
+    }
+    manifest.update(traj.manifest())  # kind, streaming (budget, peak, ...) and what else reopening it needs
+    result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
+    manifest["summary"].pop("out")
+    if not world(settings.device).is_main:
+        return result  # under torchrun every rank holds the same result; rank 0 alone writes it
+    with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
+        features.save(tmp / TRAJECTORY)
+        result.models = save_models(models, tmp)
+        manifest["summary"]["models"] = result.models
+        write_json(tmp / MANIFEST, manifest)
+    return result
+
+
+@dataclass
+class FitFolder:
+    """A fit folder read back: what ``extend`` needs."""
+
+    path: Path
+    manifest: dict[str, Any]
+    features: Features
+    models: dict[str, Any]  # fitted model per method name
+    trajectory: Trajectory
+
+
+@one_line_os_errors
+def load_fit(path: Path | str, verify_inputs: bool = True) -> FitFolder:
+    """Read a fit folder and re-open its source trajectory, checking the checkpoints are the ones fitted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NextrapError(f"{path}: not a fit folder (run `nextrap fit CKPTS --out {path}` first)")
+    if not (path / MANIFEST).exists() and _holds_checkpoints(path):
+        raise NextrapError(f"{path}: this is a checkpoint folder, not a fit folder (run `nextrap fit {path} --out FIT` "
+                           "first, then extend --fit FIT)")
+    manifest = read_json(path / MANIFEST)
+    check_manifest(path / MANIFEST, manifest)
+    features = Features.load(path / TRAJECTORY)
+    models = load_models(path, FITTED, TrainSettings())
+    traj = reopen(manifest)
+    if traj.steps != manifest["steps"]:
+        raise NextrapError(f"{manifest['source']}: now holds steps {traj.steps}, but {path} was fitted on {manifest['steps']}; refit")
+    loaded = FitFolder(path, manifest, features, models, traj)
+    if verify_inputs:
+        check_inputs(loaded)
+    return loaded
+
+
+def check_inputs(loaded: FitFolder) -> None:
+    """Refuse, naming the file, when a fitted input changed since the fit (its size, and sha256 or mtime)."""
+    for entry in loaded.manifest["inputs"]:
+        for f in entry["files"]:
+            file = Path(entry["path"]) / f["name"]
+            if not _unchanged(file, f):
+                raise NextrapError(f"{file}: changed since it was fitted into {loaded.path}; refit")
+
+
+@contextmanager
+def inputs_checked_meanwhile(loaded: FitFolder) -> Iterator[Callable[[], None]]:
+    """Run ``check_inputs`` on a background thread (hashing GBs of checkpoints costs as much as reading them;
+    hashlib and file reads release the GIL) while the body works. The body calls the yielded ``wait`` before it
+    commits anything; a changed input's error also replaces any error the body raised, which it explains."""
+    check = Background(check_inputs, loaded)
+    try:
+        yield check.result
+    except Exception:
+        check.result()
+        raise
+    check.result()
+
+
+class Background:
+    """``fn(*args)`` on a daemon thread (an error or an interrupt never waits for it at exit); ``result()`` joins it
+    and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True, name="nextrap-background")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    """Whether ``path`` is an adapter or model folder, or holds some (what `fit` reads, not what it writes)."""
+    def is_checkpoint(folder: Path) -> bool:
+        return is_adapter(folder) or is_model(folder)
+    return is_checkpoint(path) or bool(find_folders(path, is_checkpoint))
+
+
+def check_manifest(file: Path, m: Any) -> None:
+    """Refuse a damaged fit manifest, naming it (not the checkpoints it describes): every field ``load_fit`` and
+    ``extend`` read, with its type."""
+    def bad(what: str) -> NoReturn:
+        raise NextrapError(f"{file}: not a valid nextrap fit manifest ({what}); the fit folder is damaged")
+
+    if not isinstance(m, dict) or m.get("format") != "nextrap-fit/1":
+        bad("its format is not nextrap-fit/1")
+    for key, kind in (("source", str), ("horizon", int), ("steps", list), ("inputs", list), ("summary", dict)):
+        if not isinstance(m.get(key), kind):
+            bad(f"{key} is missing or not a {kind.__name__}")
+    if not all(isinstance(s, int) for s in m["steps"]):
+        bad("steps are not all integers")
+    problem = manifest_problem(m)
+    if problem:
+        bad(problem)
+    for entry in m["inputs"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("files"), list):
+            bad("an inputs entry without path or files")
+        for f in entry["files"]:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("bytes"), int)
+                    and (isinstance(f.get("sha256"), str) or isinstance(f.get("mtime_ns"), int))):
+                bad(f"inputs entry {entry['path']} has a file without name, bytes, and sha256 or mtime_ns")
+    try:
+        [BacktestResult.from_json(b) for b in m["summary"].get("backtest", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        bad("summary.backtest has an entry it cannot read")
+
+
+def _unchanged(file: Path, record: dict[str, Any]) -> bool:
+    """Whether ``file`` still matches its manifest record: size plus sha256 (LoRA fits) or plus modification
+    time (full-parameter fits, whose checkpoints are too large to hash twice)."""
+    if not file.is_file() or file.stat().st_size != record["bytes"]:
+        return False
+    if "sha256" in record:
+        return sha256(file) == record["sha256"]
+    return file.stat().st_mtime_ns == record.get("mtime_ns")
+

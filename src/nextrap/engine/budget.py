@@ -1,0 +1,272 @@
+"""The memory budget every streamed pass keeps (``--max-memory``), for LoRA and full-parameter trajectories alike.
+
+Memory is *accounted*, not sampled: every tensor a pass holds is registered with a ``Meter`` (its peak is what
+the manifest reports), work is cut into batches of same-shape units sized to what the budget leaves free
+(``sized_batches``), and a unit that alone needs more than that is named before the pass reads anything.
+
+For the process's real peak to follow the account, glibc must hand large blocks back to the OS when they are
+freed (``heap_hygiene``): its default mmap threshold rises to the largest block freed (up to 32 MB), after which
+per-batch stacks come from the heap, which fragments and never shrinks (measured: 444 MB of real growth under a
+70 MB budget). ``Prefetcher`` reads the next batch's tensors on a background thread while the current one is
+computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Sequence, TypeVar
+
+import torch
+
+from nextrap.core.errors import NextrapError
+
+DEFAULT_MAX_MEMORY = "8GB"
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+class Meter:
+    """Thread-safe accounting of the bytes a pass holds; ``peak`` is the high-water mark."""
+
+    def __init__(self, budget: int | None):
+        self.budget, self.held, self.peak = budget, 0, 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.held += nbytes
+            self.peak = max(self.peak, self.held)
+
+    def sub(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+    def scratch(self, nbytes: int) -> "_Scratch":
+        return _Scratch(self, nbytes)
+
+
+class _Scratch:
+    def __init__(self, meter: Meter, nbytes: int):
+        self.meter, self.nbytes = meter, nbytes
+
+    def __enter__(self) -> None:
+        self.meter.add(self.nbytes)
+
+    def __exit__(self, *exc: object) -> None:
+        self.meter.sub(self.nbytes)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD = 1 << 16  # blocks above 64 KB (every stack of a real model) are mmapped and unmapped on free
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def heap_hygiene() -> None:
+    """Fix glibc's mmap threshold at 64 KB (a fixed threshold also stops its upward adaptation), so that freed
+    stacks leave the process at once in every thread's arena; a no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc's malloc_trim), after a batch; a no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def item_bytes(item: Any) -> int:
+    """Bytes of a tensor or of a tuple of tensors."""
+    return sum(nbytes(t) for t in item) if isinstance(item, tuple) else nbytes(item)
+
+
+_CHUNK_MAX = 1 << 20  # elements of one float64 row chunk (8 MB)
+_CHUNK_TEMPS = 5  # float64 chunk temporaries: two converted rows, the true move, the move, a product added into it
+
+
+def chunk_rows(shape: tuple[int, int], budget: int | None) -> int:
+    """Matrix rows per float64 chunk: about budget / 400 elements (so the chunk's temporaries, 40 bytes per
+    element, take a tenth of the budget), at most 8 MB, at least one row."""
+    m, n = shape
+    elems = _CHUNK_MAX if budget is None else min(_CHUNK_MAX, budget // (10 * 8 * _CHUNK_TEMPS))
+    return max(1, min(m, elems // n))
+
+
+def chunk_bytes(shape: tuple[int, int], budget: int | None) -> int:
+    return _CHUNK_TEMPS * 8 * chunk_rows(shape, budget) * shape[1]
+
+
+def row_chunks(shape: tuple[int, int], budget: int | None) -> Iterator[slice]:
+    step = chunk_rows(shape, budget)
+    return (slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step))
+
+
+def mb(n: int | None) -> str:
+    return "unlimited" if n is None else f"{n / 1e6:.3g} MB"
+
+
+@dataclass
+class StreamStats:
+    """What one streaming pass measured."""
+
+    budget: int | None
+    peak: int = 0
+    batches: int = 0
+    reads: int = 0
+    svd: str = "exact"
+    sigma_error_max: float = 0.0  # fast mode: the largest reported relative sigma error bound (0 for exact)
+    seconds_waiting: float = 0.0  # compute time spent waiting for the reader
+
+
+Unit = TypeVar("Unit")
+
+
+def sized_batches(groups: Sequence[Sequence[Unit]], per_unit: Callable[[Unit], int], fixed: Callable[[Unit], int],
+                  meter: Meter, too_big: Callable[[Unit, int, int | None], str], max_batch: int | None = None) -> Iterator[list[Unit]]:
+    """Each group's units (all of one shape) in batches whose ``per_unit`` bytes each, plus the group's ``fixed``
+    bytes once, fit what the budget leaves free beside what ``meter`` holds (at most ``max_batch`` units).
+
+    A unit that alone does not fit raises NextrapError with ``too_big(unit, needed, free)`` as its message."""
+    for group in groups:
+        if not group:
+            continue
+        per, base = per_unit(group[0]), fixed(group[0])
+        free = None if meter.budget is None else meter.budget - meter.held - base
+        size = len(group) if free is None else max(free, 0) // max(per, 1)
+        if size < 1:
+            raise NextrapError(too_big(group[0], per + base, None if free is None else free + base))
+        size = min(size, max_batch or size)
+        for start in range(0, len(group), size):
+            yield list(group[start:start + size])
+
+
+def preflight(groups: Sequence[Sequence[Unit]], per_unit: Callable[[Unit], int], fixed: Callable[[Unit], int],
+              meter: Meter, too_big: Callable[[Unit, int, int | None], str]) -> None:
+    """Raise now, before anything is read, when some unit of ``groups`` cannot stream beside ``meter``'s bytes."""
+    for _ in sized_batches(groups, per_unit, fixed, meter, too_big):
+        pass
+
+
+Job = TypeVar("Job")
+Load = Callable[[Any, Meter, bool], Any]  # (job, meter, pin) -> a tensor or a tuple of tensors, added to the meter
+
+
+class Prefetcher:
+    """Loads ``jobs`` in order on a background thread, one ahead of the consumer; iterating yields
+    (``key(job)``, item).
+
+    ``load(job, meter, pin)`` returns a tensor or a tuple of tensors (in pinned memory when ``pin``) and adds
+    their bytes to ``meter``; the consumer subtracts them when it lets an item go."""
+
+    def __init__(self, jobs: Sequence[Any], load: Load, device: torch.device, meter: Meter,
+                 key: Callable[[Any], Any] = lambda job: job):
+        self.jobs, self.load, self.device, self.meter, self.key = list(jobs), load, device, meter, key
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for job in self.jobs:
+                item = self.load(job, self.meter, cuda)
+                event = None
+                if cuda:  # untested here (no GPU): copy on a side stream, the consumer waits on the event
+                    with torch.cuda.stream(stream):
+                        dev = _apply(item, lambda t: t.to(self.device, non_blocking=True))
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    event.synchronize()  # the pinned host buffer may be freed only after the copy
+                    self.meter.sub(item_bytes(item))
+                    self.meter.add(item_bytes(dev))
+                    item = dev
+                if not self._put((True, job, item, event)):
+                    self.meter.sub(item_bytes(item))
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put((False, None, e, None))
+
+    def _put(self, entry: tuple) -> bool:
+        """Queue ``entry`` unless the consumer has gone (then False)."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for _ in self.jobs:
+            t0 = time.perf_counter()
+            ok, job, item, event = self._q.get()
+            self.waited += time.perf_counter() - t0
+            if not ok:
+                raise item
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                _apply(item, lambda t: t.record_stream(current))
+            yield self.key(job), item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # release an item the consumer never took
+            try:
+                ok, _, item, _ = self._q.get_nowait()
+                if ok:
+                    self.meter.sub(item_bytes(item))
+            except queue.Empty:
+                break
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _apply(item: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    return tuple(fn(t) for t in item) if isinstance(item, tuple) else fn(item)
+
+
+def group_by(units: Sequence[Unit], key: Callable[[Unit], Hashable]) -> list[list[Unit]]:
+    """``units`` grouped by ``key`` (first-seen order of keys, order kept within a group)."""
+    groups: dict[Hashable, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(key(u), []).append(u)
+    return list(groups.values())

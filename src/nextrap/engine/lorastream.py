@@ -1,0 +1,457 @@
+"""Budgeted streaming passes over a LoRA trajectory: the rank-1 features, the backtest's terms, relex's
+projections and next's held-out check, each reading every checkpoint it needs once per unit (a batch of
+same-shape modules sized to ``--max-memory``, ``budget``), only that unit's tensors (safetensors ``safe_open``).
+
+The math is exact and shares its work. Every delta is a combination of checkpoint products s B_i A_i, so its
+top singular triple follows from the k x k Grams B_i^T B_j and A_i A_j^T (``lowrank.top1_gram``). The feature
+pass computes, per checkpoint i, the Grams of i with itself, with i - 1 and with i - h, once, and assembles
+from them the cores of G_i = s B_i A_i, L_i = s (B_i A_i - B_{i-1} A_{i-1}) and T_{i-h} = s (B_i A_i - B_{i-h}
+A_{i-h}); u and v are then P cu and Q cv. Only the last h + 1 checkpoints of a unit are held. Grams are float64
+(the cancellation in a local delta enters them squared); the factors are read as stored (bf16, fp16, fp32).
+
+A move on a LoRA trajectory (``LoraMove``) is a checkpoint difference s (B_row A_row - B_ref A_ref) plus explicit
+thin factors; its factors are read per module when asked for, so no pass holds a whole checkpoint.
+Inner products of moves come from the same Gram blocks: <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
+from nextrap.io.checkpoints import LoraModule, LoraTrajectory
+from nextrap.core.lowrank import energy_of, top1_gram
+
+FLOAT64 = 8
+KINDS = ("global", "local", "target")  # the deltas of every checkpoint (``trajectory``)
+Factors = tuple[torch.Tensor, torch.Tensor]  # (P [m, k], Q [n, k]): the move P @ Q^T
+Sink = Callable[[list[str], str, dict[str, torch.Tensor]], None]  # (names, kind, parts [modules, rows, ...])
+
+
+# --------------------------------------------------------------------------------------------- budget
+
+def factor_bytes(m: LoraModule, itemsize: int = FLOAT64) -> int:
+    """Bytes of one checkpoint's B and A of module ``m``."""
+    return itemsize * m.rank * (m.out_features + m.in_features)
+
+
+def _native_bytes(m: LoraModule) -> int:
+    """safe_open's copy of one stored factor before it is converted (float64 at most) and the finiteness masks."""
+    return FLOAT64 * m.rank * max(m.out_features, m.in_features) + m.rank * (m.out_features + m.in_features)
+
+
+def feature_bytes(traj: LoraTrajectory) -> int:
+    """Bytes of the float32 features of every module: sigma, u, v per kind and the global energy, per checkpoint."""
+    return sum(module_feature_bytes(m, len(traj.checkpoints)) for m in traj.modules)
+
+
+def module_feature_bytes(m: LoraModule, rows: int) -> int:
+    return 4 * rows * (len(KINDS) * (m.out_features + m.in_features + 1) + 1)
+
+
+RESIDENT_COPIES = 3  # features a fit holds beside a later pass: its own, a backtest fold's truncated copy, next's aligned copy
+
+
+def resident_bytes(traj: LoraTrajectory) -> int:
+    """What a pass started after the features (backtest, relex, next) counts as held before it reads anything."""
+    return RESIDENT_COPIES * feature_bytes(traj)
+
+
+def feature_stacks(horizon: int) -> int:
+    """Checkpoints of a unit the feature pass holds at once: the last h + 1 and two in the reader's pipeline."""
+    return horizon + 3
+
+
+def meter_for(budget: int | None, held: int) -> Meter:
+    """A meter that starts with what the process already holds (features, moves), glibc told to give memory back."""
+    heap_hygiene()
+    meter = Meter(budget)
+    meter.add(held)
+    return meter
+
+
+def units(traj: LoraTrajectory, names: Sequence[str] | None, rows: int, meter: Meter, what: str,
+          scratch: Callable[[LoraModule], int] = lambda m: 0, max_batch: int | None = None) -> Iterator[list[str]]:
+    """Modules (all of ``traj`` or ``names``) in batches of one shape whose ``rows`` checkpoints of float64 factors
+    each, plus ``scratch`` per module and one stored tensor being read, fit what the budget leaves free."""
+    wanted = set(names) if names is not None else None
+    modules = [m for m in traj.modules if wanted is None or m.name in wanted]
+
+    def too_big(m: LoraModule, need: int, free: int | None) -> str:
+        return (f"LoRA module {m.name} [{m.out_features}x{m.in_features}, r {m.rank}] needs {mb(need)} for {what} "
+                f"({rows} checkpoints of float64 factors), more than the --max-memory budget {mb(meter.budget)} leaves "
+                f"({mb(free)} after {mb(meter.held)} of features and moves held); raise --max-memory")
+
+    groups = group_by(modules, lambda m: (m.out_features, m.in_features, m.rank))
+    for batch in sized_batches(groups, lambda m: rows * factor_bytes(m) + scratch(m), _native_bytes, meter, too_big, max_batch):
+        yield [m.name for m in batch]
+
+
+def _load(traj: LoraTrajectory, job: tuple[int, list[str]], meter: Meter, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reader's load: checkpoint ``job[0]``'s float64 (B, A) stacks of modules ``job[1]``."""
+    row, names = job
+    m = traj.module(names[0])
+    meter.add(len(names) * factor_bytes(m))
+    with meter.scratch(_native_bytes(m)):
+        return traj.factors(row, names, torch.float64, pin)
+
+
+def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device: torch.device, meter: Meter) -> Prefetcher:
+    return Prefetcher([(r, names) for r in rows], partial(_load, traj), device, meter, key=lambda job: job[0])
+
+
+# --------------------------------------------------------------------------------------------- features
+
+def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int | None = None, device: str = "cpu",
+                    progress: Callable[[int], None] | None = None, max_batch: int | None = None,
+                    names: Sequence[str] | None = None) -> StreamStats:
+    """Exact rank-1 features of every module's global, local and target deltas, unit by unit under ``budget``
+    bytes; each unit's rows go to ``sink(names, kind, parts)`` (parts: sigma [b, rows], u [b, rows, m],
+    v [b, rows, n] float32, raw SVD signs; energy for global; target rows only up to c - h). ``names``: only
+    these modules (a rank's share under torchrun)."""
+    n = len(traj.checkpoints)
+    meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
+    scratch = partial(_unit_output_bytes, rows=n)
+    for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch):
+        module = traj.module(names[0])
+        with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter) as rd:
+            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter)
+            stats.seconds_waiting += rd.waited
+            for kind, p in parts.items():
+                sink(names, kind, p)
+            del parts
+        trim_heap()
+        stats.batches += 1
+        stats.reads += n
+        if progress:
+            progress(len(names))
+    stats.peak = meter.peak
+    traj.peak = max(traj.peak, meter.peak)
+    return stats
+
+
+def _unit_output_bytes(m: LoraModule, rows: int) -> int:
+    """The unit's feature rows as built (float32) and their aligned, stored copies."""
+    return 3 * module_feature_bytes(m, rows)
+
+
+@dataclass
+class _Held:
+    b: torch.Tensor  # [units, m, r] float64
+    a: torch.Tensor  # [units, r, n]
+    gb: torch.Tensor  # B^T B [units, r, r]
+    ga: torch.Tensor  # A A^T
+
+
+def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter) -> dict[str, dict[str, torch.Tensor]]:
+    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    held: dict[int, _Held] = {}
+    s2 = (scale * scale)[:, None, None]
+    for i, (b, a) in rd:
+        units_, m, _ = b.shape
+        if not out:
+            out = {kind: {"sigma": torch.zeros(units_, rows), "u": torch.zeros(units_, rows, m),
+                          "v": torch.zeros(units_, rows, a.shape[-1])}
+                   for kind, rows in (("global", n), ("local", n), ("target", max(n - horizon, 0)))}
+            out["global"]["energy"] = torch.zeros(units_, n)
+        cur = held[i] = _Held(b, a, b.mT @ b, a @ a.mT)
+        cross = {o: (b.mT @ held[o].b, a @ held[o].a.mT) for o in {i - 1, i - horizon} & set(held)}
+        s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
+        _put(out["global"], i, s[..., 0], *_vectors(scale, cur, cu, cv))
+        out["global"]["energy"][:, i] = energy_of(s).float().cpu()
+        if i == 0:  # L_0 = W_0' - W_0: the first checkpoint's global delta
+            for part in ("sigma", "u", "v"):
+                out["local"][part][:, 0] = out["global"][part][:, 0]
+        pairs = ([("local", i - 1, i)] if i >= 1 else []) + ([("target", i - horizon, i - horizon)] if i >= horizon else [])
+        if pairs:
+            gp = torch.cat([_pair_gram(s2 * cur.gb, s2 * -cross[old][0], s2 * held[old].gb) for _, old, _ in pairs])
+            gq = torch.cat([_pair_gram(cur.ga, cross[old][1], held[old].ga) for _, old, _ in pairs])
+            s, cu, cv = top1_gram(gp, gq, spectrum=False)
+            for k, (kind, old, row) in enumerate(pairs):
+                sl = slice(k * units_, (k + 1) * units_)
+                _put(out[kind], row, s[sl, 0], *_vectors(scale, cur, cu[sl], cv[sl], held[old]))
+        for old in [j for j in held if j <= i - horizon]:  # T_{i-h} was the last delta that needed checkpoint i - h
+            meter.sub(nbytes(held[old].b) + nbytes(held[old].a))
+            del held[old]
+    for h in held.values():
+        meter.sub(nbytes(h.b) + nbytes(h.a))
+    return out
+
+
+def _vectors(scale: torch.Tensor, new: _Held, cu: torch.Tensor, cv: torch.Tensor,
+             old: _Held | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = s (B_new cu[:r] - B_old cu[r:]) and v = A_new^T cv[:r] + A_old^T cv[r:] per module (matrix-vector
+    products: the fastest way through the factors' bytes)."""
+    r = new.b.shape[-1]
+    u = torch.stack([torch.mv(new.b[j], cu[j, :r]) for j in range(len(cu))])
+    v = torch.stack([torch.mv(new.a[j].mT, cv[j, :r]) for j in range(len(cv))])
+    if old is not None:
+        u -= torch.stack([torch.mv(old.b[j], cu[j, r:]) for j in range(len(cu))])
+        v += torch.stack([torch.mv(old.a[j].mT, cv[j, r:]) for j in range(len(cv))])
+    return scale[:, None] * u, v
+
+
+def _pair_gram(new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """[[new, cross], [cross^T, old]]: the Gram of two side-by-side factor blocks from their blocks."""
+    return torch.cat([torch.cat([new, cross], -1), torch.cat([cross.mT, old], -1)], -2)
+
+
+def _put(rows: dict[str, torch.Tensor], row: int, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    """Store one row of a kind: u and v renormalised (they are unit vectors up to rounding), zero where sigma is."""
+    for part, x in (("u", u), ("v", v)):
+        norm = x.norm(dim=-1, keepdim=True)
+        x = torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
+        rows[part][:, row] = x.float().cpu()
+    rows["sigma"][:, row] = sigma.float().cpu()
+
+
+# --------------------------------------------------------------------------------------------- moves
+
+class LoraMove(Mapping):
+    """A move on a LoRA trajectory, per module: s (B_row A_row - B_ref A_ref) (ref None: the base model, no second
+    term) plus explicit thin factors (P, Q). ``move[name]`` is the module's (P, Q) in float64 with P Q^T the move,
+    the checkpoint factors read when asked for; modules outside ``keep`` have a zero move of the same rank."""
+
+    def __init__(self, traj: LoraTrajectory, row: int, ref: int | None, explicit: dict[str, Factors] | None = None,
+                 keep: frozenset[str] | None = None):
+        self.traj, self.row, self.ref = traj, row, ref
+        self.explicit = dict(explicit or {})
+        self.keep = keep
+
+    @property
+    def rows(self) -> list[int]:
+        """The checkpoints the difference reads."""
+        return [self.row] if self.ref is None else [self.row, self.ref]
+
+    def __getitem__(self, name: str) -> Factors:
+        return self.factors(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(m.name for m in self.traj.modules)
+
+    def __len__(self) -> int:
+        return len(self.traj.modules)
+
+    def rank(self, name: str) -> int:
+        """Columns of the module's (P, Q) (the adapter's extra rank), known without reading."""
+        extra = self.explicit[name][0].shape[-1] if name in self.explicit else 0
+        return len(self.rows) * self.traj.module(name).rank + extra
+
+    def factors(self, name: str, held: Mapping[int, Factors] | None = None) -> Factors:
+        """(P, Q) of module ``name``; checkpoint factors come from ``held`` (row -> (B [m, r], A [r, n])) when given."""
+        m = self.traj.module(name)
+        if self.keep is not None and name not in self.keep:
+            k = self.rank(name)
+            return torch.zeros(m.out_features, k, dtype=torch.float64), torch.zeros(m.in_features, k, dtype=torch.float64)
+        ps, qs = [], []
+        for sign, row in zip((1.0, -1.0), self.rows):
+            b, a = held[row] if held is not None and row in held else (t[0] for t in self.traj.factors(row, [name]))
+            ps.append(sign * m.scale * b.double())
+            qs.append(a.double().mT)
+        if name in self.explicit:
+            p, q = self.explicit[name]
+            ps.append(p.double())
+            qs.append(q.double())
+        return torch.cat(ps, -1), torch.cat(qs, -1)
+
+    def plus(self, explicit: Mapping[str, Factors]) -> "LoraMove":
+        """This move plus explicit factors (appended after the difference's columns, as ``methods.combine`` does)."""
+        both = dict(self.explicit)
+        for name, (p, q) in explicit.items():
+            if name in both:
+                both[name] = (torch.cat([both[name][0], p], -1), torch.cat([both[name][1], q], -1))
+            else:
+                both[name] = (p, q)
+        return LoraMove(self.traj, self.row, self.ref, both, self.keep)
+
+    def only(self, keep: set[str]) -> "LoraMove":
+        """The same move with a zero move (of the same rank) for the modules outside ``keep``."""
+        kept = frozenset(keep) if self.keep is None else self.keep & frozenset(keep)
+        return LoraMove(self.traj, self.row, self.ref, self.explicit, kept)
+
+
+def move_rank(factors: Mapping[str, Factors], name: str) -> int:
+    """Columns of a move's (P, Q) for module ``name``, without reading a LoraMove's checkpoints."""
+    return factors.rank(name) if isinstance(factors, LoraMove) else factors[name][0].shape[-1]
+
+
+def module_factors(factors: Mapping[str, Factors], name: str, held: Mapping[int, Factors] | None = None) -> Factors:
+    """A move's (P, Q) for module ``name``, a LoraMove's checkpoint factors taken from ``held`` where there."""
+    return factors.factors(name, held) if isinstance(factors, LoraMove) else factors[name]
+
+
+def explicit_bytes(factors: Mapping[str, Factors]) -> int:
+    """Bytes a move holds in memory: its explicit factors (a LoraMove's checkpoint difference is read per unit)."""
+    explicit = factors.explicit if isinstance(factors, LoraMove) else factors
+    return sum(nbytes(p) + nbytes(q) for p, q in explicit.values())
+
+
+@dataclass
+class Combo:
+    """One module's matrix as sum_row w_row B_row A_row + sum P Q^T (the scale s folded into w)."""
+
+    rows: dict[int, float] = field(default_factory=dict)
+    explicit: list[Factors] = field(default_factory=list)
+
+    def __add__(self, other: "Combo") -> "Combo":
+        rows = dict(self.rows)
+        for r, w in other.rows.items():
+            rows[r] = rows.get(r, 0.0) + w
+        return Combo(rows, [*self.explicit, *other.explicit])
+
+    def __neg__(self) -> "Combo":
+        return Combo({r: -w for r, w in self.rows.items()}, [(-p, q) for p, q in self.explicit])
+
+
+def difference(new: int, old: int | None, scale: float) -> Combo:
+    """s (W_new - W_old) of one module (old None or negative: the base model)."""
+    return Combo({new: scale}) + (Combo({old: -scale}) if old is not None and old >= 0 else Combo())
+
+
+def combo(factors: Mapping[str, Factors], name: str, scale: float) -> Combo:
+    """A move's Combo for one module: a LoraMove stays symbolic in its rows, explicit factors are kept as they are."""
+    if not isinstance(factors, LoraMove):
+        return Combo({}, [factors[name]])
+    if factors.keep is not None and name not in factors.keep:
+        return Combo()
+    return difference(factors.row, factors.ref, scale) + Combo({}, [factors.explicit[name]] if name in factors.explicit else [])
+
+
+class _Inner:
+    """Frobenius inner products of Combos of one module, with the checkpoints' Gram blocks computed once:
+    <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)), <B A, P Q^T> = sum((B^T P) * (A Q))."""
+
+    def __init__(self, held: Mapping[int, Factors]):
+        self.held = held  # row -> (B [m, r], A [r, n]) float64
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _row_row(self, i: int, j: int) -> torch.Tensor:
+        key = (min(i, j), max(i, j))
+        if key not in self._rows:
+            (bi, ai), (bj, aj) = self.held[key[0]], self.held[key[1]]
+            self._rows[key] = ((bi.mT @ bj) * (ai @ aj.mT)).sum()
+        return self._rows[key]
+
+    def _row_explicit(self, i: int, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        b, a = self.held[i]
+        return ((b.mT @ p.double()) * (a @ q.double())).sum()
+
+    def __call__(self, x: Combo, y: Combo) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for i, wi in x.rows.items():
+            total += sum((wi * wj * self._row_row(i, j) for j, wj in y.rows.items()), torch.zeros((), dtype=torch.float64))
+            total += sum((wi * self._row_explicit(i, p, q) for p, q in y.explicit), torch.zeros((), dtype=torch.float64))
+        for p, q in x.explicit:
+            total += sum((wj * self._row_explicit(j, p, q) for j, wj in y.rows.items()), torch.zeros((), dtype=torch.float64))
+            total += sum((((p.double().mT @ r.double()) * (q.double().mT @ s.double())).sum() for r, s in y.explicit),
+                         torch.zeros((), dtype=torch.float64))
+        return float(total)
+
+
+def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
+                 rows: Sequence[int], budget: int | None = None, held_bytes: int = 0, names: Sequence[str] | None = None,
+                 what: str = "the backtest") -> tuple[dict[tuple[str, str], float], StreamStats]:
+    """sum over modules of <X, Y> for every (X, Y) in ``pairs``, with ``combos(module)`` -> {label: Combo}: the
+    checkpoints ``rows`` of each unit read once (under ``budget`` beside the resident features and ``held_bytes``)."""
+    rows = sorted(set(rows))
+    meter, stats = meter_for(budget, resident_bytes(traj) + held_bytes), StreamStats(budget)
+    totals = {pair: 0.0 for pair in pairs}
+    for unit in units(traj, names, max(len(rows), 1), meter, what):
+        with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
+            _unit_inner(rd, unit, combos, pairs, totals, meter)
+            stats.seconds_waiting += rd.waited
+        trim_heap()
+        stats.batches += 1
+        stats.reads += len(rows)
+    stats.peak = meter.peak
+    traj.peak = max(traj.peak, meter.peak)
+    return totals, stats
+
+
+def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
+                totals: dict[tuple[str, str], float], meter: Meter) -> None:
+    """Add one unit's inner products to ``totals``. A function of its own so that nothing it made (a view of a
+    checkpoint's stack keeps the whole stack) outlives it."""
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for row, ba in rd:
+            held[row] = ba
+        for j, name in enumerate(unit):
+            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()})
+            mine = combos(name)
+            for x, y in pairs:
+                totals[(x, y)] += inner(mine[x], mine[y])
+    finally:
+        meter.sub(sum(nbytes(b) + nbytes(a) for b, a in held.values()))
+
+
+def move_terms(traj: LoraTrajectory, moves: dict[str, Mapping[str, Factors]], from_row: int, to_row: int,
+               budget: int | None = None) -> tuple[dict[str, tuple[float, float, float]], float, StreamStats]:
+    """Per method (t, c, j) of its move against the true W_to - W_from (t = ||true||^2, c = <true, move>,
+    j = ||move||^2), and t, in one streamed pass over the checkpoints all the moves need."""
+    rows = {from_row, to_row}
+    for f in moves.values():
+        if isinstance(f, LoraMove):
+            rows.update(f.rows)
+
+    def combos(name: str) -> dict[str, Combo]:
+        s = traj.module(name).scale
+        return {"": difference(to_row, from_row, s), **{method: combo(f, name, s) for method, f in moves.items()}}
+
+    pairs = [("", "")] + [p for m in moves for p in (("", m), (m, m))]
+    held = sum(explicit_bytes(f) for f in moves.values())
+    totals, stats = stream_inner(traj, combos, pairs, sorted(rows), budget, held)
+    t = totals[("", "")]
+    return {m: (t, totals[("", m)], totals[(m, m)]) for m in moves}, t, stats
+
+
+def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: Sequence[int],
+                budget: int | None = None) -> dict[str, torch.Tensor]:
+    """a_i = u^T (s B_i A_i) v for every module in ``directions`` and every checkpoint i in ``rows``, streamed: one
+    read of each checkpoint per unit, one checkpoint held at a time."""
+    held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())
+    meter = meter_for(budget, held)
+    out: dict[str, torch.Tensor] = {}
+    for unit in units(traj, list(directions), 3, meter, "relex's projections"):
+        uv = [(directions[n][0].double(), directions[n][1].double()) for n in unit]
+        scale = traj.scales(unit)
+        values = []
+        with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
+            for _, (b, a) in rd:  # s (u^T B)(A v), module by module (matrix-vector products)
+                values.append(scale * torch.stack([torch.mv(b[j].mT, u) @ torch.mv(a[j], v) for j, (u, v) in enumerate(uv)]))
+                meter.sub(nbytes(b) + nbytes(a))
+                del b, a
+        trim_heap()
+        traj.peak = max(traj.peak, meter.peak)
+        stacked = torch.stack(values, 1) if values else torch.zeros(len(unit), 0, dtype=torch.float64)
+        out.update({n: stacked[j] for j, n in enumerate(unit)})
+    return out
+
+
+def rank1(sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Factors:
+    """(P, Q) = (sigma u, v) as [m, 1], [n, 1] float64."""
+    return (float(sigma) * u.double())[:, None], v.double()[:, None]
+
+
+def preflight(traj: LoraTrajectory, horizon: int, budget: int | None, backtest: bool = True) -> None:
+    """Check up front that every pass a fit runs fits the budget, so that a too-small budget fails now with the
+    one-line error naming a module rather than after the feature pass. Later passes run beside the resident
+    features (``resident_bytes``), the moves' explicit factors (at most 4 columns per module and method, 4
+    methods) and relex's directions."""
+    n = len(traj.checkpoints)
+    features = feature_bytes(traj)
+    for _ in units(traj, None, feature_stacks(horizon), meter_for(budget, features), "the rank-1 features",
+                   partial(_unit_output_bytes, rows=n)):
+        pass
+    vectors = FLOAT64 * sum(m.out_features + m.in_features for m in traj.modules)
+    later = resident_bytes(traj) + 4 * 4 * vectors + vectors
+    for rows, what in ((4, "the backtest"), (3, "next's held-out check"), (3, "relex's projections")):
+        if backtest or what != "the backtest":
+            for _ in units(traj, None, rows, meter_for(budget, later), what):
+                pass

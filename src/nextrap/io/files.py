@@ -1,0 +1,244 @@
+"""File-level guarantees: outputs appear atomically, inputs are fingerprinted."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from nextrap.core.errors import WRITE_ERRNOS, NextrapError, os_error, os_problem
+from nextrap.runtime.process import check_interrupted, deferred_interrupts
+
+
+OUTPUT_MARKER = ".nextrap-output.json"  # in every folder nextrap writes: what it wrote there, so --overwrite can prove it
+OUTPUT_FORMAT = "nextrap-output/1"
+# Fit folders written before the marker existed: replaceable when they hold nothing but these files.
+_LEGACY_FIT = ("manifest.json", "trajectory.safetensors", "predictor.safetensors", "predictor.json", "next.json")
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file, link and folder below ``folder`` as a relative POSIX path (links are not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        rel = Path(dirpath).relative_to(folder)
+        out += [(rel / n).as_posix() for n in dirnames + filenames]
+    return sorted(out)
+
+
+def write_marker(folder: Path, kind: str, trees: tuple[str, ...] = ()) -> None:
+    """Record in ``folder`` every path nextrap wrote there (and, for a workspace that grows over time, the
+    top-level names it owns whole, as glob patterns ``trees``), so that ``--overwrite`` can later prove the
+    folder is ours."""
+    files = [e for e in _entries(folder) if e != OUTPUT_MARKER]
+    write_json(folder / OUTPUT_MARKER, {"format": OUTPUT_FORMAT, "kind": kind, "trees": sorted(trees), "files": files})
+
+
+def _not_ours(target: Path) -> str | None:
+    """Why ``target`` (an existing, non-empty folder) is not provably a nextrap output, or None if it is."""
+    entries = _entries(target)
+    marker = target / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text())
+            assert record["format"] == OUTPUT_FORMAT
+            owned, trees = set(record["files"]) | {OUTPUT_MARKER}, tuple(record["trees"])
+        except Exception:  # noqa: BLE001 - any unreadable marker means the same: not provably ours
+            return f"{marker} is not a valid nextrap output marker"
+    elif (target / "manifest.json").is_file() and set(entries) <= set(_LEGACY_FIT):
+        try:
+            if json.loads((target / "manifest.json").read_text()).get("format") == "nextrap-fit/1":
+                return None
+        except Exception:  # noqa: BLE001
+            pass
+        return f"{target / 'manifest.json'} is not a nextrap fit manifest"
+    else:
+        return f"it has no {OUTPUT_MARKER}"
+    folders = {a.as_posix() for f in owned for a in Path(f).parents}
+    for e in entries:
+        if e in owned or e in folders or any(fnmatch.fnmatchcase(e.split("/")[0], t) for t in trees):
+            continue
+        return f"{target / e} was not written by nextrap"
+    return None
+
+
+def check_writable(target: Path | str) -> None:
+    """Refuse, before any work, an output that cannot be created: a file where a folder must go (``--out
+    afile/fit``), or a folder this process may not write in."""
+    target = Path(target).absolute()
+    parent = target.parent
+    while not os.path.exists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NextrapError(f"--out {target}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NextrapError(f"--out {target}: permission denied (cannot write in {parent})")
+
+
+def check_replaceable(target: Path, overwrite: bool) -> None:
+    """Refuse a ``target`` that cannot be written (``check_writable``) or that exists, unless ``overwrite``, and
+    even then unless it is empty or provably an output of nextrap (its marker lists everything in it):
+    --overwrite never deletes what nextrap did not write."""
+    check_writable(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise NextrapError(f"{target}: already exists (pass --overwrite to replace it)")
+    if target.is_symlink() or not target.is_dir():
+        raise NextrapError(f"{target}: exists and is not a folder; refusing to replace it")
+    if any(target.iterdir()):
+        why = _not_ours(target)
+        if why:
+            raise NextrapError(f"{target}: not an output of nextrap ({why}); refusing to replace it")
+
+
+def check_apart(out: Path, inputs: dict[str, Path | str | None]) -> None:
+    """Refuse an output folder inside one of the ``inputs`` (name -> path) or holding one: nextrap never writes
+    into what it reads, and never replaces a folder its inputs live in."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if o == p or p in o.parents:
+            raise NextrapError(f"--out {out}: is inside {what} {path}; write outputs outside what nextrap reads")
+        if o in p.parents:
+            raise NextrapError(f"--out {out}: holds {what} {path}; write outputs outside what nextrap reads")
+
+
+# Test hook (tests/test_faults.py): seconds atomic_dir waits with the output complete in its temporary folder, so
+# that a test can interrupt a run while it writes. Unset outside tests.
+PAUSE_ENV = "NEXTRAP_TEST_PAUSE_BEFORE_RENAME"
+
+
+@contextmanager
+def atomic_dir(target: Path | str, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; on success it is made publishable (``publish``) and
+    renamed to ``target``.
+
+    On any exception, an interrupt included, the temporary folder is removed and ``target`` is left as it was,
+    so a failed or interrupted run never leaves a half-written output, nor anything beside it; a full disk is
+    one line naming what was being written. An existing ``target`` is refused unless ``overwrite`` and provably
+    nextrap's (see ``check_replaceable``).
+    """
+    target = Path(target).absolute()
+    check_replaceable(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"  # named before it exists: always cleaned
+    try:
+        tmp.mkdir()
+        yield tmp
+        time.sleep(float(os.environ.get(PAUSE_ENV) or 0))
+        check_interrupted()  # a signal that native code swallowed while writing: publish nothing
+        with deferred_interrupts():
+            publish(tmp, kind)
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+    except BaseException as e:
+        with deferred_interrupts():
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = write_errno(e)
+        if code in WRITE_ERRNOS:
+            where = getattr(e, "filename", None)
+            where = str(where).replace(str(tmp), str(target)) if where else target
+            raise NextrapError(f"{os_problem(code)} writing {where}") from None
+        raise
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one safetensors' writer puts in its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return int(m.group(1)) if m else None
+
+
+def publish(folder: Path, kind: str) -> None:
+    """What every output gets before it appears: safetensors headers in one canonical form, the permissions a
+    fresh file gets under the umask (safetensors writes 0600 files, as ``mkstemp`` does), and nextrap's marker."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        if path.is_file() and not path.is_symlink():
+            canonical_header(path)
+    write_marker(folder, kind)
+    apply_umask(folder)
+
+
+def canonical_header(path: Path) -> None:
+    """Sort a safetensors header's ``__metadata__`` keys in place (the header keeps its length): safetensors
+    serializes them from a hash map, in an order that changes from run to run, so equal files differed in bytes."""
+    with open(path, "r+b") as f:
+        size = f.read(8)
+        n = struct.unpack("<Q", size)[0] if len(size) == 8 else 0
+        if not 0 < n <= os.fstat(f.fileno()).st_size - 8:
+            return  # not a safetensors file: nothing to put in order
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or list(meta) == sorted(meta):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) <= n:  # always, as serde_json escapes like json.dumps: the same keys, in another order
+            f.seek(8)
+            f.write(raw + b" " * (n - len(raw)))
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything below it (links aside) the mode a fresh folder or file gets under the
+    process's umask, as ``save_pretrained`` leaves them: readable by the group when the umask says so."""
+    mask = umask()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise os_error(e) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NextrapError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,179 @@
+"""The NExt predictor: encoder-decoder MLPs that map (global, local) rank-1 components to the target one.
+
+Exactly as the reference code sets it up (see shared METHOD.md): one model per distinct vector length (all
+sigmas share one, all u's and v's of one length share one; the matrices of that length are the batch),
+f_G and f_L = Linear(d,H) Linear(H,d) ReLU Linear(d,H) Linear(H,d), f_D = the same over 2d with output d,
+L1 loss, AdamW lr 2e-5 with cosine decay to 0.1 x lr over 1000 epochs, one optimizer step per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from nextrap.engine.features import VEC, Features
+
+HIDDEN = 256
+
+
+def _block(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
+    # No activation between the paired Linears: the reference's layout, kept for exact reproduction.
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Linear(hidden, d_in), nn.ReLU(), nn.Linear(d_in, hidden), nn.Linear(hidden, d_out))
+
+
+class NExtMLP(nn.Module):
+    def __init__(self, d: int, hidden: int = HIDDEN):
+        super().__init__()
+        self.f_G = _block(d, d, hidden)
+        self.f_L = _block(d, d, hidden)
+        self.f_D = _block(2 * d, d, hidden)
+
+    def forward(self, x_global: torch.Tensor, x_local: torch.Tensor) -> torch.Tensor:
+        return self.f_D(torch.cat([self.f_G(x_global), self.f_L(x_local)], -1))
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1000
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01  # torch AdamW's default, which the reference uses
+    hidden: int = HIDDEN
+    seed: int = 0
+    device: str = "cpu"
+    sign_align: bool = True  # for ``next``; ``next-paper`` never aligns (the reference does not)
+
+
+@dataclass
+class Group:
+    """One predictor's data: every (module, part) whose vectors have this length."""
+
+    length: int
+    members: list[tuple[str, str]]  # (module, "sigma" | "u" | "v" | "vec")
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Predictor:
+    groups: list[Group]
+    models: dict[int, NExtMLP]
+    settings: TrainSettings
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"len{d}.{k}": v.detach().cpu().contiguous() for d, m in self.models.items() for k, v in m.state_dict().items()}
+
+
+def make_groups(features: Features) -> list[Group]:
+    """Groups by vector length, in a fixed order (sigma first, then lengths ascending). A 1-D parameter's raw
+    delta (``vec``) joins the u's and v's of its length, as in the reference code."""
+    by_len: dict[int, list[tuple[str, str]]] = {}
+    for module in features.modules:
+        if features.is_vector(module):
+            by_len.setdefault(features.get(module, "global", VEC).shape[-1], []).append((module, VEC))
+            continue
+        by_len.setdefault(0, []).append((module, "sigma"))
+        for part in ("u", "v"):
+            by_len.setdefault(features.get(module, "global", part).shape[-1], []).append((module, part))
+    return [Group(1 if d == 0 else d, members) for d, members in sorted(by_len.items())]
+
+
+def group_tensors(features: Features, group: Group, rows: slice | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_G, x_L, x_T), each [n_rows, n_members, d], for the given checkpoint rows."""
+    def stack(kind: str) -> torch.Tensor:
+        cols = [features.get(m, kind, p)[rows] for m, p in group.members]
+        return torch.stack([c[:, None] if c.dim() == 1 else c for c in cols], 1)
+    return stack("global"), stack("local"), stack("target")
+
+
+def training_rows(features: Features) -> list[int]:
+    """Rows i with i + h <= c (target known) and a nonzero global delta: a saved step-0 adapter (B = 0) is the
+    base model itself, W_0 in the paper's notation, not a training pair (so c = 15, h = 5 gives its 10 pairs)."""
+    return [i for i in features.moved_rows() if i + features.horizon < features.n_rows]
+
+
+def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int], None] | None = None) -> Predictor:
+    """Fit one NExtMLP per vector length on every training pair of the trajectory. Deterministic for a seed."""
+    rows = training_rows(features)
+    if not rows:
+        raise ValueError("no training pairs: need more checkpoints than the horizon")
+    groups = make_groups(features)
+    models: dict[int, NExtMLP] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        for g in groups:
+            models[g.length] = NExtMLP(g.length, settings.hidden)
+    device = torch.device(settings.device)
+    for g in groups:
+        with _cpu_threads(1 if device.type == "cpu" and g.length <= SMALL_GROUP else None):
+            _fit_group(models[g.length], g, features, rows, settings, device, on_epoch)
+        if not math.isfinite(g.losses[-1]):
+            raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
+    return Predictor(groups, models, settings)
+
+
+# Below this vector length the predictor's matmuls are too small to gain from several CPU threads, and OpenMP's
+# spin-waiting made them 16x slower on a 2-core machine whose other core was busy (2.5 s vs 41 s per 100 epochs).
+SMALL_GROUP = 1024
+
+
+@contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fit_group(model: NExtMLP, g: Group, features: Features, rows: list[int], settings: TrainSettings,
+               device: torch.device, on_epoch: Callable[[int], None] | None) -> None:
+    model.to(device)
+    xg, xl, xt = (t.to(device) for t in group_tensors(features, g, rows))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs, eta_min=settings.lr * settings.min_lr_ratio)
+    for epoch in range(settings.epochs):
+        # Mean L1 per checkpoint pair, averaged over pairs: one optimizer step per epoch.
+        loss = (model(xg, xl) - xt).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        g.losses.append(loss.item())
+        if on_epoch:
+            on_epoch(epoch)
+    model.cpu()
+
+
+@torch.no_grad()
+def predict(predictor: Predictor, features: Features, row: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Predicted target (sigma, u, v) at checkpoint ``row`` for every module; u and v normalized to unit length.
+    A 1-D parameter gets its predicted raw delta ``vec``, un-normalized."""
+    out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in features.modules}
+    for g in predictor.groups:
+        xg, xl, _ = group_tensors(features, g, [row])
+        y = predictor.models[g.length](xg, xl)[0]  # [n_members, d]
+        for (module, part), vec in zip(g.members, y):
+            if part == "sigma":
+                out[module][part] = vec[0]
+            elif part == VEC:
+                out[module][part] = vec
+            else:
+                out[module][part] = vec / vec.norm().clamp_min(1e-12)
+    return out
+
+
+def load(state: dict[str, torch.Tensor], groups: list[Group], settings: TrainSettings) -> Predictor:
+    models = {}
+    for g in groups:
+        model = NExtMLP(g.length, settings.hidden)
+        prefix = f"len{g.length}."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        models[g.length] = model
+    return Predictor(groups, models, settings)

@@ -1,0 +1,1 @@
+"""The process nextrap runs in: threads and signals, progress reporting, torch.distributed ranks."""

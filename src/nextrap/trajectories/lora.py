@@ -1,0 +1,139 @@
+"""LoRA trajectories behind the ``Trajectory`` interface: a run's PEFT adapters (``checkpoints``), every delta a
+product of thin factors, so features, moves and their inner products are exact and streamed by the LoRA
+engine (``lorastream``). A move's checkpoint difference becomes a ``LoraMove``, read module by module; the
+writers append the move to the adapter (``adapter``) or add it to a base model's weights (``hfmodel``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from nextrap.writers.adapter import write_adapter
+from nextrap.engine.budget import chunk_bytes
+from nextrap.io.checkpoints import LoraTrajectory, load_trajectory, relative_name
+from nextrap.core.errors import NextrapError
+from nextrap.io.files import sha256
+from nextrap.writers.merged import lora_deltas, write_merged
+from nextrap.io.hfmodel import DTYPE_BYTES, read_header, weight_map
+from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
+from nextrap.engine.lorastream import LoraMove, explicit_bytes, feature_bytes, move_rank, move_terms, preflight, projections
+from nextrap.core.moves import Jump, Terms
+from nextrap.trajectories.interface import Factors, Layout, Trajectory, Unit
+from nextrap.engine.features import Features, stream_lora_features
+
+
+@dataclass(eq=False)
+class LoraRun(LoraTrajectory, Trajectory):
+    """A LoRA trajectory (``checkpoints.LoraTrajectory``) as a ``Trajectory``."""
+
+    feature_batches: int = 0  # units of the last feature pass, for the manifest
+
+    kind = "lora"
+    units_label = "LoRA modules"
+    checkpoint_text = "LoRA checkpoint"
+    formats = {"adapter": "PEFT LoRA adapter (trained rank plus the jump)", "merged": "merged Hugging Face model",
+               "base": "base model with the jump folded in (the checkpoint's own adapter resumes on it)"}
+
+    @classmethod
+    def open(cls, root: Path | str, budget: int | None, device: str = "cpu") -> "LoraRun":
+        """Discover and validate the adapters under ``root`` (headers only)."""
+        read = load_trajectory(root)
+        return cls(**{**{f.name: getattr(read, f.name) for f in fields(read)}, "budget": budget, "device": device})
+
+    @classmethod
+    def reopen(cls, manifest: dict[str, Any]) -> "LoraRun":
+        # an older fit recorded no budget: no limit
+        return cls.open(manifest["source"], manifest.get("streaming", {}).get("max_memory_bytes"))
+
+    @property
+    def units(self) -> list[Unit]:
+        return [Unit(m.name, (m.out_features, m.in_features), m.rank) for m in self.modules]
+
+    def folder(self, row: int) -> Path:
+        return self.checkpoints[row].path
+
+    def preflight(self, horizon: int, backtest: bool) -> None:
+        preflight(self, horizon, self.budget, backtest=backtest)
+
+    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
+        features, stats = stream_lora_features(self, horizon, sign_align=sign_align, budget=self.budget, progress=progress,
+                                               device=self.device, max_batch=None)
+        self.feature_batches = stats.batches
+        return features
+
+    def terms(self, moves: Mapping[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
+        factors = {m: self.move_factors(j) for m, j in moves.items()}
+        terms, t, _ = move_terms(self, factors, from_row, to_row, self.budget)
+        return {m: Terms(*x) for m, x in terms.items()}, t
+
+    def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
+        return projections(self, directions, rows, self.budget)
+
+    @property
+    def exact_checks(self) -> bool:
+        return True  # a pass reads thin factors only
+
+    def move_factors(self, j: Jump) -> Mapping[str, Factors]:
+        """Explicit factors as they are; a checkpoint difference as a ``LoraMove`` (exact, read per module)."""
+        if j.difference is None:
+            return j.factors
+        row, ref = j.difference
+        return LoraMove(self, row, ref, dict(j.factors), j.keep)
+
+    def output_format(self, fmt: str, base: Path | None) -> str:
+        if fmt in ("merged", "base") and base is None:
+            raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
+        return fmt
+
+    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int) -> None:
+        move = replace(j, factors=self.move_factors(j))
+        self._check_write_budget(move, fmt, base)
+        if fmt == "adapter":
+            write_adapter(out, self, row, move, alpha)
+            return
+        trained = fmt == "merged"
+        extra = {relative_name(k): v for k, v in self.read_extra(row).items()} if trained else None  # modules_to_save
+        write_merged(out, base, lora_deltas(self, row, move, alpha, trained=trained), max_shard_bytes, extra,
+                     self.checkpoints[row].weights)
+
+    def _check_write_budget(self, move: Jump, fmt: str, base: Path | None) -> None:
+        """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse
+        up front, naming the module, when that exceeds the fit's --max-memory."""
+        if self.budget is None:
+            return
+        held = feature_bytes(self) + explicit_bytes(move.factors)
+        weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
+        for m in self.modules:
+            k, width = move_rank(move.factors, m.name), m.out_features + m.in_features
+            need = 8 * width * (4 * m.rank + 3 * k)  # two checkpoints' factors, the move's (P, Q), the jumped ones and their cast
+            if m.base_key in weights:
+                shape, dtype = weights[m.base_key]
+                rows = (shape[0], math.prod(shape[1:]))
+                need += 2 * DTYPE_BYTES.get(dtype, 8) * math.prod(shape) + chunk_bytes(rows, self.budget)
+            if held + need > self.budget:
+                raise NextrapError(f"writing LoRA module {m.name} needs {need / 1e6:.3g} MB beside {held / 1e6:.3g} MB of "
+                                   f"features and moves, more than the fit's --max-memory {self.budget / 1e6:.3g} MB; refit "
+                                   "with a larger --max-memory")
+
+    def inputs(self) -> list[dict[str, Any]]:
+        """sha256 of every adapter's config and weights: adapters are small enough to hash at fit and at extend."""
+        out = []
+        for c in self.checkpoints:
+            files = [c.path / "adapter_config.json", c.weights]
+            out.append({"step": c.step, "path": str(c.path.absolute()),
+                        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for f in files]})
+        return out
+
+    def report(self) -> dict[str, Any]:
+        # the budget extend's writers keep, and the highest memory any streamed pass accounted
+        return {"max_memory_bytes": self.budget, "peak_bytes": self.peak, "feature_batches": self.feature_batches}
+
+    def layout(self) -> Layout:
+        weights = [c.weights for c in self.checkpoints]
+        return Layout("peft-lora", trainer_layout(self.root, self.checkpoints), weight_dtypes(weights),
+                      sum(folder_bytes(c.path) for c in self.checkpoints), sum(w.stat().st_size for w in weights),
+                      "LoRA modules", "adapter")
