@@ -3,7 +3,9 @@
 Exactly as the reference code sets it up (see shared METHOD.md): one model per distinct vector length (all
 sigmas share one, all u's and v's of one length share one; the matrices of that length are the batch),
 f_G and f_L = Linear(d,H) Linear(H,d) ReLU Linear(d,H) Linear(H,d), f_D = the same over 2d with output d,
-L1 loss, AdamW lr 2e-5 with cosine decay to 0.1 x lr over 1000 epochs, one optimizer step per epoch.
+L1 loss, AdamW lr 2e-5 with cosine decay to 0.1 x lr over 1000 epochs, one optimizer step per epoch. All the
+models train in one loop (one backward of the summed losses, one AdamW step), which is the same arithmetic as
+training each alone: their parameters are disjoint.
 """
 
 from __future__ import annotations
@@ -97,7 +99,12 @@ def training_rows(features: Features) -> list[int]:
 
 
 def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int], None] | None = None) -> Predictor:
-    """Fit one NExtMLP per vector length on every training pair of the trajectory. Deterministic for a seed."""
+    """Fit one NExtMLP per vector length on every training pair of the trajectory. Deterministic for a seed.
+
+    All groups train in one loop: each epoch sums the groups' losses, calls backward once, and one AdamW and one
+    cosine schedule step every group. The groups' parameters are disjoint and their settings equal, so each
+    group's gradient and update are exactly those of training it alone (tests/test_predictor.py checks this
+    against the per-group loop). ``on_epoch(epoch)`` is called once per epoch, without waiting for the device."""
     rows = training_rows(features)
     if not rows:
         raise ValueError("no training pairs: need more checkpoints than the horizon")
@@ -108,9 +115,10 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
         for g in groups:
             models[g.length] = NExtMLP(g.length, settings.hidden)
     device = torch.device(settings.device)
+    small = device.type == "cpu" and all(g.length <= SMALL_GROUP for g in groups)
+    with _cpu_threads(1 if small else None):
+        _fit_groups(groups, models, features, rows, settings, device, on_epoch)
     for g in groups:
-        with _cpu_threads(1 if device.type == "cpu" and g.length <= SMALL_GROUP else None):
-            _fit_group(models[g.length], g, features, rows, settings, device, on_epoch)
         if not math.isfinite(g.losses[-1]):
             raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
     return Predictor(groups, models, settings)
@@ -118,7 +126,10 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
 
 # Below this vector length the predictor's matmuls are too small to gain from several CPU threads, and OpenMP's
 # spin-waiting made them 16x slower on a 2-core machine whose other core was busy (2.5 s vs 41 s per 100 epochs).
+# Training runs at one thread when every group is this small; otherwise at torch's thread count, where the large
+# groups' matmuls gain from threads on an idle machine (on a busy one, OMP_NUM_THREADS=1: benchmarks/RESULTS.md 5).
 SMALL_GROUP = 1024
+LOSS_CHUNK = 1000  # epochs of losses kept on the device between read-backs (the default training reads once)
 
 
 @contextmanager
@@ -132,23 +143,33 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _fit_group(model: NExtMLP, g: Group, features: Features, rows: list[int], settings: TrainSettings,
-               device: torch.device, on_epoch: Callable[[int], None] | None) -> None:
-    model.to(device)
-    xg, xl, xt = (t.to(device) for t in group_tensors(features, g, rows))
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+def _fit_groups(groups: list[Group], models: dict[int, NExtMLP], features: Features, rows: list[int],
+                settings: TrainSettings, device: torch.device, on_epoch: Callable[[int], None] | None) -> None:
+    data = []
+    for g in groups:
+        models[g.length].to(device)
+        data.append((models[g.length], *(t.to(device) for t in group_tensors(features, g, rows))))
+    params = [p for g in groups for p in models[g.length].parameters()]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs, eta_min=settings.lr * settings.min_lr_ratio)
+    # the losses stay on the device and are read back LOSS_CHUNK epochs at a time: no host sync per epoch
+    history = torch.empty(min(settings.epochs, LOSS_CHUNK), len(groups), device=device)
     for epoch in range(settings.epochs):
-        # Mean L1 per checkpoint pair, averaged over pairs: one optimizer step per epoch.
-        loss = (model(xg, xl) - xt).abs().mean()
+        # Per group: mean L1 per checkpoint pair, averaged over pairs. One optimizer step per epoch for all groups.
+        losses = torch.stack([(model(xg, xl) - xt).abs().mean() for model, xg, xl, xt in data])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()
         opt.step()
         sched.step()
-        g.losses.append(loss.item())
+        k = epoch % LOSS_CHUNK
+        history[k] = losses.detach()
+        if k == LOSS_CHUNK - 1 or epoch == settings.epochs - 1:
+            for g, column in zip(groups, history[:k + 1].T.tolist()):
+                g.losses.extend(column)
         if on_epoch:
             on_epoch(epoch)
-    model.cpu()
+    for g in groups:
+        models[g.length].cpu()
 
 
 @torch.no_grad()
