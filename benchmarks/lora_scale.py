@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the measured processes")
     ap.add_argument("--skip", nargs="*", default=[], choices=["backtest", "no-backtest", "extend", "dense"])
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--reuse", action="store_true", help="fit the trajectory a --keep run left in --data (same layers, rank "
+                    "and dtype, at least max(--checkpoints) checkpoints) instead of generating one; it is kept")
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -205,14 +207,19 @@ def main() -> None:
     rows = []
     for layers in args.layers:
         root = args.data / f"lora-{layers}l-r{args.rank}-{args.dtype}"
-        shutil.rmtree(root, ignore_errors=True)
-        t0 = time.perf_counter()
-        on_disk = generate(root, layers, max(args.checkpoints), args.rank, dtype)
-        print(f"generated {layers} layers x {max(args.checkpoints)} checkpoints: {gb(on_disk)} in {time.perf_counter() - t0:.0f} s", flush=True)
+        kept = [f.stat().st_size for f in root.glob("checkpoint-*/adapter_model.safetensors")] if args.reuse else []
+        if len(kept) >= max(args.checkpoints):
+            total, on_disk = len(kept), sum(kept)
+            print(f"reusing {root}: {total} checkpoints, {gb(on_disk)}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            t0 = time.perf_counter()
+            total, on_disk = max(args.checkpoints), generate(root, layers, max(args.checkpoints), args.rank, dtype)
+            print(f"generated {layers} layers x {total} checkpoints: {gb(on_disk)} in {time.perf_counter() - t0:.0f} s", flush=True)
         for ckpts in args.checkpoints:
-            ckpt_root = root if ckpts == max(args.checkpoints) else first_checkpoints(root, ckpts)
+            ckpt_root = root if ckpts == total else first_checkpoints(root, ckpts)
             fit = args.data / f"fit-{layers}l-{ckpts}c"
-            row = {"layers": layers, "checkpoints": ckpts, "bytes": on_disk * ckpts // max(args.checkpoints),
+            row = {"layers": layers, "checkpoints": ckpts, "bytes": on_disk * ckpts // total,
                    "load": os.getloadavg()[0]}  # the machine is shared: how busy it was when this row started
             row["read_s"], _ = read_floor(ckpt_root)
             common = [str(ckpt_root), "--out", str(fit), "--methods", METHODS, "--max-memory", args.max_memory,
@@ -238,7 +245,7 @@ def main() -> None:
                 shutil.rmtree(ckpt_root)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(root)
     print_table(rows, args)
 

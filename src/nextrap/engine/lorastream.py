@@ -12,10 +12,16 @@ A_{i-h}); u and v are then P cu and Q cv. Only the last h + 1 checkpoints of a u
 A move on a LoRA trajectory (``LoraMove``) is a checkpoint difference s (B_row A_row - B_ref A_ref) plus explicit
 thin factors; its factors are read per module when asked for, so no pass holds a whole checkpoint.
 Inner products of moves come from the same Gram blocks: <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)).
+These checkpoint-pair products (two float64 Gram products each, the costly part of a later pass) are kept per
+trajectory and module (one float each, ``_row_products``): a fit's later passes read the same few checkpoints
+(next's held-out check on c - 2h, c - h, c; the backtest's terms on c - 2h, c - h, c again; the fold's check on
+c - 3h, c - 2h, c - h), so each pair is multiplied once per fit; the products with explicit factors (B^T P: a
+few columns) are computed in each pass.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -120,7 +126,8 @@ def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int 
     for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch):
         module = traj.module(names[0])
         with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter) as rd:
-            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter)
+            known = _row_products(traj)
+            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter, [known.setdefault(x, {}) for x in names])
             stats.seconds_waiting += rd.waited
             for kind, p in parts.items():
                 sink(names, kind, p)
@@ -148,8 +155,11 @@ class _Held:
     ga: torch.Tensor  # A A^T
 
 
-def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter) -> dict[str, dict[str, torch.Tensor]]:
-    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1."""
+def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter,
+                   known: list[dict[tuple[int, int], torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1; the
+    checkpoint-pair products <B_o A_o, B_i A_i> its Grams give go into ``known`` (one dict per module) for
+    the later passes (``_Inner``)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     held: dict[int, _Held] = {}
     s2 = (scale * scale)[:, None, None]
@@ -162,6 +172,11 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
             out["global"]["energy"] = torch.zeros(units_, n)
         cur = held[i] = _Held(b, a, b.mT @ b, a @ a.mT)
         cross = {o: (b.mT @ held[o].b, a @ held[o].a.mT) for o in {i - 1, i - horizon} & set(held)}
+        if known is not None:
+            for key, (gb, ga) in [((i, i), (cur.gb, cur.ga)), *(((o, i), c) for o, c in cross.items())]:
+                products = (gb * ga).sum((-2, -1)).cpu()
+                for j, rows in enumerate(known):
+                    rows[key] = products[j]
         s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
         _put(out["global"], i, s[..., 0], *_vectors(scale, cur, cu, cv))
         out["global"]["energy"][:, i] = energy_of(s).float().cpu()
@@ -323,13 +338,27 @@ def combo(factors: Mapping[str, Factors], name: str, scale: float) -> Combo:
     return difference(factors.row, factors.ref, scale) + Combo({}, [factors.explicit[name]] if name in factors.explicit else [])
 
 
+_ROW_PRODUCTS: dict[int, dict[str, dict[tuple[int, int], torch.Tensor]]] = {}
+
+
+def _row_products(traj: LoraTrajectory) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+    """module -> {(i, j): <B_i A_i, B_j A_j>} of ``traj``, kept while the trajectory object lives (its checkpoints
+    are read as they were when it was loaded; a reloaded trajectory starts afresh)."""
+    key = id(traj)
+    if key not in _ROW_PRODUCTS:
+        _ROW_PRODUCTS[key] = {}
+        weakref.finalize(traj, _ROW_PRODUCTS.pop, key, None)
+    return _ROW_PRODUCTS[key]
+
+
 class _Inner:
     """Frobenius inner products of Combos of one module, with the checkpoints' Gram blocks computed once:
-    <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)), <B A, P Q^T> = sum((B^T P) * (A Q))."""
+    <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)), <B A, P Q^T> = sum((B^T P) * (A Q)). ``rows``: the
+    checkpoint-pair products known from earlier passes, added to as this one computes more."""
 
-    def __init__(self, held: Mapping[int, Factors]):
+    def __init__(self, held: Mapping[int, Factors], rows: dict[tuple[int, int], torch.Tensor] | None = None):
         self.held = held  # row -> (B [m, r], A [r, n]) float64
-        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+        self._rows: dict[tuple[int, int], torch.Tensor] = {} if rows is None else rows
 
     def _row_row(self, i: int, j: int) -> torch.Tensor:
         key = (min(i, j), max(i, j))
@@ -364,7 +393,7 @@ def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]]
     totals = {pair: 0.0 for pair in pairs}
     for unit in units(traj, names, max(len(rows), 1), meter, what):
         with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
-            _unit_inner(rd, unit, combos, pairs, totals, meter)
+            _unit_inner(rd, unit, combos, pairs, totals, meter, _row_products(traj))
             stats.seconds_waiting += rd.waited
         trim_heap()
         stats.batches += 1
@@ -375,7 +404,8 @@ def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]]
 
 
 def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
-                totals: dict[tuple[str, str], float], meter: Meter) -> None:
+                totals: dict[tuple[str, str], float], meter: Meter,
+                known: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None) -> None:
     """Add one unit's inner products to ``totals``. A function of its own so that nothing it made (a view of a
     checkpoint's stack keeps the whole stack) outlives it."""
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -383,7 +413,7 @@ def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[st
         for row, ba in rd:
             held[row] = ba
         for j, name in enumerate(unit):
-            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()})
+            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()}, None if known is None else known.setdefault(name, {}))
             mine = combos(name)
             for x, y in pairs:
                 totals[(x, y)] += inner(mine[x], mine[y])
