@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the measured processes")
+    ap.add_argument("--device", default="cpu", help="fit's --device (cuda: benchmarks/gpu_check.sh)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["backtest", "no-backtest", "extend", "dense"])
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--reuse", action="store_true", help="fit the trajectory a --keep run left in --data (same layers, rank "
@@ -223,7 +224,7 @@ def main() -> None:
                    "load": os.getloadavg()[0]}  # the machine is shared: how busy it was when this row started
             row["read_s"], _ = read_floor(ckpt_root)
             common = [str(ckpt_root), "--out", str(fit), "--methods", METHODS, "--max-memory", args.max_memory,
-                      "--horizon", str(HORIZON), "--overwrite", "--json"]
+                      "--horizon", str(HORIZON), "--device", args.device, "--overwrite", "--json"]
             if "no-backtest" not in args.skip:
                 row["fit_nobt_s"], row["fit_nobt_rss"], _ = run(["fit", *common, "--no-backtest"], env)
             if "backtest" not in args.skip and ckpts >= 2 * HORIZON + 2:  # fewer: fit skips its backtest (step 0 is the base)
@@ -251,7 +252,7 @@ def main() -> None:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nrank {args.rank}, {args.dtype}, --max-memory {args.max_memory}, {args.threads} thread(s), horizon {HORIZON}, "
+    print(f"\nrank {args.rank}, {args.dtype}, --max-memory {args.max_memory}, --device {args.device}, {args.threads} thread(s), horizon {HORIZON}, "
           f"methods {METHODS}; load: the 1-minute load average as the row started (2 cores, shared)")
     print("| layers | checkpoints | on disk | load | read floor | fit (backtest) | x floor | peak RSS | fit --no-backtest | "
           "x floor | peak RSS | accounted | extend | write | x write | extend RSS | dense reference (est.) | x fit |")
