@@ -16,7 +16,7 @@ import torch
 
 from nextrap.io.checkpoints import load_trajectory
 from nextrap.core.lowrank import top1_dense, top1_factored
-from nextrap.engine.features import compute_features, pair_factors
+from nextrap.engine.lorafeatures import compute_features, pair_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 

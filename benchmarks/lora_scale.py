@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 
 from nextrap.writers.merged import write_safetensors
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 SHAPES = (("self_attn.q_proj", 3584, 3584), ("self_attn.k_proj", 512, 3584), ("self_attn.v_proj", 512, 3584),
           ("self_attn.o_proj", 3584, 3584), ("mlp.gate_proj", 18944, 3584), ("mlp.up_proj", 18944, 3584),

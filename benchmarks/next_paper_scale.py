@@ -26,7 +26,7 @@ import time
 import torch
 
 from nextrap.methods.predictor import SMALL_GROUP, NExtMLP, Predictor, TrainSettings, group_tensors, make_groups, predict, train, training_rows
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 SHAPES = (("self_attn.q_proj", 3584, 3584), ("self_attn.k_proj", 512, 3584), ("self_attn.v_proj", 512, 3584),
           ("self_attn.o_proj", 3584, 3584), ("mlp.gate_proj", 18944, 3584), ("mlp.up_proj", 18944, 3584),

@@ -104,7 +104,7 @@ def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
 def test_min_energy_jumps_only_the_energetic_modules(fitted, tmp_path):
     from safetensors.torch import load_file
 
-    from nextrap.engine.features import Features
+    from nextrap.core.features import Features
 
     feats = Features.load(fitted / "trajectory.safetensors")
     energy = {m: float(feats.get(m, "global", "energy")[-1]) for m in feats.modules}

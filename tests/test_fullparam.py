@@ -252,7 +252,7 @@ def full_fit(run, tmp_path_factory):
 
 
 def test_full_fit_streams_under_the_budget_and_backtests_by_streaming(run, full_fit):
-    from nextrap.engine.features import Features
+    from nextrap.core.features import Features
 
     out, result = full_fit
     manifest = json.loads((out / "manifest.json").read_text())

@@ -15,7 +15,7 @@ from conftest import FIXTURES, TRAJECTORY
 from nextrap.io.checkpoints import LATEST_ITERATION, discover, latest_iteration, load_trajectory
 from nextrap.cli import app
 from nextrap.core.errors import NextrapError
-from nextrap.engine.features import compute_features
+from nextrap.engine.lorafeatures import compute_features
 
 LAYOUTS = FIXTURES / "layouts"
 STEPS = [0, 20, 40, 60, 80]

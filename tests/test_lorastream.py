@@ -18,7 +18,8 @@ from nextrap.io.checkpoints import LoraTrajectory, load_trajectory, shape_groups
 from nextrap.core.errors import NextrapError
 from nextrap.engine.lorastream import LoraMove, feature_bytes, preflight
 from nextrap.core.lowrank import top1_dense
-from nextrap.engine.features import Features, compute_features, pair_factors, stream_lora_features
+from nextrap.core.features import Features
+from nextrap.engine.lorafeatures import compute_features, pair_factors, stream_lora_features
 
 H = 5
 METHODS = ("next", "linear", "expo", "relex")  # next-paper trains on raw SVD signs, which are the SVD's to choose

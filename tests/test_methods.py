@@ -111,7 +111,7 @@ def _turning_features(n: int = 16, h: int = 3, d: int = 12):
     """Features of modules whose rank-1 direction turns at a constant rate while growing linearly."""
     import math
 
-    from nextrap.engine.features import Features
+    from nextrap.core.features import Features
 
     gen = torch.Generator().manual_seed(0)
     tensors, modules = {}, []

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from conftest import TRAJECTORY
-from nextrap.engine.features import VEC, Features, compute_features
+from nextrap.core.features import VEC, Features
+from nextrap.engine.lorafeatures import compute_features
 from nextrap.io.checkpoints import load_trajectory
 from nextrap.methods import predictor
 from nextrap.methods.predictor import (SMALL_GROUP, NExtMLP, Predictor, TrainSettings, group_tensors, load, make_groups, predict,

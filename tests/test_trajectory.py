@@ -8,7 +8,8 @@ from conftest import TRAJECTORY
 from nextrap.io.checkpoints import load_trajectory
 from nextrap.core.errors import NextrapError
 from nextrap.core.lowrank import top1_dense
-from nextrap.engine.features import Features, compute_features
+from nextrap.core.features import Features
+from nextrap.engine.lorafeatures import compute_features
 
 H = 5
 

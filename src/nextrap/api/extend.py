@@ -21,7 +21,7 @@ from nextrap.api.fit import FitFolder, inputs_checked_meanwhile, load_fit
 from nextrap.core.lowrank import top1_factored
 from nextrap.methods import FITTED, METHODS, Jump, JumpContext, jump
 from nextrap.trajectories.interface import Trajectory
-from nextrap.engine.features import VEC, Features
+from nextrap.core.features import VEC, Features
 
 FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"

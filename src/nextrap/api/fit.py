@@ -24,7 +24,7 @@ from nextrap.trajectories.opening import manifest_problem, open_trajectory, reop
 from nextrap.methods.predictor import TrainSettings
 from nextrap.runtime.distributed import world
 from nextrap.trajectories.interface import Trajectory
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -45,3 +46,17 @@ def one_line_os_errors(func: F) -> F:
         except OSError as e:
             raise os_error(e) from None
     return wrapper  # type: ignore[return-value]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (terminal escape codes removed), for one-line errors."""
+    text = _ANSI.sub("", str(e)).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's whole message on one line, terminal escape codes removed."""
+    return " ".join(_ANSI.sub("", str(e)).split()) or type(e).__name__

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import torch
 
+Factors = tuple[torch.Tensor, torch.Tensor]  # (P [m, k], Q [n, k]): the move P @ Q^T
 ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
 
 
@@ -17,11 +18,11 @@ ALPHA_MAX = 4.0  # the paper tested 0.5..4.0 and saw overshoot beyond ~2.5
 class Jump:
     """The move: per module thin factors (P [m, k], Q [n, k]) with delta = P @ Q.T, plus W_row - W_ref when
     ``difference`` = (row, ref) is set (ref None = the base model), read by the trajectory
-    (``source.Trajectory``); ``keep``: the modules the move is made for (None: all), the others' is zero.
+    (``trajectories.interface.Trajectory``); ``keep``: the modules the move is made for (None: all), the others' is zero.
     ``sigma``: a size per module, for reports."""
 
     method: str
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    factors: Mapping[str, Factors]
     sigma: dict[str, float]
     difference: tuple[int, int | None] | None = None
     keep: frozenset[str] | None = None

@@ -22,7 +22,8 @@ from nextrap.core.errors import NextrapError
 from nextrap.io.fullparam import FullTrajectory, Param
 from nextrap.core.lowrank import Rank1, align_signs, top1_dense
 from nextrap.core.randsvd import top1_randomized
-from nextrap.engine.features import KINDS, VEC, Features, store_rows
+from nextrap.core.features import KINDS, VEC, Features
+from nextrap.engine.lorafeatures import store_rows
 
 SVD_MODES = ("exact", "fast")
 # Live [m, n] stacks per parameter in the feature pass: base, previous, current, future, one delta, two in the

@@ -31,11 +31,11 @@ import torch
 
 from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
+from nextrap.core.features import KINDS
 from nextrap.core.lowrank import energy_of, top1_gram
+from nextrap.core.moves import Factors
 
 FLOAT64 = 8
-KINDS = ("global", "local", "target")  # the deltas of every checkpoint (``trajectory``)
-Factors = tuple[torch.Tensor, torch.Tensor]  # (P [m, k], Q [n, k]): the move P @ Q^T
 Sink = Callable[[list[str], str, dict[str, torch.Tensor]], None]  # (names, kind, parts [modules, rows, ...])
 
 

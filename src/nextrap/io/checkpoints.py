@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors import safe_open
 
-from nextrap.core.errors import NextrapError, NextrapWarning, os_error
+from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error
 from nextrap.io.files import OUTPUT_MARKER
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -229,24 +229,10 @@ def read_tensor(f: Any, path: Path, key: str) -> torch.Tensor:
         raise NextrapError(f"{path}: cannot read tensor {key} ({first_line(e)})") from None
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` holds no NaN or Inf: one float64 sum, which any of them makes non-finite (a sum of finite
     values cannot reach 1e308), instead of a mask as large as ``t``."""
     return math.isfinite(float(t.sum(dtype=torch.float64)))
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (terminal escape codes removed), for one-line errors."""
-    text = _ANSI.sub("", str(e)).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's whole message on one line, terminal escape codes removed."""
-    return " ".join(_ANSI.sub("", str(e)).split()) or type(e).__name__
 
 
 def step_from_path(path: Path, root: Path) -> int | None:

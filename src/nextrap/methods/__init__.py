@@ -23,7 +23,7 @@ import torch
 from nextrap.core.moves import Jump
 from nextrap.core.registry import FITTED, METHODS
 from nextrap.trajectories.interface import Trajectory
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 
 @dataclass

@@ -18,7 +18,7 @@ from nextrap.methods import FITTED, METHODS, JumpContext, fit_models, jump
 from nextrap.core.moves import ALPHA_MAX, Jump, Terms  # noqa: F401 - re-exported: the backtest's value types
 from nextrap.methods.predictor import TrainSettings
 from nextrap.trajectories.interface import Trajectory
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 
 @dataclass

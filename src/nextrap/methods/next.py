@@ -31,7 +31,7 @@ from nextrap.core.errors import NextrapError
 from nextrap.io.files import write_json
 from nextrap.methods.predictor import training_rows
 from nextrap.trajectories.interface import Trajectory
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 from nextrap.methods import Jump, JumpContext, combine, difference_jump, rank1_factors
 
 CONFIG = "next.json"

@@ -11,11 +11,11 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from nextrap.io.checkpoints import first_line
+from nextrap.core.errors import first_line
 from nextrap.core.errors import NextrapError
 from nextrap.io.files import read_json, write_json
 from nextrap.methods.predictor import Group, Predictor, TrainSettings, load as load_predictor, predict, train
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 from nextrap.methods import Jump, JumpContext, rank1_factors
 
 WEIGHTS = "predictor.safetensors"

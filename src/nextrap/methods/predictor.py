@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from nextrap.engine.features import VEC, Features
+from nextrap.core.features import VEC, Features
 
 HIDDEN = 256
 

@@ -18,9 +18,10 @@ from nextrap.writers.merged import copy_model_files, write_sharded
 from nextrap.io.hfmodel import DTYPE_BYTES, INDEX, read_header
 from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
 from nextrap.core.moves import Jump, Terms
-from nextrap.trajectories.interface import Factors, Layout, Trajectory, Unit
+from nextrap.core.moves import Factors
+from nextrap.trajectories.interface import Layout, Trajectory, Unit
 from nextrap.engine.fullstream import StreamStats, compute_full_features, feature_bytes, heap_hygiene
-from nextrap.engine.features import Features
+from nextrap.core.features import Features
 
 
 @dataclass(eq=False)

@@ -19,10 +19,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from nextrap.core.moves import Jump, Terms
-from nextrap.engine.features import Features
+from nextrap.core.moves import Factors, Jump, Terms
+from nextrap.core.features import Features
 
-Factors = tuple[torch.Tensor, torch.Tensor]  # (P [m, k], Q [n, k]): the move P @ Q^T
 
 
 @dataclass(frozen=True)

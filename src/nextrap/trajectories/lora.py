@@ -22,8 +22,10 @@ from nextrap.io.hfmodel import DTYPE_BYTES, read_header, weight_map
 from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
 from nextrap.engine.lorastream import LoraMove, explicit_bytes, feature_bytes, move_rank, move_terms, preflight, projections
 from nextrap.core.moves import Jump, Terms
-from nextrap.trajectories.interface import Factors, Layout, Trajectory, Unit
-from nextrap.engine.features import Features, stream_lora_features
+from nextrap.core.moves import Factors
+from nextrap.trajectories.interface import Layout, Trajectory, Unit
+from nextrap.core.features import Features
+from nextrap.engine.lorafeatures import stream_lora_features
 
 
 @dataclass(eq=False)

@@ -1,11 +1,11 @@
-"""Rank-1 features of a LoRA trajectory: global, local and target deltas as (sigma, u, v), per module.
+"""Rank-1 features of a trajectory, the value every method learns from: per unit (a LoRA module or a parameter) and
+checkpoint row, the top singular triple (sigma, u, v) of the global, local and target deltas, as stored in a fit
+folder's ``trajectory.safetensors``.
 
 Row i is checkpoint i in step order; the base model (zero delta) is the reference point W_0:
     global  G_i = W_i - W_0
     local   L_i = W_i - W_{i-1}        (L_0 = W_0' - W_0 for the first saved checkpoint)
     target  T_i = W_{i+h} - W_i        (NaN where i + h is past the last checkpoint)
-Each is a thin product of LoRA factors, so its top singular triple is exact and cheap (``lowrank``); the
-checkpoints are streamed unit by unit under a memory budget, each read once (``lorastream``).
 """
 
 from __future__ import annotations
@@ -13,23 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nextrap.engine.budget import DEFAULT_MAX_MEMORY, StreamStats, parse_size
-from nextrap.io.checkpoints import LoraTrajectory, first_line, require_checkpoints
-from nextrap.core.errors import NextrapError
-from nextrap.runtime.distributed import world
-from nextrap.engine.lorastream import KINDS, factor_bytes, stream_features
+from nextrap.core.errors import NextrapError, first_line
 from nextrap.core.lowrank import align_signs
 
+KINDS = ("global", "local", "target")
 PARTS = ("sigma", "u", "v")
 VEC = "vec"  # 1-D parameters (full fine-tuning): the raw delta vector, not decomposed (as the reference does)
-Progress = Callable[[int], None]  # called with the number of modules just finished
-DEFAULT_BUDGET = parse_size(DEFAULT_MAX_MEMORY)
 
 
 @dataclass
@@ -109,52 +103,3 @@ class Features:
             raise
         except Exception as e:  # noqa: BLE001 - corrupt file or missing metadata: same user-facing problem
             raise NextrapError(f"{path}: not a nextrap trajectory file ({first_line(e)})") from None
-
-
-def pair_factors(b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor | None, a_old: torch.Tensor | None,
-                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin factors (P, Q) of s * (B_new A_new - B_old A_old) (or of s * B_new A_new when old is None), batched."""
-    s = scale.reshape(-1, *([1] * (b_new.dim() - 1)))
-    if b_old is None:
-        return s * b_new, a_new.mT
-    return torch.cat([s * b_new, -s * b_old], -1), torch.cat([a_new.mT, a_old.mT], -1)
-
-
-def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, chunk_modules: int = 64,
-                     progress: Progress | None = None, device: str = "cpu", budget: int | None = DEFAULT_BUDGET) -> Features:
-    """Exact rank-1 features of every module, streamed in batches of at most ``chunk_modules`` modules of equal
-    shape under ``budget`` bytes (``lorastream``; the math on ``device``)."""
-    return stream_lora_features(traj, horizon, sign_align, budget, progress, device, chunk_modules)[0]
-
-
-def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, budget: int | None = DEFAULT_BUDGET,
-                         progress: Progress | None = None, device: str = "cpu",
-                         max_batch: int | None = 64) -> tuple[Features, StreamStats]:
-    """``compute_features`` and what its pass measured (accounted peak, batches, reads)."""
-    n = len(traj.checkpoints)
-    require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def sink(names: list[str], kind: str, parts: dict[str, torch.Tensor]) -> None:
-        if sign_align:
-            parts["u"], parts["v"] = align_signs(parts["u"], parts["v"])
-        store_rows(tensors, names, kind, parts, n)
-
-    # under torchrun each rank computes its share of the modules (balanced by their factors' size), and every
-    # rank gets all the rows: the same features as one process computes
-    ranks = world(device)
-    share = ranks.mine(traj.modules, cost=factor_bytes) if ranks.size > 1 else None
-    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch,
-                            names=[m.name for m in share] if share is not None else None)
-    tensors = ranks.merge(tensors)
-    return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors), stats
-
-
-def store_rows(tensors: dict[str, torch.Tensor], names: list[str], kind: str, parts: dict[str, torch.Tensor], n_rows: int) -> None:
-    """Write ``parts`` ([modules, rows, ...] each) as ``{name}:{kind}:{part}`` float32 tensors of ``n_rows``
-    rows, the rows past the computed ones NaN (targets without a future)."""
-    for part, t in parts.items():
-        for j, name in enumerate(names):
-            full = torch.full((n_rows, *t.shape[2:]), float("nan"), dtype=torch.float32)
-            full[:t.shape[1]] = t[j].to(torch.float32)
-            tensors[f"{name}:{kind}:{part}"] = full
