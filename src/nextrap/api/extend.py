@@ -19,7 +19,8 @@ from nextrap.core.errors import NextrapError, one_line_os_errors
 from nextrap.io.files import atomic_dir, check_apart, check_replaceable, write_json
 from nextrap.api.fit import FitFolder, inputs_checked_meanwhile, load_fit
 from nextrap.core.lowrank import top1_factored
-from nextrap.methods import FITTED, METHODS, Jump, JumpContext, jump
+from nextrap.core.registry import check_method
+from nextrap.methods import FITTED, Jump, JumpContext, jump
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import VEC, Features
 
@@ -188,8 +189,7 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_e
     """Resolve ``method="auto"`` / ``alphas=None`` from the fit's backtest (alpha 0 = don't jump when nothing
     beats standing still) and predict the move from the last checkpoint; ``min_energy`` zeroes the move of
     modules whose global delta has rank-1 energy sigma1/sum(sigma) below it."""
-    if method not in (*METHODS, "auto"):
-        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
+    check_method(method)
     features = fit.features
     results = [BacktestResult.from_json(b) for b in fit.manifest.get("summary", {}).get("backtest", [])]
     method, alphas, choice = _decide(results, method, alphas)
@@ -230,8 +230,7 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     keep their last weights)."""
     if fmt not in FORMATS:
         raise NextrapError(f"--format {fmt}: use adapter, merged or base")
-    if method not in (*METHODS, "auto"):
-        raise NextrapError(f"--method {method}: use one of {', '.join(METHODS)} or auto")
+    check_method(method)
     shard_bytes = parse_size(max_shard_size)
     out = Path(out)
     check_apart(out, {"the fit folder": fit_dir, "the base model": base})

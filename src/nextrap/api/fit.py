@@ -19,6 +19,7 @@ from nextrap.io.checkpoints import find_folders, is_adapter, save_limit_hint
 from nextrap.core.errors import NextrapError, one_line_os_errors
 from nextrap.io.files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
 from nextrap.io.fullparam import is_model
+from nextrap.core.registry import check_methods
 from nextrap.methods import FITTED, METHODS, fit_models, load_models, save_models
 from nextrap.trajectories.opening import manifest_problem, open_trajectory, reopen
 from nextrap.methods.predictor import TrainSettings
@@ -86,10 +87,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
     Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB). With ``base``, ``ckpts``
     holds full-parameter model folders (``opening.open_trajectory``)."""
-    methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise NextrapError(f"--methods {','.join(methods)}: choose from {', '.join(METHODS)}")
+    methods = check_methods(methods)
     if horizon < 1:
         raise NextrapError(f"--horizon {horizon}: must be at least 1")
     if backtest_folds < 1:

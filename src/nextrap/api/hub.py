@@ -22,18 +22,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from nextrap.core.errors import NextrapError
+from nextrap.core.registry import SUMMARY
 from nextrap.io.files import read_json
 from nextrap.trajectories.lora import LoraRun
 
 PROVENANCE = "nextrap.json"  # written by ``extend`` into every jumped folder
 CARD = "README.md"
 TAGS = ["nextrap", "rlvr", "extrapolation"]
-_METHOD_TEXT = {
-    "next": "NExt, a learned predictor of the rank-1 trajectory (Chen et al., arXiv 2604.11446)",
-    "linear": "linear extrapolation, W_c + alpha (W_c - W_{c-h})",
-    "expo": "extrapolation from the start, W_c + alpha (W_c - W_0)",
-    "relex": "rank-1 linear extrapolation: a straight-line fit of each module's projection on its dominant direction",
-}
 
 
 @dataclass
@@ -144,7 +139,7 @@ def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | No
         "checkpoints, meant as the starting point for more RL training, not as a finished model.\n",
         "## Provenance\n",
         "| | |\n|---|---|",
-        f"| method | `{method}`: {_METHOD_TEXT.get(method, 'see the nextrap README')} |",
+        f"| method | `{method}`: {SUMMARY.get(method, 'see the nextrap README')} |",
         f"| alpha (jump size) | {alpha} |",
         f"| jumped from step | {from_step} |",
         f"| horizon | {horizon} checkpoints |",

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from nextrap.cli.common import errors, out_console, status, warn
+from nextrap.core.registry import REGISTRY
 
 
 def extend(
@@ -18,8 +19,8 @@ def extend(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     fmt: str = typer.Option("adapter", "--format", help="adapter (exact PEFT adapter: rank r+1 for next/relex, more for linear/expo) | merged (full HF model, needs --base) | base (the base model with the jump folded in, needs --base: resume checkpoint c itself on it at rank r, see nextrap.json resume_from)."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Base model folder (HF, single or sharded safetensors) for --format merged or base."),
-    method: str = typer.Option("auto", "--method", help="auto (the method with the lowest backtest error) | next-paper (NExt as published) | next (our NExt variant) | "
-                               "linear (W_c + a(W_c - W_{c-h})) | expo (W_c + a(W_c - W_0)) | relex (rank-1 line fit)."),
+    method: str = typer.Option("auto", "--method", help="auto (the method with the lowest backtest error) | "
+                               + " | ".join(f"{m.name} ({m.summary})" for m in REGISTRY) + "."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard for --format merged or base."),
     min_energy: float = typer.Option(0.0, "--min-energy", help="Jump only modules whose rank-1 energy σ1/Σσ is at least this (see `nextrap inspect`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),

@@ -3,12 +3,13 @@
 
 A method is one module here with ``jump(ctx) -> Jump``; a method that learns from the trajectory also has
 ``fit(features, settings, on_epoch, trajectory) -> model``, ``save(model, folder)``, ``saved_in(folder)`` and
-``load(folder, settings) -> model``. Adding a method means adding its module to ``_modules`` and its name to
-``METHODS`` (and ``FITTED`` when it learns).
+``load(folder, settings) -> model``. Adding a method means adding its module to ``_modules`` and its
+``MethodInfo`` (name, one-line summary, whether it learns) to ``core.registry.REGISTRY``, which the command line,
+the model card and every name check read; ``tests/test_registry.py`` checks that the two agree.
 
 A move is low-rank factors per module (P [m, k], Q [n, k], move = P @ Q.T) plus, optionally, a checkpoint
 difference W_row - W_ref (``Trajectory.difference``), which the trajectory reads its own way
-(``source.Trajectory``): methods never ask which kind of trajectory they are given.
+(``trajectories.interface.Trajectory``): methods never ask which kind of trajectory they are given.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from nextrap.core.moves import Jump
-from nextrap.core.registry import FITTED, METHODS
+from nextrap.core.registry import FITTED, METHODS, check_method  # noqa: F401 - METHODS, FITTED re-exported
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import Features
 
@@ -70,12 +71,8 @@ def _modules() -> dict[str, ModuleType]:
     return {"next": next_method, "next-paper": next_paper, "linear": linear, "expo": expo, "relex": relex}
 
 
-
-
 def _module(method: str) -> ModuleType:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return _modules()[method]
+    return _modules()[check_method(method, auto=False)]
 
 
 def fit_models(features: Features, methods: tuple[str, ...] | list[str], settings: Any,

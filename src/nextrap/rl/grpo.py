@@ -58,7 +58,8 @@ from nextrap.io.checkpoints import LoraModule
 from nextrap.core.errors import NextrapError
 from nextrap.rl.grpo_config import ADVANTAGES, ALL_LINEAR, GRPOConfig, GRPOError, default_model_dir  # noqa: F401 - re-exported
 from nextrap.api.jumps import JumpSettings, choose_by_score, jump_in_place, parse_jump_alpha
-from nextrap.methods import METHODS, Jump
+from nextrap.core.registry import check_method
+from nextrap.methods import Jump
 from nextrap.rl.tasks import Example, Reward, TaskError, get_task, load_jsonl, load_reward, math_reward
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -427,8 +428,7 @@ def _check(config: GRPOConfig) -> None:
     if config.jump_every < 0 or config.jump_every % config.save_every:
         raise GRPOError(f"jump_every {config.jump_every}: must be a multiple of save_every {config.save_every} "
                         "(a jump fits the checkpoints saved up to its step), or 0 for no jumps")
-    if config.jump_method not in (*METHODS, "auto"):
-        raise GRPOError(f"jump_method {config.jump_method}: use one of {', '.join(METHODS)} or auto")
+    check_method(config.jump_method, "jump_method")
     if config.jump_horizon < 1 or config.jump_epochs < 1:
         raise GRPOError("jump_horizon and jump_epochs must be at least 1")
     _, candidates = parse_jump_alpha(config.jump_alpha)
