@@ -65,6 +65,41 @@ def test_extend_refuses_inputs_changed_since_the_fit(trajectory, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_input_edited_at_the_same_size_is_refused(trajectory, tmp_path):
+    nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, run_backtest=False)
+    weights = trajectory / "step_160" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor, same size: the new modification time sends it to sha256
+    weights.write_bytes(bytes(data))
+    with pytest.raises(NextrapError, match="step_160/adapter_model.safetensors: changed since it was fitted"):
+        nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "out")
+
+
+def test_unchanged_inputs_are_not_hashed_again_unless_their_time_is_ambiguous(trajectory, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from nextrap.api import fit as fit_module
+
+    nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, run_backtest=False)
+    hashed = []
+    real = fit_module.sha256
+    monkeypatch.setattr(fit_module, "sha256", lambda f: hashed.append(f.name) or real(f))
+    nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "a", method="linear")
+    assert hashed == []  # the fixture's files are old: size and time decide
+    # a file whose time is as recorded but within the clock's granularity of the record: hashed
+    fresh = trajectory / "step_0"
+    manifest = json.loads((tmp_path / "fit" / "manifest.json").read_text())
+    entry = next(e for e in manifest["inputs"] if e["path"].endswith("step_0"))
+    for f in entry["files"]:
+        now = time.time_ns()
+        os.utime(fresh / f["name"], ns=(now, now))
+        f["mtime_ns"], f["seen_ns"] = now, now
+    (tmp_path / "fit" / "manifest.json").write_text(json.dumps(manifest))
+    nextrap.extend(tmp_path / "fit", [1.0], tmp_path / "b", method="linear")
+    assert sorted(hashed) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_fit_saves_every_method_model_and_an_older_fit_still_extends(trajectory, tmp_path):
     res = nextrap.fit(trajectory, out=tmp_path / "fit", epochs=2, run_backtest=False)
     assert set(res.models) == {"next", "next-paper"} and 0 <= res.models["next"]["rho"] <= 1

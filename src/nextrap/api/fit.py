@@ -285,12 +285,24 @@ def check_manifest(file: Path, m: Any) -> None:
         bad("summary.backtest has an entry it cannot read")
 
 
+# A modification time within this much of the moment it was recorded is ambiguous: file systems stamp times from a
+# coarse clock, so a write just after the record could keep the same time (git's "racily clean" entries).
+RACY_NS = 2_000_000_000
+
+
 def _unchanged(file: Path, record: dict[str, Any]) -> bool:
-    """Whether ``file`` still matches its manifest record: size plus sha256 (LoRA fits) or plus modification
-    time (full-parameter fits, whose checkpoints are too large to hash twice)."""
-    if not file.is_file() or file.stat().st_size != record["bytes"]:
+    """Whether ``file`` still matches its manifest record: the size, then for a LoRA fit the modification time
+    when it is unambiguous (hashing 10 GB of adapters cost extend more than its whole write), else the sha256;
+    a full-parameter fit (checkpoints too large to hash at all) records the modification time only."""
+    if not file.is_file():
         return False
-    if "sha256" in record:
-        return sha256(file) == record["sha256"]
-    return file.stat().st_mtime_ns == record.get("mtime_ns")
+    st = file.stat()
+    if st.st_size != record["bytes"]:
+        return False
+    same_time = st.st_mtime_ns == record.get("mtime_ns")
+    if "sha256" not in record:
+        return same_time
+    if same_time and st.st_mtime_ns < record.get("seen_ns", 0) - RACY_NS:
+        return True
+    return sha256(file) == record["sha256"]
 

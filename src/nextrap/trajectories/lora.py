@@ -6,6 +6,7 @@ writers append the move to the adapter (``adapter``) or add it to a base model's
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -122,12 +123,16 @@ class LoraRun(LoraTrajectory, Trajectory):
                                    "with a larger --max-memory")
 
     def inputs(self) -> list[dict[str, Any]]:
-        """sha256 of every adapter's config and weights: adapters are small enough to hash at fit and at extend."""
+        """Every adapter's config and weights: size, sha256 (provenance), and the modification time with the moment
+        it was seen, which lets ``extend`` skip hashing a file whose size and time are unchanged."""
         out = []
         for c in self.checkpoints:
-            files = [c.path / "adapter_config.json", c.weights]
-            out.append({"step": c.step, "path": str(c.path.absolute()),
-                        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256(f)} for f in files]})
+            files = []
+            for f in (c.path / "adapter_config.json", c.weights):
+                seen, st = time.time_ns(), f.stat()
+                files.append({"name": f.name, "bytes": st.st_size, "sha256": sha256(f), "mtime_ns": st.st_mtime_ns,
+                              "seen_ns": seen})
+            out.append({"step": c.step, "path": str(c.path.absolute()), "files": files})
         return out
 
     def report(self) -> dict[str, Any]:
