@@ -170,6 +170,19 @@ def test_fast_svd_error_bound_is_honest(run, exact):
             assert ((b[ok] - a[ok]).abs() / b[ok] <= stats.sigma_error_max + 1e-5).all(), (name, kind)
 
 
+@pytest.mark.parametrize("svd", ["exact", "fast"])
+def test_a_parameters_features_do_not_depend_on_its_batch_nor_on_a_share_of_the_parameters(run, svd):
+    """What makes a torchrun split byte-identical: the budget's batches, or a rank's share (``names``), never
+    change a parameter's features (the fast SVD draws one random start for the whole batch)."""
+    traj = load_full_trajectory(run, BASE)
+    whole, _ = compute_full_features(traj, H, svd=svd, budget=None)
+    names = [p.name for p in traj.params][1::2]
+    part, stats = compute_full_features(traj, H, svd=svd, budget=BUDGET, names=names)
+    assert stats.batches > len({p.matrix_shape for p in traj.params if p.name in names})  # the budget split batches
+    assert set(part.tensors) == {k for k in whole.tensors if k.split(":")[0] in names}
+    assert all(t.numpy().tobytes() == whole.tensors[k].numpy().tobytes() for k, t in part.tensors.items())  # NaN targets too
+
+
 def test_a_parameter_larger_than_the_budget_is_named(run):
     traj = load_full_trajectory(run, BASE)
     with pytest.raises(NextrapError, match=r"parameter model\.\S+ \[\d+, \d+\] needs .* --max-memory budget 0\.5 MB"):

@@ -6,6 +6,7 @@ W_c + alpha * move = (W_0 + alpha * move) + s B_c A_c."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,13 +17,14 @@ from safetensors.torch import save_file
 from nextrap.methods.backtest import BacktestResult, Choice, choose
 from nextrap.engine.budget import parse_size
 from nextrap.core.errors import NextrapError, one_line_os_errors
-from nextrap.io.files import atomic_dir, check_apart, check_replaceable, write_json
+from nextrap.io.files import check_apart, check_replaceable, shared_atomic_dir, write_json
 from nextrap.api.fit import FitFolder, inputs_checked_meanwhile, load_fit
 from nextrap.core.lowrank import top1_factored
 from nextrap.core.registry import check_method
 from nextrap.methods import FITTED, Jump, JumpContext, jump
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import VEC, Features
+from nextrap.runtime.distributed import World, world
 
 FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"
@@ -236,12 +238,17 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     check_apart(out, {"the fit folder": fit_dir, "the base model": base})
     check_replaceable(out, overwrite)
     loaded = load_fit(fit_dir, verify_inputs=False)
-    with inputs_checked_meanwhile(loaded) as inputs_unchanged:  # the inputs' sha256 beside the work
-        return _extend(loaded, fit_dir, alphas, out, fmt, base, method, overwrite, shard_bytes, min_energy, inputs_unchanged)
+    ranks = world()  # under torchrun every rank writes its share of the shards; rank 0 checks the inputs
+    # the inputs' sha256 beside the work; under torchrun rank 0's finding fails every rank (``shared_atomic_dir``)
+    checked = inputs_checked_meanwhile(loaded) if ranks.is_main else nullcontext(lambda: None)
+    with checked as inputs_unchanged:
+        return _extend(loaded, fit_dir, alphas, out, fmt, base, method, overwrite, shard_bytes, min_energy, inputs_unchanged,
+                       ranks)
 
 
 def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, out: Path, fmt: str, base: Path | str | None,
-            method: str, overwrite: bool, shard_bytes: int, min_energy: float, inputs_unchanged: Callable[[], None]) -> ExtendResult:
+            method: str, overwrite: bool, shard_bytes: int, min_energy: float, inputs_unchanged: Callable[[], None],
+            ranks: World) -> ExtendResult:
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
     base = Path(base) if base else None
@@ -263,12 +270,15 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
     }
     folders = []
-    with atomic_dir(out, overwrite=overwrite, kind="extend") as tmp:
+    # under torchrun every rank writes its share of the shards into one temporary folder, rank 0 the rest, and
+    # rank 0 publishes it once all have finished: the files one process writes
+    with shared_atomic_dir(out, ranks, overwrite=overwrite, kind="extend") as tmp:
         for alpha in alphas:
             folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
-            traj.write(folder, fmt, row, j, alpha, base, shard_bytes)
-            save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
-            write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
+            traj.write(folder, fmt, row, j, alpha, base, shard_bytes, ranks)
+            if ranks.is_main:
+                save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
+                write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
             folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
         inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,

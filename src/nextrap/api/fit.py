@@ -102,9 +102,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    ranks = world(settings.device)  # under torchrun every streamed pass splits its units across the ranks
     traj = open_trajectory(ckpts, base, max_memory, settings.device, svd)
     traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
-    fingerprints = Background(traj.inputs)  # the inputs' fingerprints beside the feature pass
+    # the inputs' fingerprints beside the feature pass, on the rank that writes the manifest
+    fingerprints = Background(traj.inputs if ranks.is_main else list)
     done = 0
 
     def on_units(k: int) -> None:
@@ -160,7 +162,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     manifest.update(traj.manifest())  # kind, streaming (budget, peak, ...) and what else reopening it needs
     result.streaming = manifest["summary"]["streaming"] = manifest["streaming"]
     manifest["summary"].pop("out")
-    if not world(settings.device).is_main:
+    if not ranks.is_main:
         return result  # under torchrun every rank holds the same result; rank 0 alone writes it
     with atomic_dir(out, overwrite=overwrite, kind="fit") as tmp:
         features.save(tmp / TRAJECTORY)

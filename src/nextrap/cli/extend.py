@@ -28,11 +28,15 @@ def extend(
 ) -> None:
     """Jump: write W_c + alpha * predicted move as an adapter or a merged model."""
     from nextrap.api.extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
+    from nextrap.runtime.distributed import world
+    main_rank = world().is_main  # under torchrun, every rank writes its shards; rank 0 alone prints
     with errors():
         alphas = parse_alphas(alpha)
-        with status("extending...", not as_json):
+        with status("extending...", not as_json and main_rank):
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
                                 max_shard_size=max_shard_size, min_energy=min_energy)
+    if not main_rank:
+        return
     for w in result.warnings:
         warn(w)
     if as_json:

@@ -34,7 +34,9 @@ def top1_randomized(x: torch.Tensor, block: int = 16, iters: int = 8, seed: int 
     m, n = x.shape[-2:]
     k = min(block, m, n)
     g = torch.Generator(device=x.device).manual_seed(seed)
-    omega = torch.randn(*x.shape[:-2], n, k, generator=g, device=x.device, dtype=x.dtype)
+    # one random start for every matrix of the batch: a matrix's triple does not depend on the batch it is in
+    # (the memory budget's batching, a rank's share under torchrun)
+    omega = torch.randn(n, k, generator=g, device=x.device, dtype=x.dtype).expand(*x.shape[:-2], n, k)
     q = _orth(x @ omega)
     for _ in range(iters):  # re-orthonormalise every half-step: plain powers lose the smaller directions
         q = _orth(x @ _orth(x.mT @ q))

@@ -9,13 +9,14 @@ formed in float64 on row chunks of a few MB, so the terms match a float64 comput
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import torch
 
 from nextrap.io.fullparam import FullTrajectory
-from nextrap.core.moves import Jump, Terms
+from nextrap.core.moves import Jump
 from nextrap.engine.budget import Meter, StreamStats, chunk_bytes, heap_hygiene, nbytes, row_chunks, trim_heap
-from nextrap.engine.fullstream import FEATURE_STACKS, Reader, batches, feature_bytes
+from nextrap.engine.fullstream import FEATURE_STACKS, Reader, batches, feature_bytes, selected
 
 STACK_DTYPE = torch.float32
 _ITEMSIZE = 4
@@ -65,31 +66,34 @@ def _pass_meter(traj: FullTrajectory, budget: int | None, held: int = 0) -> Mete
 
 
 def move_terms(traj: FullTrajectory, jumps: dict[str, Jump], from_row: int, to_row: int, budget: int | None = None,
-               device: str = "cpu") -> tuple[dict[str, Terms], float, StreamStats]:
-    """Backtest terms of each method's move against the true W_to - W_from, and t = ||W_to - W_from||^2,
-    streamed in one pass for all methods."""
+               device: str = "cpu", names: Sequence[str] | None = None) -> tuple[dict[str, dict[tuple[str, str], float]], StreamStats]:
+    """Per parameter (all, or those of ``names``) the inner products of each method's move against the true
+    W_to - W_from, keyed ("", "") = ||true||^2 (t), ("", method) = <true, move> (c), (method, method) = ||move||^2
+    (j), streamed in one pass for all methods. Each parameter's row chunks are summed on their own, so that the
+    caller adds the parameters in one fixed order however they were split (``World.total``)."""
     rows = sorted({from_row, to_row, *(r for j in jumps.values() for r in _rows_of(j))})
     meter, stats = _pass_meter(traj, budget, factor_bytes(jumps)), StreamStats(budget)
-    terms = {m: Terms() for m in jumps}
-    t_total = 0.0
+    per_param: dict[str, dict[tuple[str, str], float]] = {}
     scratch = partial(chunk_bytes, budget=budget)
-    for batch in batches(traj.params, len(rows) + _TERMS_EXTRA, _ITEMSIZE, meter, scratch=scratch):
-        names = [p.name for p in batch]
+    for batch in batches(selected(traj.params, names), len(rows) + _TERMS_EXTRA, _ITEMSIZE, meter, scratch=scratch):
+        batch_names = [p.name for p in batch]
         shape = batch[0].matrix_shape
-        reader = Reader(traj, [(r, names) for r in rows], shape, STACK_DTYPE, torch.device("cpu"), meter)
+        reader = Reader(traj, [(r, batch_names) for r in rows], shape, STACK_DTYPE, torch.device("cpu"), meter)
         held: dict[int, torch.Tensor] = {}
         try:
             for row, t in reader:
                 held[row] = t
             with meter.scratch(scratch(shape)):
-                for i, name in enumerate(names):
+                for i, name in enumerate(batch_names):
+                    sums = dict.fromkeys([("", ""), *((p, q) for m in jumps for p, q in (("", m), (m, m)))], 0.0)
                     for rs in row_chunks(shape, budget):
                         true = held[to_row][i, rs].double() - held[from_row][i, rs].double()
-                        t_sq = _dot(true, true)
-                        t_total += t_sq
+                        sums[("", "")] += _dot(true, true)
                         for method, j in jumps.items():
                             move = _move_rows(j, name, i, held, rs, shape)
-                            terms[method] += Terms(t_sq, _dot(true, move), _dot(move, move))
+                            sums[("", method)] += _dot(true, move)
+                            sums[(method, method)] += _dot(move, move)
+                    per_param[name] = sums
         finally:
             reader.close()
             stats.seconds_waiting += reader.waited
@@ -99,7 +103,7 @@ def move_terms(traj: FullTrajectory, jumps: dict[str, Jump], from_row: int, to_r
         stats.batches += 1
         stats.reads += len(rows)
     stats.peak = meter.peak
-    return terms, t_total, stats
+    return per_param, stats
 
 
 def jumped_tensor(traj: FullTrajectory, j: Jump, row: int, name: str, alpha: float) -> torch.Tensor:
@@ -125,23 +129,23 @@ def jumped_bytes(traj: FullTrajectory, itemsize: dict[str, int], budget: int | N
 
 
 def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int],
-                budget: int | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """a_i = u^T (W_i - W_0) v for every matrix parameter in ``directions`` and every row in ``rows``, streamed:
-    the projections relex fits its line to (one read of each row, nothing dense kept)."""
-    params = [p for p in traj.params if p.name in directions and not p.is_vector]
+                budget: int | None = None, device: str = "cpu", names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """a_i = u^T (W_i - W_0) v for every matrix parameter in ``directions`` (or in ``names`` too) and every row in
+    ``rows``, streamed: the projections relex fits its line to (one read of each row, nothing dense kept)."""
+    params = [p for p in selected(traj.params, names) if p.name in directions and not p.is_vector]
     held = sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = _pass_meter(traj, budget, held)
     scratch = partial(chunk_bytes, budget=budget)
     out: dict[str, torch.Tensor] = {}
     for batch in batches(params, _PROJECTION_STACKS, _ITEMSIZE, meter, scratch=scratch):
-        names = [p.name for p in batch]
+        batch_names = [p.name for p in batch]
         shape = batch[0].matrix_shape
-        reader = Reader(traj, [(r, names) for r in (-1, *rows)], shape, STACK_DTYPE, torch.device("cpu"), meter)
+        reader = Reader(traj, [(r, batch_names) for r in (-1, *rows)], shape, STACK_DTYPE, torch.device("cpu"), meter)
         values = []
         try:
             with meter.scratch(scratch(shape)):
                 for _, w in reader:
-                    values.append(torch.stack([_project(w[i], *directions[n], shape, budget) for i, n in enumerate(names)]))
+                    values.append(torch.stack([_project(w[i], *directions[n], shape, budget) for i, n in enumerate(batch_names)]))
                     meter.sub(nbytes(w))
                     del w
         finally:
@@ -149,7 +153,7 @@ def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, 
             trim_heap()
         # u^T W_i v - u^T W_0 v in float64: each term is exact to ~1e-16 relative, the difference keeps the small move
         a = torch.stack(values[1:], 1) - values[0][:, None]
-        out.update({n: a[i] for i, n in enumerate(names)})
+        out.update({n: a[i] for i, n in enumerate(batch_names)})
     return out
 
 

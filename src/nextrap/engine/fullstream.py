@@ -12,7 +12,7 @@ thread), and each SVD adds a conservative estimate of LAPACK's workspace.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -74,6 +74,12 @@ def batches(params: list[Param], stacks: int, itemsize: int, meter: Meter, svd: 
     return sized_batches(group_by(params, lambda p: (*p.matrix_shape, p.is_vector)), per, fixed, meter, too_big)
 
 
+def selected(params: list[Param], names: Sequence[str] | None) -> list[Param]:
+    """``params`` (all, or those named in ``names``) in their order."""
+    wanted = None if names is None else set(names)
+    return [p for p in params if wanted is None or p.name in wanted]
+
+
 def svd_workspace(m: int, n: int, svd: str, itemsize: int) -> int:
     """Conservative bytes the top-1 SVD of one m x n matrix allocates besides its input (checked against the
     process's measured peak for square, 128:1 tall and wide, and small shapes: 1.0-1.6x the measured exact
@@ -103,9 +109,11 @@ def feature_bytes(traj: FullTrajectory) -> int:
 
 def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact", budget: int | None = None,
                           device: str = "cpu", sign_align: bool = True, dtype: torch.dtype = torch.float32,
-                          progress: Callable[[int], None] | None = None) -> tuple[Features, StreamStats]:
-    """Rank-1 features of every parameter's global, local and target deltas (raw vectors for 1-D parameters),
-    streamed under ``budget`` bytes."""
+                          progress: Callable[[int], None] | None = None,
+                          names: Sequence[str] | None = None) -> tuple[Features, StreamStats]:
+    """Rank-1 features of every parameter's (or only those of ``names``: a rank's share under torchrun) global,
+    local and target deltas (raw vectors for 1-D parameters), streamed under ``budget`` bytes. A parameter's
+    features do not depend on the batch it was computed in."""
     if svd not in SVD_MODES:
         raise NextrapError(f"--svd {svd}: use exact or fast")
     n = len(traj.checkpoints)
@@ -115,7 +123,7 @@ def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact"
     meter.add(feature_bytes(traj))
     tensors: dict[str, torch.Tensor] = {}
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    for batch in batches(traj.params, FEATURE_STACKS, itemsize, meter, svd):
+    for batch in batches(selected(traj.params, names), FEATURE_STACKS, itemsize, meter, svd):
         names = [p.name for p in batch]
         jobs = [(-1, names)] + [(r, names) for i in range(n) for r in ((i, i + horizon) if i + horizon < n else (i,))]
         reader = Reader(traj, jobs, batch[0].matrix_shape, dtype, dev, meter)

@@ -11,8 +11,7 @@ import torch
 
 from nextrap.engine.budget import DEFAULT_MAX_MEMORY, StreamStats, parse_size
 from nextrap.io.checkpoints import LoraTrajectory, require_checkpoints
-from nextrap.runtime.distributed import world
-from nextrap.engine.lorastream import factor_bytes, stream_features
+from nextrap.engine.lorastream import stream_features
 from nextrap.core.features import Features
 from nextrap.core.lowrank import align_signs
 
@@ -38,8 +37,9 @@ def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True
 
 def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, budget: int | None = DEFAULT_BUDGET,
                          progress: Progress | None = None, device: str = "cpu",
-                         max_batch: int | None = 64) -> tuple[Features, StreamStats]:
-    """``compute_features`` and what its pass measured (accounted peak, batches, reads)."""
+                         max_batch: int | None = 64, names: list[str] | None = None) -> tuple[Features, StreamStats]:
+    """``compute_features`` and what its pass measured (accounted peak, batches, reads); ``names``: the features
+    of these modules only (a rank's share under torchrun, ``LoraRun.features``)."""
     n = len(traj.checkpoints)
     require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
     tensors: dict[str, torch.Tensor] = {}
@@ -49,13 +49,7 @@ def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = 
             parts["u"], parts["v"] = align_signs(parts["u"], parts["v"])
         store_rows(tensors, names, kind, parts, n)
 
-    # under torchrun each rank computes its share of the modules (balanced by their factors' size), and every
-    # rank gets all the rows: the same features as one process computes
-    ranks = world(device)
-    share = ranks.mine(traj.modules, cost=factor_bytes) if ranks.size > 1 else None
-    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch,
-                            names=[m.name for m in share] if share is not None else None)
-    tensors = ranks.merge(tensors)
+    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch, names)
     return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors), stats
 
 

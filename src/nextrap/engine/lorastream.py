@@ -385,28 +385,30 @@ class _Inner:
 
 def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
                  rows: Sequence[int], budget: int | None = None, held_bytes: int = 0, names: Sequence[str] | None = None,
-                 what: str = "the backtest") -> tuple[dict[tuple[str, str], float], StreamStats]:
-    """sum over modules of <X, Y> for every (X, Y) in ``pairs``, with ``combos(module)`` -> {label: Combo}: the
-    checkpoints ``rows`` of each unit read once (under ``budget`` beside the resident features and ``held_bytes``)."""
+                 what: str = "the backtest") -> tuple[dict[str, dict[tuple[str, str], float]], StreamStats]:
+    """Per module (all, or ``names``) <X, Y> for every (X, Y) in ``pairs``, with ``combos(module)`` -> {label:
+    Combo}: the checkpoints ``rows`` of each unit read once (under ``budget`` beside the resident features and
+    ``held_bytes``). Per module, so that the caller sums them in one fixed order however the modules were split
+    (``World.total``)."""
     rows = sorted(set(rows))
     meter, stats = meter_for(budget, resident_bytes(traj) + held_bytes), StreamStats(budget)
-    totals = {pair: 0.0 for pair in pairs}
+    per_module: dict[str, dict[tuple[str, str], float]] = {}
     for unit in units(traj, names, max(len(rows), 1), meter, what):
         with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
-            _unit_inner(rd, unit, combos, pairs, totals, meter, _row_products(traj))
+            _unit_inner(rd, unit, combos, pairs, per_module, meter, _row_products(traj))
             stats.seconds_waiting += rd.waited
         trim_heap()
         stats.batches += 1
         stats.reads += len(rows)
     stats.peak = meter.peak
     traj.peak = max(traj.peak, meter.peak)
-    return totals, stats
+    return per_module, stats
 
 
 def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
-                totals: dict[tuple[str, str], float], meter: Meter,
+                per_module: dict[str, dict[tuple[str, str], float]], meter: Meter,
                 known: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None) -> None:
-    """Add one unit's inner products to ``totals``. A function of its own so that nothing it made (a view of a
+    """Put one unit's inner products in ``per_module``. A function of its own so that nothing it made (a view of a
     checkpoint's stack keeps the whole stack) outlives it."""
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
@@ -415,16 +417,16 @@ def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[st
         for j, name in enumerate(unit):
             inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()}, None if known is None else known.setdefault(name, {}))
             mine = combos(name)
-            for x, y in pairs:
-                totals[(x, y)] += inner(mine[x], mine[y])
+            per_module[name] = {(x, y): inner(mine[x], mine[y]) for x, y in pairs}
     finally:
         meter.sub(sum(nbytes(b) + nbytes(a) for b, a in held.values()))
 
 
 def move_terms(traj: LoraTrajectory, moves: dict[str, Mapping[str, Factors]], from_row: int, to_row: int,
-               budget: int | None = None) -> tuple[dict[str, tuple[float, float, float]], float, StreamStats]:
-    """Per method (t, c, j) of its move against the true W_to - W_from (t = ||true||^2, c = <true, move>,
-    j = ||move||^2), and t, in one streamed pass over the checkpoints all the moves need."""
+               budget: int | None = None, names: Sequence[str] | None = None) -> tuple[dict[str, dict[tuple[str, str], float]], StreamStats]:
+    """Per module (all, or ``names``) the inner products of each method's move against the true W_to - W_from,
+    keyed ("", "") = ||true||^2 (t), ("", method) = <true, move> (c), (method, method) = ||move||^2 (j), in one
+    streamed pass over the checkpoints all the moves need."""
     rows = {from_row, to_row}
     for f in moves.values():
         if isinstance(f, LoraMove):
@@ -436,19 +438,17 @@ def move_terms(traj: LoraTrajectory, moves: dict[str, Mapping[str, Factors]], fr
 
     pairs = [("", "")] + [p for m in moves for p in (("", m), (m, m))]
     held = sum(explicit_bytes(f) for f in moves.values())
-    totals, stats = stream_inner(traj, combos, pairs, sorted(rows), budget, held)
-    t = totals[("", "")]
-    return {m: (t, totals[("", m)], totals[(m, m)]) for m in moves}, t, stats
+    return stream_inner(traj, combos, pairs, sorted(rows), budget, held, names)
 
 
 def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: Sequence[int],
-                budget: int | None = None) -> dict[str, torch.Tensor]:
-    """a_i = u^T (s B_i A_i) v for every module in ``directions`` and every checkpoint i in ``rows``, streamed: one
-    read of each checkpoint per unit, one checkpoint held at a time."""
+                budget: int | None = None, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """a_i = u^T (s B_i A_i) v for every module in ``directions`` (or those of ``names``) and every checkpoint i in
+    ``rows``, streamed: one read of each checkpoint per unit, one checkpoint held at a time."""
     held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = meter_for(budget, held)
     out: dict[str, torch.Tensor] = {}
-    for unit in units(traj, list(directions), 3, meter, "relex's projections"):
+    for unit in units(traj, list(directions) if names is None else names, 3, meter, "relex's projections"):
         uv = [(directions[n][0].double(), directions[n][1].double()) for n in unit]
         scale = traj.scales(unit)
         values = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nextrap.core.errors import WRITE_ERRNOS, NextrapError, os_error, os_problem
+from nextrap.runtime.distributed import World
 from nextrap.runtime.process import check_interrupted, deferred_interrupts
 
 
@@ -156,6 +157,64 @@ def atomic_dir(target: Path | str, overwrite: bool = False, kind: str = "output"
             where = str(where).replace(str(tmp), str(target)) if where else target
             raise NextrapError(f"{os_problem(code)} writing {where}") from None
         raise
+
+
+@contextmanager
+def shared_atomic_dir(target: Path | str, ranks: World, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
+    """``atomic_dir`` for cooperating ranks (torchrun): rank 0 makes the temporary folder and tells the others its
+    name, every rank writes its part into it, and once every rank has finished, rank 0 publishes it and renames it
+    to ``target``; the others return after that. An error on any rank (rank 0's refusal of ``target`` included)
+    is raised on every rank and nothing is published. Several nodes need ``target`` on a filesystem they all see."""
+    if ranks.size == 1:
+        with atomic_dir(target, overwrite, kind) as tmp:
+            yield tmp
+        return
+    if not ranks.is_main:
+        tmp, refused = ranks.broadcast(None)
+        if refused:
+            raise NextrapError(refused)
+        error = None
+        try:
+            yield Path(tmp)
+        except BaseException as e:  # noqa: BLE001 - told to every rank, then raised
+            error = e
+        failed = [why for why in ranks.gather(_why(ranks, error)) if why]
+        published = ranks.gather(None)[0]  # rank 0's outcome: None once the folder is published
+        if error is not None:
+            raise error
+        if failed or published:
+            raise NextrapError((failed or [published])[0])
+        return
+    entered, published = False, f"rank 0 failed before publishing {target}"
+    try:
+        with atomic_dir(target, overwrite, kind) as tmp:
+            entered = True
+            ranks.broadcast((str(tmp), None))
+            error = None
+            try:
+                yield tmp
+            except BaseException as e:  # noqa: BLE001 - told to every rank, then raised
+                error = e
+            failed = [why for why in ranks.gather(_why(ranks, error)) if why]
+            if error is not None:
+                raise error
+            if failed:
+                raise NextrapError(failed[0])
+        published = None
+    except BaseException as e:
+        if not entered:  # target refused: the others have not started
+            ranks.broadcast((None, _why(ranks, e)))
+        raise
+    finally:
+        if entered:
+            ranks.gather(published)
+
+
+def _why(ranks: World, e: BaseException | None) -> str | None:
+    """What the other ranks report of this rank's error (None: none)."""
+    if e is None:
+        return None
+    return str(e) if isinstance(e, NextrapError) else f"rank {ranks.rank} failed: {type(e).__name__}: {e}"
 
 
 def write_errno(e: BaseException) -> int | None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,24 @@ class World:
         for p in self.gather(part):
             merged.update(p)
         return merged
+
+    def total(self, per_unit: Mapping[str, Mapping[K, float]], order: Sequence[str]) -> dict[K, float]:
+        """Every rank's per-unit numbers (disjoint units) summed key by key in ``order``, the units' single-process
+        order, from 0.0 on every rank: the same additions whatever the split, so the same floats as one process."""
+        merged = self.merge(dict(per_unit))
+        out: dict[K, float] = {}
+        for name in order:
+            for key, value in merged.get(name, {}).items():
+                out[key] = out.get(key, 0.0) + value
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks, in float64 (the same order of additions on every rank)."""

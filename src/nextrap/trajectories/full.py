@@ -5,9 +5,9 @@ read row chunk by row chunk where a pass or the writer needs it, so it cannot be
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -19,7 +19,8 @@ from nextrap.io.hfmodel import DTYPE_BYTES, INDEX, read_header
 from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
 from nextrap.core.moves import Jump, Terms
 from nextrap.core.moves import Factors
-from nextrap.trajectories.interface import Layout, Trajectory, Unit
+from nextrap.runtime.distributed import World, world
+from nextrap.trajectories.interface import Layout, Trajectory, Unit, pooled_terms
 from nextrap.engine.fullstream import StreamStats, compute_full_features, feature_bytes, heap_hygiene
 from nextrap.core.features import Features
 
@@ -63,19 +64,31 @@ class FullRun(FullTrajectory, Trajectory):
     def preflight(self, horizon: int, backtest: bool) -> None:
         preflight(self, self.budget, self.svd, backtest)
 
+    def _share(self, names: Iterable[str] | None = None) -> tuple[World, list[str]]:
+        """This rank's parameters (of ``names``, else all) under torchrun, balanced by their size."""
+        ranks, wanted = world(self.device), None if names is None else set(names)
+        return ranks, [p.name for p in ranks.mine([p for p in self.params if wanted is None or p.name in wanted],
+                                                  cost=lambda p: p.numel)]
+
     def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
+        # every rank computes its share of the parameters and gets all the rows: the features one process computes
+        ranks, mine = self._share()
         features, stats = compute_full_features(self, horizon, svd=self.svd, budget=self.budget, device=self.device,
-                                                sign_align=sign_align, progress=progress)
+                                                sign_align=sign_align, progress=progress, names=mine)
+        stats.sigma_error_max = max(ranks.gather(stats.sigma_error_max))
         self.stats = [stats]
-        return features
+        return replace(features, tensors=ranks.merge(features.tensors))
 
     def terms(self, moves: Mapping[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
-        terms, t, stats = move_terms(self, dict(moves), from_row, to_row, budget=self.budget, device=self.device)
+        ranks, mine = self._share()
+        per_param, stats = move_terms(self, dict(moves), from_row, to_row, budget=self.budget, device=self.device, names=mine)
         self.stats.append(stats)
-        return terms, t
+        return pooled_terms(per_param, [p.name for p in self.params], moves, ranks)
 
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
-        return projections(self, directions, rows, self.budget, self.device)
+        ranks, mine = self._share(directions)
+        merged = ranks.merge(projections(self, directions, rows, self.budget, self.device, mine))
+        return {n: merged[n] for n in directions if n in merged}  # the directions' order (1-D parameters have none)
 
     @property
     def exact_checks(self) -> bool:
@@ -95,15 +108,18 @@ class FullRun(FullTrajectory, Trajectory):
                                "--format merged output already is the jumped model")
         return "merged"  # the jumped model itself, from checkpoint c: there is no adapter to write
 
-    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int) -> None:
+    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int,
+              ranks: World = World()) -> None:
         """Checkpoint ``row`` + alpha * move as a Hugging Face model folder, one tensor read at a time; every tensor
         without a move, and the config and tokenizer files, come from checkpoint ``row``."""
         ckpt = self.checkpoints[row]
         info = read_header(set(ckpt.files.values()))
         self._check_write_budget(info, j, ckpt.files)
         heap_hygiene()
-        write_sharded(out, info, lambda keys: ((k, jumped_tensor(self, j, row, k, alpha)) for k in keys), max_shard_bytes)
-        copy_model_files(ckpt.path, out)
+        write_sharded(out, info, lambda keys: ((k, jumped_tensor(self, j, row, k, alpha)) for k in keys), max_shard_bytes,
+                      ranks)
+        if ranks.is_main:
+            copy_model_files(ckpt.path, out)
 
     def _check_write_budget(self, info: dict[str, tuple[list[int], str]], j: Jump, files: dict[str, Path]) -> None:
         """Writing holds the features, the move's factors and one jumped tensor (shards are written tensor by

@@ -8,6 +8,11 @@ negative). A move is a ``Jump``: explicit thin factors per module plus, optional
 difference W_row - W_ref (``difference``), which each implementation reads its own way; ``keep`` leaves a
 difference's move to some modules only. Nothing outside the two implementations asks which kind it holds:
 ``kind`` is for reports and the manifest.
+
+Under ``torchrun`` every streamed pass (features, terms, projections) splits its units across the ranks
+(``runtime.distributed``): each rank computes its share, and every rank gets all the results, the same floats as
+one process: per-unit results are gathered, and the sums over units are added in the units' order
+(``pooled_terms``), whichever rank computed which unit. ``write`` writes a rank's share of the output shards.
 """
 
 from __future__ import annotations
@@ -15,13 +20,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from nextrap.core.moves import Factors, Jump, Terms
 from nextrap.core.features import Features
+from nextrap.runtime.distributed import World
 
+Inner = Mapping[tuple[str, str], float]  # one unit's <X, Y> per pair of moves; "" is the true move W_to - W_from
+
+
+def pooled_terms(per_unit: Mapping[str, Inner], order: Sequence[str], moves: Iterable[str],
+                 ranks: World) -> tuple[dict[str, Terms], float]:
+    """Per move (t, c, j) and t from every rank's per-unit inner products, summed in ``order`` (all the units, in
+    the features' order) on every rank (``World.total``): the same floats however the units were split."""
+    totals = ranks.total(per_unit, order)
+    t = totals.get(("", ""), 0.0)
+    return {m: Terms(t, totals.get(("", m), 0.0), totals.get((m, m), 0.0)) for m in moves}, t
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,10 @@ class Trajectory(ABC):
         """What ``extend --format fmt`` (with ``--base``) writes from this trajectory; a NextrapError when it cannot."""
 
     @abstractmethod
-    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int) -> None:
-        """Write W_row + alpha * move (``fmt`` as ``output_format`` gave it; base: W_0 + alpha * move) into ``out``."""
+    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int,
+              ranks: World = World()) -> None:
+        """Write W_row + alpha * move (``fmt`` as ``output_format`` gave it; base: W_0 + alpha * move) into ``out``;
+        with several ``ranks`` (all writing into the same ``out``) this rank's share of the shards, rank 0 the rest."""
 
     @abstractmethod
     def inputs(self) -> list[dict[str, Any]]:

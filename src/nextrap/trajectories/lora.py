@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -21,10 +21,12 @@ from nextrap.io.files import sha256
 from nextrap.writers.merged import lora_deltas, write_merged
 from nextrap.io.hfmodel import DTYPE_BYTES, read_header, weight_map
 from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
-from nextrap.engine.lorastream import LoraMove, explicit_bytes, feature_bytes, move_rank, move_terms, preflight, projections
+from nextrap.engine.lorastream import (LoraMove, explicit_bytes, factor_bytes, feature_bytes, move_rank, move_terms, preflight,
+                                       projections)
 from nextrap.core.moves import Jump, Terms
 from nextrap.core.moves import Factors
-from nextrap.trajectories.interface import Layout, Trajectory, Unit
+from nextrap.runtime.distributed import World, world
+from nextrap.trajectories.interface import Layout, Trajectory, Unit, pooled_terms
 from nextrap.core.features import Features
 from nextrap.engine.lorafeatures import stream_lora_features
 
@@ -62,19 +64,29 @@ class LoraRun(LoraTrajectory, Trajectory):
     def preflight(self, horizon: int, backtest: bool) -> None:
         preflight(self, horizon, self.budget, backtest=backtest)
 
+    def _share(self, names: Iterable[str] | None = None) -> tuple[World, list[str]]:
+        """This rank's modules (of ``names``, else all) under torchrun, balanced by their factors' size."""
+        ranks, wanted = world(self.device), None if names is None else set(names)
+        return ranks, [m.name for m in ranks.mine([m for m in self.modules if wanted is None or m.name in wanted], cost=factor_bytes)]
+
     def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
+        # every rank computes its share of the modules and gets all the rows: the features one process computes
+        ranks, mine = self._share()
         features, stats = stream_lora_features(self, horizon, sign_align=sign_align, budget=self.budget, progress=progress,
-                                               device=self.device, max_batch=None)
+                                               device=self.device, max_batch=None, names=mine)
         self.feature_batches = stats.batches
-        return features
+        return replace(features, tensors=ranks.merge(features.tensors))
 
     def terms(self, moves: Mapping[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
         factors = {m: self.move_factors(j) for m, j in moves.items()}
-        terms, t, _ = move_terms(self, factors, from_row, to_row, self.budget)
-        return {m: Terms(*x) for m, x in terms.items()}, t
+        ranks, mine = self._share()
+        per_module, _ = move_terms(self, factors, from_row, to_row, self.budget, mine)
+        return pooled_terms(per_module, [m.name for m in self.modules], moves, ranks)
 
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
-        return projections(self, directions, rows, self.budget)
+        ranks, mine = self._share(directions)
+        merged = ranks.merge(projections(self, directions, rows, self.budget, mine))
+        return {n: merged[n] for n in directions}  # the directions' order, whichever rank computed which
 
     @property
     def exact_checks(self) -> bool:
@@ -92,16 +104,18 @@ class LoraRun(LoraTrajectory, Trajectory):
             raise NextrapError(f"--format {fmt} needs --base (the Hugging Face model folder the adapters were trained on)")
         return fmt
 
-    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int) -> None:
+    def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int,
+              ranks: World = World()) -> None:
         move = replace(j, factors=self.move_factors(j))
         self._check_write_budget(move, fmt, base)
         if fmt == "adapter":
-            write_adapter(out, self, row, move, alpha)
+            if ranks.is_main:  # one small file: rank 0 writes it
+                write_adapter(out, self, row, move, alpha)
             return
         trained = fmt == "merged"
         extra = {relative_name(k): v for k, v in self.read_extra(row).items()} if trained else None  # modules_to_save
         write_merged(out, base, lora_deltas(self, row, move, alpha, trained=trained), max_shard_bytes, extra,
-                     self.checkpoints[row].weights)
+                     self.checkpoints[row].weights, ranks)
 
     def _check_write_budget(self, move: Jump, fmt: str, base: Path | None) -> None:
         """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse

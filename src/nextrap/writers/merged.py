@@ -20,6 +20,7 @@ from nextrap.core.errors import NextrapError
 from nextrap.io.files import write_json
 from nextrap.core.moves import Jump
 from nextrap.io.hfmodel import DTYPE_BYTES, INDEX, SINGLE, WEIGHT_SUFFIXES, read_header, weight_map
+from nextrap.runtime.distributed import World
 
 def _iter_tensors(keys: list[str], wmap: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors in ``keys`` order, one file open at a time where the order allows."""
@@ -118,10 +119,12 @@ def module_deltas(modules: list[LoraModule], moves: list[tuple[Jump, float]],
 
 
 def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_bytes: int,
-                 replaced: dict[str, torch.Tensor] | None = None, replaced_from: Path | None = None) -> dict:
+                 replaced: dict[str, torch.Tensor] | None = None, replaced_from: Path | None = None,
+                 ranks: World = World()) -> dict:
     """Write the base model with each delta added (in float64, stored in the base dtype) and the tensors of
     ``replaced`` (base names, e.g. an adapter's modules_to_save read from ``replaced_from``) swapped in, as a
-    Hugging Face model folder: every tensor read, changed and written one at a time. Returns a small summary."""
+    Hugging Face model folder: every tensor read, changed and written one at a time. Returns a small summary.
+    With several ``ranks`` writing into the same ``out``, each writes its share of the shards (``write_sharded``)."""
     base = Path(base)
     replaced = replaced or {}
     wmap = weight_map(base)
@@ -149,15 +152,19 @@ def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_byt
             yield key, jumped
             del jumped
 
-    shards, total = write_sharded(out, info, shard, max_shard_bytes)
-    copy_model_files(base, out)
+    shards, total = write_sharded(out, info, shard, max_shard_bytes, ranks)
+    if ranks.is_main:
+        copy_model_files(base, out)
     return {"shards": shards, "total_bytes": total, "modules_merged": len(by_key)}
 
 
 def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
-                  tensors: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]], max_shard_bytes: int) -> tuple[int, int]:
+                  tensors: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]], max_shard_bytes: int,
+                  ranks: World = World()) -> tuple[int, int]:
     """Write the tensors named in ``info`` (name -> (shape, safetensors dtype), in order) the Hugging Face way:
     ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus the index above ``max_shard_bytes``.
+    The shards follow from ``info`` alone, so under torchrun every rank plans the same ones and writes its share
+    of them (balanced by size), rank 0 the index: the files one process writes.
 
     ``tensors(keys)`` yields (name, tensor) for one shard's keys in order; each is written to disk as it comes
     (the header is known from ``info``), so one tensor at a time is in memory, whatever the shard size. NaN or
@@ -166,21 +173,21 @@ def write_sharded(out: Path, info: dict[str, tuple[list[int], str]],
     if unknown is not None:
         raise NextrapError(f"tensor {unknown}: dtype {info[unknown][1]} cannot be written")
     shards: list[list[str]] = [[]]
-    size = 0
+    sizes = [0]
     for key, (shape, dtype) in info.items():
         nbytes = _tensor_bytes(shape, dtype)
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append([])
-            size = 0
+            sizes.append(0)
         shards[-1].append(key)
-        size += nbytes
+        sizes[-1] += nbytes
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     out.mkdir(parents=True, exist_ok=True)
-    weight_index, total = {}, 0
-    for fname, shard in zip(names, shards):
-        total += write_safetensors(out / fname, shard, info, tensors(shard))
-        weight_index.update({key: fname for key in shard})
-    if len(shards) > 1:
+    for i in ranks.mine(range(len(shards)), cost=lambda i: sizes[i]):
+        write_safetensors(out / names[i], shards[i], info, tensors(shards[i]))
+    total = sum(sizes)  # the data bytes of every shard, whichever rank wrote it
+    if len(shards) > 1 and ranks.is_main:
+        weight_index = {key: fname for fname, shard in zip(names, shards) for key in shard}
         write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_index})
     return len(shards), total
 
