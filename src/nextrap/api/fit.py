@@ -117,6 +117,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
     # that align do it on the fly (Features.aligned).
     features = traj.features(horizon, progress=on_units)
+    report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
     inputs = fingerprints.result()
     seconds["features"] = time.perf_counter() - t0
 

@@ -13,11 +13,13 @@ import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from nextrap.core.errors import WRITE_ERRNOS, NextrapError, os_error, os_problem
-from nextrap.runtime.distributed import World
 from nextrap.runtime.process import check_interrupted, deferred_interrupts
+
+if TYPE_CHECKING:  # a type only: the CLI imports this module for --help, which must not load torch
+    from nextrap.runtime.distributed import World
 
 
 OUTPUT_MARKER = ".nextrap-output.json"  # in every folder nextrap writes: what it wrote there, so --overwrite can prove it
