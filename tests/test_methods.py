@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY
+from nextrap.core.errors import NextrapError
 from nextrap.methods import METHODS, JumpContext, fit_models, jump
 from nextrap.methods import next as next_method
 from nextrap.trajectories.opening import open_trajectory
@@ -50,7 +51,7 @@ def test_next_without_predictor_and_unknown_method(setup):
         jump("next-paper", JumpContext(feats, traj, 16))
     with pytest.raises(ValueError, match="needs a fitted model"):
         jump("next", JumpContext(feats, traj, 16))
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(NextrapError, match="^--method nope: use one of"):
         jump("nope", JumpContext(feats, traj, 16))
     assert set(METHODS) >= {"next", "next-paper", "linear", "expo", "relex"}
 
