@@ -2,21 +2,30 @@
 projections and next's held-out check, each reading every checkpoint it needs once per unit (a batch of
 same-shape modules sized to ``--max-memory``, ``budget``), only that unit's tensors (safetensors ``safe_open``).
 
-The math is exact and shares its work. Every delta is a combination of checkpoint products s B_i A_i, so its
-top singular triple follows from the k x k Grams B_i^T B_j and A_i A_j^T (``lowrank.top1_gram``). The feature
-pass computes, per checkpoint i, the Grams of i with itself, with i - 1 and with i - h, once, and assembles
-from them the cores of G_i = s B_i A_i, L_i = s (B_i A_i - B_{i-1} A_{i-1}) and T_{i-h} = s (B_i A_i - B_{i-h}
-A_{i-h}); u and v are then P cu and Q cv. Only the last h + 1 checkpoints of a unit are held. Grams are float64
-(the cancellation in a local delta enters them squared); the factors are read as stored (bf16, fp16, fp32).
+The math is exact and shares its work. Every delta is a thin product P Q^T of checkpoint factors, so its top
+singular triple follows from the k x k Grams P^T P and Q^T Q (``lowrank.top1_gram``). The feature pass reads
+the factors as float32 (exact for bf16, fp16 and fp32 storage) and computes, per checkpoint i, the Grams of
+G_i = s B_i A_i (B_i^T B_i, A_i A_i^T: its spectrum gives the energy) and, for the local and target deltas
+against o = i - 1 and o = i - h, the Grams of the factors of the *difference* form
+    s (B_i A_i - B_o A_o) = s (B_i dA + dB A_o),   dB = B_i - B_o, dA = A_i - A_o,
+i.e. P = s [B_i, dB], Q = [dA^T, A_o^T]: B_i^T dB, dB^T dB, dA dA^T, dA A_o^T (B_i^T B_i and A_o A_o^T are
+already there). Float32 products of these keep sigma to ~1e-7 relative however small the delta is against G_i:
+no column of P or Q is much larger than its share of the delta, so nothing cancels. (The checkpoint-pair form
+P = s [B_i, -B_o], Q = [A_i^T, A_o^T] cancels, and its rounding enters sigma times (||G|| / ||L||)^2: float32
+would lose 2e-4 at a ratio of 100 and 6e-2 at 1000, where the difference form keeps ~1e-8; measured.) Five
+float32 products per checkpoint and side cost less than the pair form's three float64 ones. The k x k cores
+are float64; u and v are P cu and Q cv (float32). Only the last h + 1 checkpoints of a unit are held.
 
 A move on a LoRA trajectory (``LoraMove``) is a checkpoint difference s (B_row A_row - B_ref A_ref) plus explicit
 thin factors; its factors are read per module when asked for, so no pass holds a whole checkpoint.
-Inner products of moves come from the same Gram blocks: <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)).
-These checkpoint-pair products (two float64 Gram products each, the costly part of a later pass) are kept per
-trajectory and module (one float each, ``_row_products``): a fit's later passes read the same few checkpoints
-(next's held-out check on c - 2h, c - h, c; the backtest's terms on c - 2h, c - h, c again; the fold's check on
-c - 3h, c - 2h, c - h), so each pair is multiplied once per fit; the products with explicit factors (B^T P: a
-few columns) are computed in each pass.
+Inner products of moves come from float64 Gram blocks: <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)).
+They stay float64: a move's terms combine them with cancellation (t = ||G_c - G_{c-h}||^2 is a sum of three
+products of size ||G||^2), and these are the backtest's exact terms. The checkpoint-pair products (two
+float64 Gram products each, the costly part of a later pass) are kept per trajectory and module (one float
+each, ``_row_products``): a fit's later passes read the same few checkpoints (next's held-out check on
+c - 2h, c - h, c; the backtest's terms on c - 2h, c - h, c again; the fold's check on c - 3h, c - 2h, c - h),
+so each pair is multiplied once per fit; the products with explicit factors (B^T P: a few columns) are
+computed in each pass.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from nextrap.core.lowrank import energy_of, top1_gram
 from nextrap.core.moves import Factors
 
 FLOAT64 = 8
+FLOAT32 = 4
+FEATURE_DTYPE = torch.float32  # the feature pass's factors and Gram products (module docstring)
 Sink = Callable[[list[str], str, dict[str, torch.Tensor]], None]  # (names, kind, parts [modules, rows, ...])
 
 
@@ -69,8 +80,9 @@ def resident_bytes(traj: LoraTrajectory) -> int:
 
 
 def feature_stacks(horizon: int) -> int:
-    """Checkpoints of a unit the feature pass holds at once: the last h + 1 and two in the reader's pipeline."""
-    return horizon + 3
+    """Checkpoints' worth of (float32) factors of a unit the feature pass holds at once: the last h + 1, two in the
+    reader's pipeline, and the differences (dB, dA) of the local and the target delta."""
+    return horizon + 5
 
 
 def meter_for(budget: int | None, held: int) -> Meter:
@@ -82,33 +94,38 @@ def meter_for(budget: int | None, held: int) -> Meter:
 
 
 def units(traj: LoraTrajectory, names: Sequence[str] | None, rows: int, meter: Meter, what: str,
-          scratch: Callable[[LoraModule], int] = lambda m: 0, max_batch: int | None = None) -> Iterator[list[str]]:
-    """Modules (all of ``traj`` or ``names``) in batches of one shape whose ``rows`` checkpoints of float64 factors
-    each, plus ``scratch`` per module and one stored tensor being read, fit what the budget leaves free."""
+          scratch: Callable[[LoraModule], int] = lambda m: 0, max_batch: int | None = None,
+          itemsize: int = FLOAT64) -> Iterator[list[str]]:
+    """Modules (all of ``traj`` or ``names``) in batches of one shape whose ``rows`` checkpoints of factors
+    (``itemsize`` bytes an element) each, plus ``scratch`` per module and one stored tensor being read, fit what
+    the budget leaves free."""
     wanted = set(names) if names is not None else None
     modules = [m for m in traj.modules if wanted is None or m.name in wanted]
 
     def too_big(m: LoraModule, need: int, free: int | None) -> str:
         return (f"LoRA module {m.name} [{m.out_features}x{m.in_features}, r {m.rank}] needs {mb(need)} for {what} "
-                f"({rows} checkpoints of float64 factors), more than the --max-memory budget {mb(meter.budget)} leaves "
+                f"({rows} checkpoints of {8 * itemsize}-bit factors), more than the --max-memory budget {mb(meter.budget)} leaves "
                 f"({mb(free)} after {mb(meter.held)} of features and moves held); raise --max-memory")
 
     groups = group_by(modules, lambda m: (m.out_features, m.in_features, m.rank))
-    for batch in sized_batches(groups, lambda m: rows * factor_bytes(m) + scratch(m), _native_bytes, meter, too_big, max_batch):
+    for batch in sized_batches(groups, lambda m: rows * factor_bytes(m, itemsize) + scratch(m), _native_bytes, meter, too_big,
+                               max_batch):
         yield [m.name for m in batch]
 
 
-def _load(traj: LoraTrajectory, job: tuple[int, list[str]], meter: Meter, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reader's load: checkpoint ``job[0]``'s float64 (B, A) stacks of modules ``job[1]``."""
+def _load(traj: LoraTrajectory, dtype: torch.dtype, job: tuple[int, list[str]], meter: Meter,
+          pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reader's load: checkpoint ``job[0]``'s (B, A) stacks of modules ``job[1]`` in ``dtype``."""
     row, names = job
     m = traj.module(names[0])
-    meter.add(len(names) * factor_bytes(m))
+    meter.add(len(names) * factor_bytes(m, dtype.itemsize))
     with meter.scratch(_native_bytes(m)):
-        return traj.factors(row, names, torch.float64, pin)
+        return traj.factors(row, names, dtype, pin)
 
 
-def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device: torch.device, meter: Meter) -> Prefetcher:
-    return Prefetcher([(r, names) for r in rows], partial(_load, traj), device, meter, key=lambda job: job[0])
+def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device: torch.device, meter: Meter,
+            dtype: torch.dtype = torch.float64) -> Prefetcher:
+    return Prefetcher([(r, names) for r in rows], partial(_load, traj, dtype), device, meter, key=lambda job: job[0])
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -122,12 +139,11 @@ def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int 
     these modules (a rank's share under torchrun)."""
     n = len(traj.checkpoints)
     meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
-    scratch = partial(_unit_output_bytes, rows=n)
-    for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch):
+    scratch = partial(_feature_scratch_bytes, rows=n, horizon=horizon)
+    for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch, FLOAT32):
         module = traj.module(names[0])
-        with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter) as rd:
-            known = _row_products(traj)
-            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter, [known.setdefault(x, {}) for x in names])
+        with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter, FEATURE_DTYPE) as rd:
+            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter)
             stats.seconds_waiting += rd.waited
             for kind, p in parts.items():
                 sink(names, kind, p)
@@ -147,73 +163,91 @@ def _unit_output_bytes(m: LoraModule, rows: int) -> int:
     return 3 * module_feature_bytes(m, rows)
 
 
+def _feature_scratch_bytes(m: LoraModule, rows: int, horizon: int) -> int:
+    """Per module, beside its factors: the feature rows (``_unit_output_bytes``) and the k x k float64 work, in
+    r x r blocks: B^T B and A A^T of the h + 1 held checkpoints, B_i^T [dB, dB'] (2), and one delta's core at a
+    time (its 2r x 2r Grams P^T P, Q^T Q, their roots, the core, C^T C and its eigenvectors: 6 x 4 blocks)."""
+    return _unit_output_bytes(m, rows) + FLOAT64 * m.rank**2 * (2 * (horizon + 1) + 2 + 24)
+
+
 @dataclass
 class _Held:
-    b: torch.Tensor  # [units, m, r] float64
+    b: torch.Tensor  # [units, m, r] float32
     a: torch.Tensor  # [units, r, n]
-    gb: torch.Tensor  # B^T B [units, r, r]
+    gb: torch.Tensor  # B^T B [units, r, r] float64 (of a float32 product)
     ga: torch.Tensor  # A A^T
 
 
-def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter,
-                   known: list[dict[tuple[int, int], torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1; the
-    checkpoint-pair products <B_o A_o, B_i A_i> its Grams give go into ``known`` (one dict per module) for
-    the later passes (``_Inner``)."""
+def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter) -> dict[str, dict[str, torch.Tensor]]:
+    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     held: dict[int, _Held] = {}
     s2 = (scale * scale)[:, None, None]
+    work = 0
     for i, (b, a) in rd:
-        units_, m, _ = b.shape
+        units_, m, r = b.shape
         if not out:
             out = {kind: {"sigma": torch.zeros(units_, rows), "u": torch.zeros(units_, rows, m),
                           "v": torch.zeros(units_, rows, a.shape[-1])}
                    for kind, rows in (("global", n), ("local", n), ("target", max(n - horizon, 0)))}
             out["global"]["energy"] = torch.zeros(units_, n)
-        cur = held[i] = _Held(b, a, b.mT @ b, a @ a.mT)
-        cross = {o: (b.mT @ held[o].b, a @ held[o].a.mT) for o in {i - 1, i - horizon} & set(held)}
-        if known is not None:
-            for key, (gb, ga) in [((i, i), (cur.gb, cur.ga)), *(((o, i), c) for o, c in cross.items())]:
-                products = (gb * ga).sum((-2, -1)).cpu()
-                for j, rows in enumerate(known):
-                    rows[key] = products[j]
+            # dB of the local and the target delta side by side ([units, m, 2r]: B_i^T [dB_local, dB_target] is one
+            # product), and their dA, in buffers reused for every checkpoint (a fresh block is mmapped, and its
+            # first touch page-faults: as costly as the products, measured)
+            db_both = torch.empty(units_, m, 2 * r, dtype=b.dtype, device=b.device)
+            da_both = torch.empty(units_, 2 * r, a.shape[-1], dtype=a.dtype, device=a.device)
+            work = nbytes(db_both) + nbytes(da_both)
+            meter.add(work)
+        cur = held[i] = _Held(b, a, (b.mT @ b).double(), (a @ a.mT).double())
         s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
-        _put(out["global"], i, s[..., 0], *_vectors(scale, cur, cu, cv))
+        _put(out["global"], i, s[..., 0], *_vectors(scale, (b, cu), (a, cv)))
         out["global"]["energy"][:, i] = energy_of(s).float().cpu()
         if i == 0:  # L_0 = W_0' - W_0: the first checkpoint's global delta
             for part in ("sigma", "u", "v"):
                 out["local"][part][:, 0] = out["global"][part][:, 0]
         pairs = ([("local", i - 1, i)] if i >= 1 else []) + ([("target", i - horizon, i - horizon)] if i >= horizon else [])
-        if pairs:
-            gp = torch.cat([_pair_gram(s2 * cur.gb, s2 * -cross[old][0], s2 * held[old].gb) for _, old, _ in pairs])
-            gq = torch.cat([_pair_gram(cur.ga, cross[old][1], held[old].ga) for _, old, _ in pairs])
-            s, cu, cv = top1_gram(gp, gq, spectrum=False)
-            for k, (kind, old, row) in enumerate(pairs):
-                sl = slice(k * units_, (k + 1) * units_)
-                _put(out[kind], row, s[sl, 0], *_vectors(scale, cur, cu[sl], cv[sl], held[old]))
+        if pairs:  # the difference form s (B_i dA + dB A_o): P = s [B_i, dB], Q = [dA^T, A_o^T]
+            for j, (_, old, _) in enumerate(pairs):
+                torch.sub(b, held[old].b, out=db_both[..., j * r:(j + 1) * r])
+                torch.sub(a, held[old].a, out=da_both[:, j * r:(j + 1) * r])
+            cross = (b.mT @ db_both[..., :len(pairs) * r]).double()  # B_i^T dB of every delta in one product
+            for j, (kind, old, row) in enumerate(pairs):  # one delta at a time: half the k x k work held at once
+                db, da = db_both[..., j * r:(j + 1) * r], da_both[:, j * r:(j + 1) * r]
+                gp = _blocks(cur.gb, cross[..., j * r:(j + 1) * r], (db.mT @ db).double())  # P^T P / s^2
+                gq = _blocks((da @ da.mT).double(), (da @ held[old].a.mT).double(), held[old].ga)  # Q^T Q
+                s, cu, cv = top1_gram(s2 * gp, gq, spectrum=False)
+                del gp, gq
+                _put(out[kind], row, s[:, 0], *_vectors(scale, (b, cu[:, :r]), (da, cv[:, :r]), (db, cu[:, r:]),
+                                                        (held[old].a, cv[:, r:])))
+            del cross
         for old in [j for j in held if j <= i - horizon]:  # T_{i-h} was the last delta that needed checkpoint i - h
             meter.sub(nbytes(held[old].b) + nbytes(held[old].a))
             del held[old]
     for h in held.values():
         meter.sub(nbytes(h.b) + nbytes(h.a))
+    meter.sub(work)
     return out
 
 
-def _vectors(scale: torch.Tensor, new: _Held, cu: torch.Tensor, cv: torch.Tensor,
-             old: _Held | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = s (B_new cu[:r] - B_old cu[r:]) and v = A_new^T cv[:r] + A_old^T cv[r:] per module (matrix-vector
-    products: the fastest way through the factors' bytes)."""
-    r = new.b.shape[-1]
-    u = torch.stack([torch.mv(new.b[j], cu[j, :r]) for j in range(len(cu))])
-    v = torch.stack([torch.mv(new.a[j].mT, cv[j, :r]) for j in range(len(cv))])
-    if old is not None:
-        u -= torch.stack([torch.mv(old.b[j], cu[j, r:]) for j in range(len(cu))])
-        v += torch.stack([torch.mv(old.a[j].mT, cv[j, r:]) for j in range(len(cv))])
+def _vectors(scale: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor],
+             p2: tuple[torch.Tensor, torch.Tensor] | None = None,
+             q2: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = s (X cu + X2 cu2) and v = Y^T cv + Y2^T cv2 per module, for p = (X [units, m, r], cu [units, r]),
+    q = (Y [units, r, n], cv), p2 and q2 likewise (matrix-vector products in the factors' dtype: the fastest way
+    through their bytes)."""
+    def times(x: torch.Tensor, c: torch.Tensor, transpose: bool) -> torch.Tensor:
+        c = c.to(x.dtype)
+        return torch.stack([torch.mv(x[j].mT if transpose else x[j], c[j]) for j in range(len(c))])
+
+    u, v = times(*p, False), times(*q, True)
+    if p2 is not None and q2 is not None:
+        u += times(*p2, False)
+        v += times(*q2, True)
     return scale[:, None] * u, v
 
 
-def _pair_gram(new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """[[new, cross], [cross^T, old]]: the Gram of two side-by-side factor blocks from their blocks."""
+def _blocks(new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """[[new, cross], [cross^T, old]]: the Gram of two side-by-side factor blocks [X, Y] from X^T X, X^T Y, Y^T Y."""
     return torch.cat([torch.cat([new, cross], -1), torch.cat([cross.mT, old], -1)], -2)
 
 
@@ -477,7 +511,7 @@ def preflight(traj: LoraTrajectory, horizon: int, budget: int | None, backtest: 
     n = len(traj.checkpoints)
     features = feature_bytes(traj)
     for _ in units(traj, None, feature_stacks(horizon), meter_for(budget, features), "the rank-1 features",
-                   partial(_unit_output_bytes, rows=n)):
+                   partial(_feature_scratch_bytes, rows=n, horizon=horizon), itemsize=FLOAT32):
         pass
     vectors = FLOAT64 * sum(m.out_features + m.in_features for m in traj.modules)
     later = resident_bytes(traj) + 4 * 4 * vectors + vectors
