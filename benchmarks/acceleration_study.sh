@@ -15,7 +15,8 @@
 # made when the checkpoints since the last one allow a backtest: 2h + 1 of them).
 # Each part prints a markdown table (mean ± se over seeds: accuracy, plain-equivalent steps, speed-up with the
 # jump time counted) into WORK/*.md. A finished seed is reused (pipeline.json), so a rerun resumes where an
-# interrupted one stopped. About 35-40 minutes per seed for part 1 and 25 for part 2 on 2 free CPU cores.
+# interrupted one stopped. Part 1 measured 46-96 minutes per seed (two seeds at a time on 2 shared cores, load 3-7;
+# results: benchmarks/RESULTS.md section 7); part 2 has not been run yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
