@@ -1,6 +1,6 @@
 """Full-parameter trajectories behind the ``Trajectory`` interface: one Hugging Face model folder per step read
 against its base model (``fullparam``), streamed tensor by tensor under the memory budget by the full engine
-(``streaming`` for the features, ``fullmoves`` for moves). A checkpoint difference is never formed whole: it is
+(``engine.fullstream`` for the features, ``fullmoves`` for moves). A checkpoint difference is never formed whole: it is
 read row chunk by row chunk where a pass or the writer needs it, so it cannot be held as thin factors."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LoRA trajectories behind the ``Trajectory`` interface: a run's PEFT adapters (``checkpoints``), every delta a
 product of thin factors, so features, moves and their inner products are exact and streamed by the LoRA
 engine (``lorastream``). A move's checkpoint difference becomes a ``LoraMove``, read module by module; the
-writers append the move to the adapter (``adapter``) or add it to a base model's weights (``hfmodel``)."""
+writers append the move to the adapter (``adapter``) or add it to a base model's weights (``writers.merged``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Opening a trajectory: which implementation of ``source.Trajectory`` a folder needs. PEFT adapters are a LoRA
+"""Opening a trajectory: which implementation of ``interface.Trajectory`` a folder needs. PEFT adapters are a LoRA
 run (``lora``); Hugging Face model folders read against the model they started from (``--base``) are a
 full-parameter run (``full``). A fit's manifest names its kind, so that ``extend`` reopens the same one."""
 
