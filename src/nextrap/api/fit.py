@@ -4,6 +4,7 @@ write everything ``extend`` needs into one folder (manifest.json, trajectory.saf
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 import threading
 import time
 from contextlib import contextmanager
@@ -71,11 +72,16 @@ def resolve_device(device: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import peft
-    import safetensors
+    """The versions a fit ran with, for its manifest. Read from the installed distributions' metadata: importing
+    peft to ask it would load transformers (4.5 s of a 28 s fit, measured)."""
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
     return {"nextrap": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "peft": peft.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__}
+            "peft": installed("peft"), "safetensors": installed("safetensors"), "numpy": installed("numpy")}
 
 
 @one_line_os_errors
