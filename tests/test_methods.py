@@ -97,6 +97,22 @@ def test_next_is_the_straight_line_with_its_rank1_part_replaced(setup):
         assert float(torch.linalg.matrix_norm(straight, ord=2)) == pytest.approx(float(sd), rel=1e-5)
 
 
+def test_next_gives_the_same_fit_and_jump_on_sign_aligned_features(setup):
+    """next signs every row's inputs against that row's D, so aligning the series first (which next no longer
+    does: it cost seconds at 7B shapes) cannot change its weights, rho or move: checked bit for bit."""
+    traj, feats = setup
+    row = 16
+    past = feats.truncate(row + 1)
+    raw, aligned = next_method.fit(past, trajectory=traj), next_method.fit(past.aligned(), trajectory=traj)
+    assert (raw.weights_u, raw.weights_v, raw.log_ratio, raw.rho) == (aligned.weights_u, aligned.weights_v,
+                                                                        aligned.log_ratio, aligned.rho)
+    raw.rho = 0.5  # a nonzero share, whatever the held-out pair chose
+    moves = [traj.move_factors(jump("next", JumpContext(f, traj, row, {"next": raw}))) for f in (feats, feats.aligned())]
+    for m in traj.modules:
+        (p1, q1), (p2, q2) = moves[0][m.name], moves[1][m.name]
+        assert torch.equal(p1 @ q1.mT, p2 @ q2.mT)
+
+
 def test_next_with_rho_zero_is_exactly_linear(setup):
     traj, feats = setup
     model = next_method.fit(feats)

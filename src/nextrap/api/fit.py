@@ -120,8 +120,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         done += k
         report("rank-1 features", done, len(traj.units))
 
-    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); methods
-    # that align do it on the fly (Features.aligned).
+    # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); next signs
+    # each row against its own D, which makes the series' alignment irrelevant to it.
     features = traj.features(horizon, progress=on_units)
     report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
     inputs = fingerprints.result()

@@ -184,13 +184,16 @@ def _exact_terms(traj: Trajectory, features: Features, row: int, preds: dict[str
 
 def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None,
         trajectory: Trajectory | None = None) -> NextModel:
+    # The stored features keep SVD's signs. Aligning them along the checkpoints (``Features.aligned``) could not
+    # change this fit or its jump: every row's inputs and target are signed against that row's D (``_agree``),
+    # and flipping a row's D with them flips u_hat and v_hat together. So it is skipped (it cost 3 s per call
+    # at 7B shapes); ``sign_align`` is kept as the setting the fit was asked for.
     sign_align = getattr(settings, "sign_align", True)
-    aligned = features.aligned() if sign_align else features
-    rows = _rows(aligned)
+    rows = _rows(features)
     if not rows:
         raise ValueError("no training pairs: need more checkpoints than the horizon")
-    rho, validation = _choose_rho(aligned, rows, trajectory)
-    wu, wv, log_ratio = _fit_weights(aligned, rows)
+    rho, validation = _choose_rho(features, rows, trajectory)
+    wu, wv, log_ratio = _fit_weights(features, rows)
     if on_epoch:
         on_epoch(1, 1)  # closed form: one step
     return NextModel(wu, wv, log_ratio, rho, sign_align, len(rows), validation)
@@ -200,11 +203,10 @@ def jump(ctx: JumpContext) -> Jump:
     model = ctx.models.get("next")
     if model is None:
         raise ValueError("the next method needs a fitted model")
-    aligned = ctx.features.aligned() if model.sign_align else ctx.features
     straight = difference_jump(ctx, ctx.row - ctx.features.horizon, "next")
     factors, sigmas = {}, {}
-    for m in matrices(aligned):
-        sigma, u, v, (sd, ud, vd) = _predict(aligned, m, ctx.row, model.weights_u, model.weights_v, model.log_ratio)
+    for m in matrices(ctx.features):  # unaligned features give the same move (``fit``)
+        sigma, u, v, (sd, ud, vd) = _predict(ctx.features, m, ctx.row, model.weights_u, model.weights_v, model.log_ratio)
         # D + rho (sigma u v^T - sigma_D u_D v_D^T) as two appended rank-1 columns
         ra, rb = math.sqrt(model.rho * sigma), math.sqrt(model.rho * float(sd))
         factors[m] = (torch.stack([ra * u, -rb * ud], 1), torch.stack([ra * v, rb * vd], 1))
