@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY, LORA_CONFIG, lora_tensors, write_adapter
-from nextrap.writers.adapter import jumped_config, jumped_factors
+from nextrap.writers.adapter import jumped_config, scale_appended
 from nextrap.io.checkpoints import load_trajectory, module_scale
 
 
@@ -13,7 +13,8 @@ def test_appended_factors_add_alpha_times_the_move(alpha):
     b, a = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     p, q = torch.randn(6, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
     s = 2.0
-    nb, na = jumped_factors(b, a, p, q, s, alpha)
+    nb, na = torch.cat([b, p], 1), torch.cat([a, q.mT], 0)
+    scale_appended(nb, na, 4, s, alpha)
     assert nb.shape == (6, 5) and na.shape == (5, 5)
     assert torch.equal(nb[:, :4], b) and torch.equal(na[:4], a)  # the trained columns are untouched
     assert torch.allclose(s * nb @ na, s * b @ a + alpha * p @ q.mT, atol=1e-12)

@@ -176,7 +176,11 @@ def test_a_lora_move_reads_a_modules_factors_only_when_asked(traj, monkeypatch):
     move = LoraMove(traj, 12, 7)
     b1, a1 = traj.factors(12, [m.name])
     b0, a0 = traj.factors(7, [m.name])
-    p, q = pair_factors(b1[0], a1[0], b0[0], a0[0], torch.tensor(m.scale, dtype=torch.float64))
+    # the difference form s [B_12, B_12 - B_7] [A_12 - A_7; A_7], whose product is the pair's s (B_12 A_12 - B_7 A_7)
+    p = m.scale * torch.cat([b1[0], b1[0] - b0[0]], -1)
+    q = torch.cat([(a1[0] - a0[0]).mT, a0[0].mT], -1)
+    pp, pq = pair_factors(b1[0], a1[0], b0[0], a0[0], torch.tensor(m.scale, dtype=torch.float64))
+    assert torch.allclose(p @ q.mT, pp @ pq.mT, atol=1e-12)
     extra = {m.name: (torch.ones(m.out_features, 1, dtype=torch.float64), torch.ones(m.in_features, 1, dtype=torch.float64))}
     reads = []
     real = LoraTrajectory.factors

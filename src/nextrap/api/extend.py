@@ -25,6 +25,8 @@ from nextrap.methods import FITTED, Jump, JumpContext, jump
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import VEC, Features
 from nextrap.runtime.distributed import World, world
+from nextrap.engine.lorastream import module_factors
+from nextrap.runtime.process import Background
 
 FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"
@@ -89,7 +91,8 @@ def _prediction_tensors(j: Jump, features: Features, traj: Trajectory) -> dict[s
     A checkpoint difference (linear, expo; ``next``'s straight line) has a triple the fit already stored:
     W_c - W_{c-h} is the target feature of row c - h, W_c - W_0 the global one of row c, so it is not read
     again. A module whose move is such a difference plus low-rank factors (``next`` with rho > 0) has its triple
-    computed from the move's thin factors where the trajectory has them (LoRA), or, where it never forms them
+    computed from the move's thin factors where the trajectory has them (LoRA: float32 products of the
+    difference form, ``top1_factored``; extend runs this beside its writer), or, where it never forms them
     (full parameters), is left out."""
     factors = traj.move_factors(j)
     out = {}
@@ -99,7 +102,7 @@ def _prediction_tensors(j: Jump, features: Features, traj: Trajectory) -> dict[s
         elif j.difference is not None and name not in j.factors and _stored(j.difference, features) is not None:
             out.update(_triple(name, *_stored_triple(features, name, *_stored(j.difference, features))))
         elif factors is not None:
-            r1 = top1_factored(*(t[None] for t in factors[name]))
+            r1 = top1_factored(*(t[None] for t in module_factors(factors, name, dtype=torch.float32)), products=torch.float32)
             out.update(_triple(name, r1.sigma, r1.u[0], r1.v[0]))
     return out
 
@@ -255,8 +258,34 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
     fmt = traj.output_format(fmt, base)
     chosen = plan(loaded, alphas, method, min_energy)
     method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
-    prediction = _prediction_tensors(j, features, traj)
-    provenance = {
+    # the prediction reads the move's checkpoints again and multiplies: on a thread of its own, beside the writer
+    # (which spends its time in the checkpoints' reads and the output's writes), on the rank that writes it
+    predicting = Background(_prediction_tensors if ranks.is_main else lambda *_: {}, j, features, traj)
+    folders = []
+    # under torchrun every rank writes its share of the shards into one temporary folder, rank 0 the rest, and
+    # rank 0 publishes it once all have finished: the files one process writes
+    with shared_atomic_dir(out, ranks, overwrite=overwrite, kind="extend") as tmp:
+        for i, alpha in enumerate(alphas):
+            folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
+            traj.write(folder, fmt, row, j, alpha, base, shard_bytes, ranks)
+            if i == 0:
+                prediction = predicting.result()
+                provenance = _provenance(loaded, fit_dir, traj, features, fmt, method, row, base, min_energy, choice,
+                                         prediction)
+            if ranks.is_main:
+                save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
+                write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
+            folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
+        inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
+    return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
+                        dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])
+
+
+def _provenance(loaded: FitFolder, fit_dir: Path | str, traj: Trajectory, features: Features, fmt: str, method: str,
+                row: int, base: Path | None, min_energy: float, choice: Choice | None,
+                prediction: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """nextrap.json's content but the alpha and its backtest error."""
+    return {
         "tool": "nextrap", "method": method, "format": fmt, "kind": traj.kind, "source": loaded.manifest["source"],
         "describes": {"source": traj.checkpoint_text, "format": traj.formats[fmt]},  # for model cards (``hub``)
         "source_steps": features.steps, "from_step": features.steps[row], "horizon": features.horizon,
@@ -269,17 +298,3 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
         "choice": vars(choice) if choice else None,
         "predicted_sigma": {m: float(prediction[f"{m}:sigma"]) for m in features.modules if f"{m}:sigma" in prediction},
     }
-    folders = []
-    # under torchrun every rank writes its share of the shards into one temporary folder, rank 0 the rest, and
-    # rank 0 publishes it once all have finished: the files one process writes
-    with shared_atomic_dir(out, ranks, overwrite=overwrite, kind="extend") as tmp:
-        for alpha in alphas:
-            folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
-            traj.write(folder, fmt, row, j, alpha, base, shard_bytes, ranks)
-            if ranks.is_main:
-                save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
-                write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
-            folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
-        inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
-    return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
-                        dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])

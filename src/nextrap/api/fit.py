@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from nextrap.methods import FITTED, METHODS, fit_models, load_models, save_model
 from nextrap.trajectories.opening import manifest_problem, open_trajectory, reopen
 from nextrap.methods.predictor import TrainSettings
 from nextrap.runtime.distributed import world
+from nextrap.runtime.process import Background
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import Features
 
@@ -233,29 +233,6 @@ def inputs_checked_meanwhile(loaded: FitFolder) -> Iterator[Callable[[], None]]:
         check.result()
         raise
     check.result()
-
-
-class Background:
-    """``fn(*args)`` on a daemon thread (an error or an interrupt never waits for it at exit); ``result()`` joins it
-    and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True, name="nextrap-background")
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
-            self._error = e
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _holds_checkpoints(path: Path) -> bool:

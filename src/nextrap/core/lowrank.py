@@ -74,15 +74,18 @@ def energy_of(s: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, sigma / torch.where(nonzero, total, torch.ones_like(total)), torch.zeros_like(total))
 
 
-def top1_factored(p: torch.Tensor, q: torch.Tensor) -> Rank1:
+def top1_factored(p: torch.Tensor, q: torch.Tensor, products: torch.dtype = torch.float64) -> Rank1:
     """Top singular triple of ``p @ q.mT`` for batched thin factors p [..., m, k], q [..., n, k], exactly
-    (``top1_gram`` on float64 Grams), in the factors' dtype.
+    (``top1_gram`` on Grams multiplied in ``products``), in the factors' dtype.
 
+    float64 products keep sigma whatever the factors; float32 ones (2.5x faster on CPU) only where nothing
+    cancels, e.g. a checkpoint difference in the difference form (``lorastream.LoraMove``): a pair form
+    [B_i, -B_j] would lose eps32 (||B_i A_i|| / ||delta||)^2 of sigma.
     A zero product gives sigma = 0, energy = 0 and zero vectors (never NaN): a step-0 LoRA (B = 0) is common.
     """
-    p64, q64 = p.double(), q.double()
-    s, cu, cv = top1_gram(p64.mT @ p64, q64.mT @ q64)
-    u, v = (p64 @ cu[..., None])[..., 0], (q64 @ cv[..., None])[..., 0]
+    pm, qm = p.to(products), q.to(products)
+    s, cu, cv = top1_gram((pm.mT @ pm).double(), (qm.mT @ qm).double())
+    u, v = (pm @ cu.to(products)[..., None])[..., 0], (qm @ cv.to(products)[..., None])[..., 0]
     return Rank1(sigma=s[..., 0].to(p.dtype), u=u.to(p.dtype), v=v.to(p.dtype), energy=energy_of(s).to(p.dtype))
 
 

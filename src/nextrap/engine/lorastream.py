@@ -292,22 +292,44 @@ class LoraMove(Mapping):
         extra = self.explicit[name][0].shape[-1] if name in self.explicit else 0
         return len(self.rows) * self.traj.module(name).rank + extra
 
-    def factors(self, name: str, held: Mapping[int, Factors] | None = None) -> Factors:
-        """(P, Q) of module ``name``; checkpoint factors come from ``held`` (row -> (B [m, r], A [r, n])) when given."""
-        m = self.traj.module(name)
+    def factors(self, name: str, held: Mapping[int, Factors] | None = None, dtype: torch.dtype = torch.float64) -> Factors:
+        """(P, Q) of module ``name`` in ``dtype`` (``fill``)."""
+        m, k = self.traj.module(name), self.rank(name)
+        p, qt = torch.empty(m.out_features, k, dtype=dtype), torch.empty(k, m.in_features, dtype=dtype)
+        self.fill(name, p, qt, held)
+        return p, qt.mT
+
+    def fill(self, name: str, p: torch.Tensor, qt: torch.Tensor, held: Mapping[int, Factors] | None = None) -> None:
+        """Write module ``name``'s P into ``p`` [m, k] and Q^T into ``qt`` [k, n], in their dtype (views of a larger
+        tensor do: the adapter writer fills its output's appended columns); checkpoint factors come from ``held``
+        (row -> (B [m, r], A [r, n])) when given. The difference is in the form of the feature pass (module
+        docstring), s (B_row A_row - B_ref A_ref) = s [B_row, B_row - B_ref] [A_row - A_ref; A_ref]: no column is
+        much larger than its share of the move, so products of these factors cancel nothing (float32 Grams of
+        them keep the move's sigma to ~1e-7), and the columns an adapter appends are as small as the move."""
+        m, r = self.traj.module(name), self.traj.module(name).rank
         if self.keep is not None and name not in self.keep:
-            k = self.rank(name)
-            return torch.zeros(m.out_features, k, dtype=torch.float64), torch.zeros(m.in_features, k, dtype=torch.float64)
-        ps, qs = [], []
-        for sign, row in zip((1.0, -1.0), self.rows):
-            b, a = held[row] if held is not None and row in held else (t[0] for t in self.traj.factors(row, [name]))
-            ps.append(sign * m.scale * b.double())
-            qs.append(a.double().mT)
+            p.zero_()
+            qt.zero_()
+            return
+
+        def read(row: int) -> Factors:
+            b, a = held[row] if held is not None and row in held else (t[0] for t in self.traj.factors(row, [name], p.dtype))
+            return b.to(p.dtype), a.to(p.dtype)
+
+        b, a = read(self.row)
+        torch.mul(b, m.scale, out=p[:, :r])
+        if self.ref is None:
+            qt[:r].copy_(a)
+        else:
+            b_ref, a_ref = read(self.ref)
+            torch.sub(b, b_ref, out=p[:, r:2 * r]).mul_(m.scale)
+            torch.sub(a, a_ref, out=qt[:r])
+            qt[r:2 * r].copy_(a_ref)
         if name in self.explicit:
-            p, q = self.explicit[name]
-            ps.append(p.double())
-            qs.append(q.double())
-        return torch.cat(ps, -1), torch.cat(qs, -1)
+            done = len(self.rows) * r
+            ep, eq = self.explicit[name]
+            p[:, done:].copy_(ep)
+            qt[done:].copy_(eq.mT)
 
     def plus(self, explicit: Mapping[str, Factors]) -> "LoraMove":
         """This move plus explicit factors (appended after the difference's columns, as ``methods.combine`` does)."""
@@ -330,9 +352,25 @@ def move_rank(factors: Mapping[str, Factors], name: str) -> int:
     return factors.rank(name) if isinstance(factors, LoraMove) else factors[name][0].shape[-1]
 
 
-def module_factors(factors: Mapping[str, Factors], name: str, held: Mapping[int, Factors] | None = None) -> Factors:
-    """A move's (P, Q) for module ``name``, a LoraMove's checkpoint factors taken from ``held`` where there."""
-    return factors.factors(name, held) if isinstance(factors, LoraMove) else factors[name]
+def fill_factors(factors: Mapping[str, Factors], name: str, p: torch.Tensor, qt: torch.Tensor,
+                 held: Mapping[int, Factors] | None = None) -> None:
+    """A move's P and Q^T for module ``name`` written into ``p`` and ``qt`` (``LoraMove.fill``)."""
+    if isinstance(factors, LoraMove):
+        factors.fill(name, p, qt, held)
+    else:
+        ep, eq = factors[name]
+        p.copy_(ep)
+        qt.copy_(eq.mT)
+
+
+def module_factors(factors: Mapping[str, Factors], name: str, held: Mapping[int, Factors] | None = None,
+                   dtype: torch.dtype | None = None) -> Factors:
+    """A move's (P, Q) for module ``name`` (in ``dtype``, else a LoraMove's float64 and explicit factors as they
+    are), a LoraMove's checkpoint factors taken from ``held`` where there."""
+    if isinstance(factors, LoraMove):
+        return factors.factors(name, held, dtype or torch.float64)
+    p, q = factors[name]
+    return (p, q) if dtype is None else (p.to(dtype), q.to(dtype))
 
 
 def explicit_bytes(factors: Mapping[str, Factors]) -> int:

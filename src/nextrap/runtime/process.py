@@ -29,9 +29,10 @@ import math
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 THREADS_ENV = "NEXTRAP_THREADS"  # overrides threads(); OMP_NUM_THREADS, if set, is kept otherwise
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -157,3 +158,26 @@ def deferred_interrupts() -> Iterator[None]:
             signum = _pending[0]
             _pending.clear()
             _raise(signum, None)
+
+
+class Background:
+    """``fn(*args)`` on a daemon thread (an error or an interrupt never waits for it at exit); ``result()`` joins it
+    and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True, name="nextrap-background")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

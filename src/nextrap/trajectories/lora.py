@@ -118,15 +118,20 @@ class LoraRun(LoraTrajectory, Trajectory):
                      self.checkpoints[row].weights, ranks)
 
     def _check_write_budget(self, move: Jump, fmt: str, base: Path | None) -> None:
-        """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time: refuse
-        up front, naming the module, when that exceeds the fit's --max-memory."""
+        """Writing holds the fit's features, the move's explicit factors and one module's tensors at a time, and
+        extend's prediction beside it one module's float32 factors (two checkpoints', their differences, the
+        move's P and Q): refuse up front, naming the module, when that exceeds the fit's --max-memory."""
         if self.budget is None:
             return
-        held = feature_bytes(self) + explicit_bytes(move.factors)
+        predicting = max(4 * (m.out_features + m.in_features) * (3 * m.rank + move_rank(move.factors, m.name))
+                         for m in self.modules)
+        held = feature_bytes(self) + explicit_bytes(move.factors) + predicting
         weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
         for m in self.modules:
             k, width = move_rank(move.factors, m.name), m.out_features + m.in_features
-            need = 8 * width * (4 * m.rank + 3 * k)  # two checkpoints' factors, the move's (P, Q), the jumped ones and their cast
+            # two checkpoints' factors, the move's (P, Q), the jumped ones, their cast, and the module before this
+            # one's jumped factors, still being written (``write_safetensors``)
+            need = 8 * width * (5 * m.rank + 4 * k)
             if m.base_key in weights:
                 shape, dtype = weights[m.base_key]
                 rows = (shape[0], math.prod(shape[1:]))

@@ -16,20 +16,19 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from nextrap.io.checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, all_finite, open_weights, relative_name
-from nextrap.core.errors import NextrapError
+from nextrap.io.checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, open_weights, relative_name
 from nextrap.io.files import read_json, write_json
 from nextrap.writers.merged import write_safetensors
-from nextrap.engine.lorastream import module_factors, move_rank
+from nextrap.engine.lorastream import fill_factors, move_rank
 from nextrap.core.moves import Jump
 
 
-def jumped_factors(b: torch.Tensor, a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scale: float,
-                   alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B', A') with scale * B' A' = scale * B A + alpha * P Q^T, B' = [B, c P], A' = [A; c' Q^T]."""
+def scale_appended(nb: torch.Tensor, na: torch.Tensor, rank: int, scale: float, alpha: float) -> None:
+    """In place: (B', A') = ([B, P], [A; Q^T]), their columns and rows past ``rank`` a move's factors, become
+    ([B, c P], [A; c' Q^T]) with scale * B' A' = scale * B A + alpha * P Q^T."""
     c = math.sqrt(abs(alpha) / scale)
-    sign = -1.0 if alpha < 0 else 1.0
-    return torch.cat([b, sign * c * p], 1), torch.cat([a, c * q.mT], 0)
+    nb[:, rank:].mul_(-c if alpha < 0 else c)
+    na[rank:].mul_(c)
 
 
 def _alpha_for(config: dict[str, Any], scale: float, rank: int) -> float:
@@ -71,15 +70,23 @@ def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: flo
         info[a_key] = ([m.rank + extra_rank[m.name], m.in_features], dtype_name)
     info.update({k: source[k] for k in traj.extra_keys})
 
+    # float32 math for float32 or narrower storage: each stored value is one product rounded (c * s * dB), and
+    # half the bytes of float64 to move through memory
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for m in traj.modules:
-            b, a = (t[0] for t in traj.factors(row, [m.name]))
-            p, q = module_factors(j.factors, m.name, {row: (b, a)})
-            nb, na = (t.to(dtype) for t in jumped_factors(b, a, p, q, m.scale, alpha))
-            if not (all_finite(nb) and all_finite(na)):  # checked after the cast: fp16 overflows
-                raise NextrapError(f"jumped factors of {m.name} contain NaN or Inf in {dtype}; refusing to write them")
+            # the move's factors are written straight into the output's appended columns: no temporaries
+            r, k = m.rank, extra_rank[m.name]
+            nb = torch.empty(m.out_features, r + k, dtype=work)
+            na = torch.empty(r + k, m.in_features, dtype=work)
+            b, a = (t[0] for t in traj.factors(row, [m.name], work))
+            nb[:, :r], na[:r] = b, a
+            fill_factors(j.factors, m.name, nb[:, r:], na[r:], {row: (b, a)})
+            scale_appended(nb, na, r, m.scale, alpha)
+            nb, na = nb.to(dtype), na.to(dtype)  # write_safetensors checks them for NaN and Inf after the cast
             a_key, b_key = traj.lora_keys(m.name)
-            del b, a, p, q  # one module's tensors in memory at a time
+            del b, a  # one module's tensors in memory at a time
             yield b_key, nb.contiguous()
             yield a_key, na.contiguous()
             del nb, na

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -199,7 +200,8 @@ def _tensor_bytes(shape: list[int], dtype: str) -> int:
 def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
                       tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
     """One safetensors file (the format: u64 header length, JSON header padded to 8 bytes, then the data),
-    written tensor by tensor; returns its data bytes."""
+    written tensor by tensor; returns its data bytes. Each tensor's bytes go to the file on a thread of their own
+    while ``tensors`` makes the next one (the write releases the GIL): two tensors in memory at a time."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key in keys:
@@ -208,16 +210,23 @@ def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[in
         offset += _tensor_bytes(shape, dtype)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="nextrap-write") as writer:
         f.write(struct.pack("<Q", len(raw)) + raw)
+        writing: Future | None = None
         for want, (key, w) in zip(keys, tensors):
             shape, dtype = info[key]
             if key != want or list(w.shape) != shape or ST_DTYPES.get(w.dtype) != dtype:
                 raise NextrapError(f"{path}: tensor {key} {list(w.shape)} {w.dtype} does not match its header ({want} {shape} {dtype})")
             if w.is_floating_point() and not all_finite(w):
-                raise NextrapError(f"merged weight {key} contains NaN or Inf; refusing to write it")
-            f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del w  # not alive while the next tensor is made: one tensor in memory at a time
+                raise NextrapError(f"{key} would contain NaN or Inf in {dtype}; refusing to write it")
+            data = w.contiguous().reshape(-1).view(torch.uint8).numpy().data  # keeps its tensor alive until written
+            del w
+            if writing is not None:
+                writing.result()  # the tensor before this one is written (and freed)
+            writing = writer.submit(f.write, data)
+            del data
+        if writing is not None:
+            writing.result()
     return offset
 
 
