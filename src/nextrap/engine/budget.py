@@ -72,9 +72,10 @@ class _Scratch:
         self.meter.sub(self.nbytes)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_MMAP_THRESHOLD = 1 << 16  # blocks above 64 KB (every stack of a real model) are mmapped and unmapped on free
-
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+MAP_EVERY_BLOCK = 1 << 16  # blocks above 64 KB are mmapped, and unmapped on free
+REUSE_BLOCKS = 32 << 20  # glibc's largest threshold: blocks up to 32 MB come from the heap
+_NEVER = 1 << 40  # a trim threshold never reached: ``trim_heap`` trims
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
@@ -86,12 +87,22 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def heap_hygiene() -> None:
-    """Fix glibc's mmap threshold at 64 KB (a fixed threshold also stops its upward adaptation), so that freed
-    stacks leave the process at once in every thread's arena; a no-op off glibc."""
+def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
+    """Fix glibc's mmap threshold (a fixed one also stops its upward adaptation); a no-op off glibc.
+
+    ``MAP_EVERY_BLOCK``: every block above 64 KB is mmapped, so freed blocks leave the process at once, in
+    every thread's arena (the full-parameter passes: row chunks of many shapes, which a heap would fragment;
+    with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
+    ``REUSE_BLOCKS``: blocks up to 32 MB come from the heap, which is not trimmed on free but after each unit
+    (``trim_heap``), so the next checkpoint's stack and the next product's temporaries take the pages the
+    last ones left instead of mapping fresh ones, each of which faults on first touch (the LoRA passes, whose
+    blocks are a few same-shape stacks per unit). Measured on the 8-layer 7B-shaped LoRA feature pass: 1.93M
+    page faults and 3.95 s of system time with every block mapped, 0.76M and 1.72 s reusing, real peak 1.35 ->
+    1.39 GB at a 2 GB budget."""
     libc = _glibc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
+        libc.mallopt(_M_TRIM_THRESHOLD, _NEVER if mmap_above > MAP_EVERY_BLOCK else 2 * mmap_above)
 
 
 def trim_heap() -> None:

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
+from nextrap.engine.budget import REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
 from nextrap.core.features import KINDS
 from nextrap.core.lowrank import energy_of, top1_gram
@@ -86,8 +86,9 @@ def feature_stacks(horizon: int) -> int:
 
 
 def meter_for(budget: int | None, held: int) -> Meter:
-    """A meter that starts with what the process already holds (features, moves), glibc told to give memory back."""
-    heap_hygiene()
+    """A meter that starts with what the process already holds (features, moves), glibc told to reuse the memory
+    a unit frees and give it back after the unit (``heap_hygiene``)."""
+    heap_hygiene(REUSE_BLOCKS)
     meter = Meter(budget)
     meter.add(held)
     return meter
