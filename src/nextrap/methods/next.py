@@ -171,15 +171,16 @@ def _choose_rho(features: Features, rows: list[int], trajectory: Trajectory | No
 
 def _exact_terms(traj: Trajectory, features: Features, row: int, preds: dict[str, tuple[Triple, Triple]]) -> tuple[float, float]:
     """num = sum <P - D1, T - D> and ||D - T||^2 over modules, with D = W_row - W_{row-h}, T = W_{row+h} - W_row,
-    exactly, from two passes of the trajectory's ``terms``: <Y, T>, ||T||^2, <T, D> and ||D||^2 against T, then
-    <Y, D> against D (Y = P - D1)."""
+    exactly, from one pass of the trajectory's ``terms`` against T: <Y, T>, ||T||^2, <T, D>, ||D||^2 (Y = P - D1),
+    and <Y, D> from the norms of Y, D and Y + D (one checkpoint pass fewer than measuring Y against D; all
+    three are of the size of D, so float64 keeps their difference)."""
     h = features.horizon
     y = Jump("p - d1", {m: tuple(torch.cat(f, -1) for f in zip(rank1_factors(float(sigma), u, v), rank1_factors(-float(sd), ud, vd)))
                         for m, ((sigma, u, v), (sd, ud, vd)) in preds.items()}, {})
     d = traj.difference(row, row - h if row >= h else None, "d")
-    against_t, t = traj.terms({"y": y, "d": d}, row, row + h)
-    against_d, _ = traj.terms({"y": y}, row - h if row >= h else -1, row)
-    return against_t["y"].c - against_d["y"].c, t - 2 * against_t["d"].c + against_t["d"].j
+    against_t, t = traj.terms({"y": y, "d": d, "y+d": combine("y+d", d, y)}, row, row + h)
+    y_d = (against_t["y+d"].j - against_t["y"].j - against_t["d"].j) / 2
+    return against_t["y"].c - y_d, t - 2 * against_t["d"].c + against_t["d"].j
 
 
 def fit(features: Features, settings: Any = None, on_epoch: Callable[[int, int], None] | None = None,
