@@ -75,6 +75,23 @@ def test_a_fit_and_its_jump_on_cuda_match_the_cpu(kind, tmp_path):
             torch.testing.assert_close(written["device"][key].double(), a.double(), rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_max_gpu_memory_bounds_what_the_streamed_passes_hold_on_the_device(tmp_path):
+    """--max-gpu-memory: the passes' accounted peak stays within it, and so does what torch allocated on the GPU
+    beyond what it held before (plus 16 MB: cuBLAS and cuSOLVER workspaces, which the budget does not govern)."""
+    ckpts, _ = _inputs("lora", tmp_path)
+    limit = 6_000_000
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    res = nextrap.fit(ckpts, out=tmp_path / "fit", horizon=2, device=DEVICE, methods=("linear", "relex", "next"),
+                      max_memory="64MB", max_gpu_memory=str(limit))
+    budget = limit if DEVICE.startswith("cuda") else 64_000_000  # on the CPU the device limit does not apply
+    assert res.streaming["max_memory_bytes"] == budget and res.streaming["peak_bytes"] <= budget
+    if DEVICE.startswith("cuda"):
+        assert torch.cuda.max_memory_allocated() - before <= limit + 16_000_000
+
+
 def test_the_next_paper_predictor_trains_the_same_on_cuda():
     from nextrap.methods.predictor import TrainSettings, predict, train
     from nextrap.trajectories.opening import open_trajectory

@@ -88,10 +88,12 @@ def versions() -> dict[str, str]:
 def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, seed: int = 0, epochs: int = 1000,
         device: str = "auto", sign_align: bool = True, run_backtest: bool = True, backtest_folds: int = 1,
         overwrite: bool = False, progress: ProgressFn | None = None, methods: tuple[str, ...] | list[str] = METHODS,
-        base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None) -> FitResult:
+        base: Path | str | None = None, svd: str = "exact", max_memory: str | None = None,
+        max_gpu_memory: str | None = None) -> FitResult:
     """Fit every method of ``methods`` (their models, and a backtest of each) on the LoRA checkpoints under
     ``ckpts`` and write the fit folder ``out`` atomically. Leaving out ``next-paper`` saves most of the time.
-    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB). With ``base``, ``ckpts``
+    Every pass over the checkpoints is streamed under ``max_memory`` (default 8GB) and, on a GPU, under
+    ``max_gpu_memory`` (default 90% of its free memory). With ``base``, ``ckpts``
     holds full-parameter model folders (``opening.open_trajectory``)."""
     methods = check_methods(methods)
     if horizon < 1:
@@ -109,7 +111,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
 
     t0 = time.perf_counter()
     ranks = world(settings.device)  # under torchrun every streamed pass splits its units across the ranks
-    traj = open_trajectory(ckpts, base, max_memory, settings.device, svd)
+    traj = open_trajectory(ckpts, base, max_memory, settings.device, svd, max_gpu_memory)
     traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
     # the inputs' fingerprints beside the feature pass, on the rank that writes the manifest
     fingerprints = Background(traj.inputs if ranks.is_main else list)

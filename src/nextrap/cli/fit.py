@@ -68,6 +68,7 @@ def fit(
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: CKPTS holds one Hugging Face model folder per step, and this is the model they started from."),
     svd: str = typer.Option("exact", "--svd", help="Full-parameter mode: exact (batched SVD) | fast (randomized top-1; its error bound is reported)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Peak memory budget for every pass that streams the checkpoints (LoRA and full-parameter), e.g. 2GB (default 8GB)."),
+    max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="With --device cuda: device memory budget for the streamed passes, e.g. 20GB (default 90% of the GPU's free memory); the passes hold at most the smaller of this and --max-memory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
@@ -79,7 +80,7 @@ def fit(
         result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
                          run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
                          methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                         base=base, svd=svd, max_memory=max_memory)
+                         base=base, svd=svd, max_memory=max_memory, max_gpu_memory=max_gpu_memory)
     if not main_rank:
         return
     if as_json:

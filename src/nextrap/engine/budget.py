@@ -30,6 +30,15 @@ from nextrap.core.errors import NextrapError
 DEFAULT_MAX_MEMORY = "8GB"
 
 
+def device_budget(budget: int, device: str, max_gpu_memory: int | None, free_gpu: Callable[[], int]) -> int:
+    """The streamed passes' budget on ``device``: on a GPU every unit's factors are held there too (moved as
+    they are read), so the units must also fit ``max_gpu_memory`` (``--max-gpu-memory``), by default 90% of
+    the device memory ``free_gpu()`` reports free; on the CPU the host budget alone."""
+    if not device.startswith("cuda"):
+        return budget
+    return min(budget, max_gpu_memory if max_gpu_memory is not None else int(0.9 * free_gpu()))
+
+
 def parse_size(text: str) -> int:
     """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nextrap.engine.budget import DEFAULT_MAX_MEMORY, parse_size
+import torch
+
+from nextrap.engine.budget import DEFAULT_MAX_MEMORY, device_budget, parse_size
 from nextrap.io.checkpoints import find_folders, is_adapter
 from nextrap.core.errors import NextrapError
 from nextrap.trajectories.full import FullRun
@@ -23,12 +25,15 @@ def _holds(root: Path, is_checkpoint: Any) -> bool:
 
 
 def open_trajectory(ckpts: Path | str, base: Path | str | None = None, max_memory: str | None = None,
-                    device: str = "cpu", svd: str = "exact") -> Trajectory:
-    """The trajectory under ``ckpts`` (headers only read), streamed under ``max_memory`` (default 8GB) with its
-    math on ``device``: PEFT adapters, or with ``base`` Hugging Face model folders (``svd``: their feature pass's
-    top-1 SVD, exact or fast). A folder of the other kind is refused with what to do instead."""
+                    device: str = "cpu", svd: str = "exact", max_gpu_memory: str | None = None) -> Trajectory:
+    """The trajectory under ``ckpts`` (headers only read), streamed under ``max_memory`` (default 8GB) and, on a
+    GPU, ``max_gpu_memory`` (default 90% of its free memory) with its math on ``device``: PEFT adapters, or with
+    ``base`` Hugging Face model folders (``svd``: their feature pass's top-1 SVD, exact or fast). A folder of the
+    other kind is refused with what to do instead."""
     root = Path(ckpts)
-    budget = parse_size(max_memory or DEFAULT_MAX_MEMORY)
+    budget = device_budget(parse_size(max_memory or DEFAULT_MAX_MEMORY), device,
+                           None if max_gpu_memory is None else parse_size(max_gpu_memory),
+                           lambda: torch.cuda.mem_get_info(torch.device(device))[0])
     if base is None:
         if not _holds(root, is_adapter) and _holds(root, is_model):
             raise NextrapError(f"{root}: holds Hugging Face model folders, not PEFT adapters; pass --base (the model "
