@@ -73,7 +73,10 @@ def module_feature_bytes(m: LoraModule, rows: int) -> int:
     return 4 * rows * (len(KINDS) * (m.out_features + m.in_features + 1) + 1)
 
 
-RESIDENT_COPIES = 3  # features a fit holds beside a later pass: its own, a backtest fold's truncated copy, next's aligned copy
+# features a fit holds beside a later pass: its own, a backtest fold's truncated copy, and a third for what the
+# later passes make beside them unaccounted (next no longer makes an aligned copy; with 2 the real-peak test's
+# growth went 1.4 MB past its allowance)
+RESIDENT_COPIES = 3
 
 
 def resident_bytes(traj: LoraTrajectory) -> int:
