@@ -27,7 +27,7 @@ def gram_root(g: torch.Tensor) -> torch.Tensor:
     """R [..., k, k] with R^T R = g for positive semi-definite g [..., k, k]: Cholesky's factor where it exists, else
     the eigen square root diag(sqrt(w)) V^T (a singular Gram: a zero B at step 0, an A that did not move)."""
     low, info = torch.linalg.cholesky_ex(g)
-    r = low.mT.clone()
+    r = low.mT  # a view: the fallback below writes into low, which nothing else holds
     failed = info != 0
     if failed.any():
         w, v = torch.linalg.eigh(g[failed])
