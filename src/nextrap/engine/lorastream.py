@@ -221,7 +221,7 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
             meter.add(work.nbytes)
         cur = held[i] = _Held(b, a, (b.mT @ b).double(), (a @ a.mT).double())
         s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
-        _put(out["global"], i, s[..., 0], *_vectors(scale, (b, cu), (a, cv)))
+        _put(out["global"], i, s[..., 0], *_vectors(scale, [(b, cu)], [(a, cv)]))
         out["global"]["energy"][:, i] = energy_of(s).float().cpu()
         if i == 0:  # L_0 = W_0' - W_0: the first checkpoint's global delta
             for part in ("sigma", "u", "v"):
@@ -234,8 +234,8 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
             gp = _blocks(work.gp, cur.gb, b.mT @ db, db.mT @ db, s2)  # P^T P
             gq = _blocks(work.gq, da @ da.mT, da @ held[old].a.mT, held[old].ga)  # Q^T Q
             s, cu, cv = top1_gram(gp, gq, spectrum=False)
-            _put(out[kind], row, s[:, 0], *_vectors(scale, (b, cu[:, :r]), (da, cv[:, :r]), (db, cu[:, r:]),
-                                                    (held[old].a, cv[:, r:])))
+            _put(out[kind], row, s[:, 0], *_vectors(scale, [(b, cu[:, :r]), (db, cu[:, r:])],
+                                                    [(da, cv[:, :r]), (held[old].a, cv[:, r:])]))
         for old in [j for j in held if j <= i - horizon]:  # T_{i-h} was the last delta that needed checkpoint i - h
             meter.sub(nbytes(held[old].b) + nbytes(held[old].a))
             del held[old]
@@ -246,21 +246,20 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
     return out
 
 
-def _vectors(scale: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor],
-             p2: tuple[torch.Tensor, torch.Tensor] | None = None,
-             q2: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = s (X cu + X2 cu2) and v = Y^T cv + Y2^T cv2 per module, for p = (X [units, m, r], cu [units, r]),
-    q = (Y [units, r, n], cv), p2 and q2 likewise (matrix-vector products in the factors' dtype: the fastest way
-    through their bytes)."""
-    def times(x: torch.Tensor, c: torch.Tensor, transpose: bool) -> torch.Tensor:
-        c = c.to(x.dtype)
-        return torch.stack([torch.mv(x[j].mT if transpose else x[j], c[j]) for j in range(len(c))])
+def _vectors(scale: torch.Tensor, p: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             q: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = s sum_t X_t cu_t and v = sum_t Y_t^T cv_t per module, for p = [(X_t [units, m, r], cu_t [units, r]), ...],
+    q = [(Y_t [units, r, n], cv_t), ...] (matrix-vector products in the factors' dtype: the fastest way through
+    their bytes; each added into the module's row in place, no term stacked apart)."""
+    def times(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], transpose: bool) -> torch.Tensor:
+        mats = [(x.mT if transpose else x, c.to(x.dtype)) for x, c in terms]
+        out = mats[0][0].new_zeros(mats[0][0].shape[:-1])
+        for x, c in mats:
+            for j, row in enumerate(out):
+                row.addmv_(x[j], c[j])
+        return out
 
-    u, v = times(*p, False), times(*q, True)
-    if p2 is not None and q2 is not None:
-        u += times(*p2, False)
-        v += times(*q2, True)
-    return scale[:, None] * u, v
+    return scale[:, None] * times(p, False), times(q, True)
 
 
 def _blocks(out: torch.Tensor, new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor,
@@ -280,9 +279,8 @@ def _blocks(out: torch.Tensor, new: torch.Tensor, cross: torch.Tensor, old: torc
 def _put(rows: dict[str, torch.Tensor], row: int, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
     """Store one row of a kind: u and v renormalised (they are unit vectors up to rounding), zero where sigma is."""
     for part, x in (("u", u), ("v", v)):
-        norm = x.norm(dim=-1, keepdim=True)
-        x = torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
-        rows[part][:, row] = x.float().cpu()
+        # x is zero (sigma 0: 0 / tiny stays 0) or of norm ~1, so the clamp changes no nonzero row
+        rows[part][:, row] = (x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)).float().cpu()
     rows["sigma"][:, row] = sigma.float().cpu()
 
 
