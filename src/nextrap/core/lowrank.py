@@ -27,7 +27,7 @@ def gram_root(g: torch.Tensor) -> torch.Tensor:
     """R [..., k, k] with R^T R = g for positive semi-definite g [..., k, k]: Cholesky's factor where it exists, else
     the eigen square root diag(sqrt(w)) V^T (a singular Gram: a zero B at step 0, an A that did not move)."""
     low, info = torch.linalg.cholesky_ex(g)
-    r = low.mT.clone()
+    r = low.mT  # a view: the fallback below writes into low, which nothing else holds
     failed = info != 0
     if failed.any():
         w, v = torch.linalg.eigh(g[failed])
@@ -43,27 +43,26 @@ def top1_gram(gp: torch.Tensor, gq: torch.Tensor, spectrum: bool = True) -> tupl
 
     With R_P^T R_P = gp, R_Q^T R_Q = gq (``gram_root``), P = U_P R_P and Q = U_Q R_Q for some orthonormal U_P,
     U_Q, so X = U_P (R_P R_Q^T) U_Q^T: the k x k core C = R_P R_Q^T = U S W^T has X's singular values, and
-    u = U_P U_0 = X v / s_0 = P R_Q^T W_0 / s_0, v = Q R_P^T U_0 / s_0: no inverse of R is ever formed, so a
-    rank-deficient P or Q (B = 0, near-collinear B_i and B_{i-1}) needs no special case. The Grams carry the
-    cancellation of a difference B_i A_i - B_j A_j squared: float64 Grams keep sigma to ~1e-16 (||G|| / ||L||)^2.
-    Without ``spectrum``, W_0 is the top eigenvector of C^T C in float32 (its error enters sigma = ||C W_0||
+    u = U_P U_0 = X v / s_0 = P R_Q^T W_0 / s_0 = P cu, v = X^T u / s_0 = Q (P^T P) cu / s_0 = Q gp cu / s_0: no
+    inverse of R is ever formed, so a rank-deficient P or Q (B = 0, near-collinear B_i and B_{i-1}) needs no
+    special case. The Grams carry the cancellation of a difference B_i A_i - B_j A_j squared: float64 Grams keep
+    sigma to ~1e-16 (||G|| / ||L||)^2. Without ``spectrum``, W_0 is the top eigenvector of C^T C = R_Q gp R_Q^T
+    (R_P is never needed: one Cholesky instead of two) in float32 (its error enters sigma^2 = W_0^T C^T C W_0
     squared, and u, v linearly: ~1e-7 over the relative gap sigma_1 - sigma_2), four times cheaper than C's SVD."""
-    rp, rq = gram_root(gp), gram_root(gq)
-    core = rp @ rq.mT
+    rq = gram_root(gq)
     if spectrum:
-        u, s, wh = torch.linalg.svd(core)
-        w0, u0 = wh[..., 0, :], u[..., :, 0]
+        _, s, wh = torch.linalg.svd(gram_root(gp) @ rq.mT)
+        w0 = wh[..., 0, :]
     else:
-        _, vecs = torch.linalg.eigh((core.mT @ core).float())
+        ctc = rq @ gp @ rq.mT
+        _, vecs = torch.linalg.eigh(ctc.float())
         w0 = vecs[..., -1].double()
-        cw = (core @ w0[..., None])[..., 0]
-        s = cw.norm(dim=-1, keepdim=True)
-        u0 = cw / torch.where(s > 0, s, torch.ones_like(s))
+        s = (w0[..., None, :] @ ctc @ w0[..., :, None])[..., 0].clamp_min(0).sqrt()
     sigma = s[..., 0]
     nonzero = (sigma > 0)[..., None]
     safe = torch.where(nonzero, sigma[..., None], torch.ones_like(sigma[..., None]))
     cu = (rq.mT @ w0[..., None])[..., 0] / safe
-    cv = (rp.mT @ u0[..., None])[..., 0] / safe
+    cv = (gp @ cu[..., None])[..., 0] / safe
     return s, torch.where(nonzero, cu, torch.zeros_like(cu)), torch.where(nonzero, cv, torch.zeros_like(cv))
 
 

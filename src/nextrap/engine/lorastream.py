@@ -182,8 +182,9 @@ def _unit_output_bytes(m: LoraModule, rows: int) -> int:
 
 def _feature_scratch_bytes(m: LoraModule, rows: int, horizon: int) -> int:
     """Per module, beside its factors: the feature rows (``_unit_output_bytes``) and the k x k float64 work, in
-    r x r blocks: B^T B and A A^T of the h + 1 held checkpoints, B_i^T [dB, dB'] (2), and one delta's core at a
-    time (its 2r x 2r Grams P^T P, Q^T Q, their roots, the core, C^T C and its eigenvectors: 6 x 4 blocks)."""
+    r x r blocks: B^T B and A A^T of the h + 1 held checkpoints, and one delta's work at a time: its four float32
+    products (B_i^T dB, dB^T dB, dA dA^T, dA A_o^T: 2) and its core (its 2r x 2r Grams P^T P, Q^T Q, their roots,
+    the core, C^T C and its eigenvectors: 6 x 4 blocks)."""
     return _unit_output_bytes(m, rows) + FLOAT64 * m.rank**2 * (2 * (horizon + 1) + 2 + 24)
 
 
@@ -195,85 +196,108 @@ class _Held:
     ga: torch.Tensor  # A A^T
 
 
+@dataclass
+class _Work:
+    """Buffers reused for every checkpoint of a unit (a fresh block is mmapped, and its first touch page-faults:
+    as costly as the products, measured): dB and dA of the local and the target delta, each delta's contiguous
+    (a strided [units, m, 2r] pair halves the speed of the subtraction and of the matrix-vector products,
+    measured), and one delta's float64 Grams P^T P, Q^T Q."""
+
+    db: torch.Tensor  # [2, units, m, r] float32
+    da: torch.Tensor  # [2, units, r, n]
+    gp: torch.Tensor  # [units, 2r, 2r] float64
+    gq: torch.Tensor
+
+    @staticmethod
+    def like(b: torch.Tensor, a: torch.Tensor) -> _Work:
+        """Buffers for a unit of factors b [units, m, r], a [units, r, n]."""
+        k = 2 * b.shape[-1]
+        grams = [torch.empty(b.shape[0], k, k, dtype=torch.float64, device=b.device) for _ in range(2)]
+        return _Work(b.new_empty(2, *b.shape), a.new_empty(2, *a.shape), *grams)
+
+    @property
+    def nbytes(self) -> int:
+        """The difference buffers (the Grams are in ``_feature_scratch_bytes``' core)."""
+        return nbytes(self.db) + nbytes(self.da)
+
+
 def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter) -> dict[str, dict[str, torch.Tensor]]:
     """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     held: dict[int, _Held] = {}
     s2 = (scale * scale)[:, None, None]
-    work = 0
+    work: _Work | None = None
     for i, (b, a) in rd:
         units_, m, r = b.shape
-        if not out:
+        if work is None:
             out = {kind: {"sigma": torch.zeros(units_, rows), "u": torch.zeros(units_, rows, m),
                           "v": torch.zeros(units_, rows, a.shape[-1])}
                    for kind, rows in (("global", n), ("local", n), ("target", max(n - horizon, 0)))}
             out["global"]["energy"] = torch.zeros(units_, n)
-            # dB of the local and the target delta side by side ([units, m, 2r]: B_i^T [dB_local, dB_target] is one
-            # product), and their dA, in buffers reused for every checkpoint (a fresh block is mmapped, and its
-            # first touch page-faults: as costly as the products, measured)
-            db_both = torch.empty(units_, m, 2 * r, dtype=b.dtype, device=b.device)
-            da_both = torch.empty(units_, 2 * r, a.shape[-1], dtype=a.dtype, device=a.device)
-            work = nbytes(db_both) + nbytes(da_both)
-            meter.add(work)
+            work = _Work.like(b, a)
+            meter.add(work.nbytes)
         cur = held[i] = _Held(b, a, (b.mT @ b).double(), (a @ a.mT).double())
         s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
-        _put(out["global"], i, s[..., 0], *_vectors(scale, (b, cu), (a, cv)))
+        _put(out["global"], i, s[..., 0], *_vectors(scale, [(b, cu)], [(a, cv)]))
         out["global"]["energy"][:, i] = energy_of(s).float().cpu()
         if i == 0:  # L_0 = W_0' - W_0: the first checkpoint's global delta
             for part in ("sigma", "u", "v"):
                 out["local"][part][:, 0] = out["global"][part][:, 0]
         pairs = ([("local", i - 1, i)] if i >= 1 else []) + ([("target", i - horizon, i - horizon)] if i >= horizon else [])
-        if pairs:  # the difference form s (B_i dA + dB A_o): P = s [B_i, dB], Q = [dA^T, A_o^T]
-            for j, (_, old, _) in enumerate(pairs):
-                torch.sub(b, held[old].b, out=db_both[..., j * r:(j + 1) * r])
-                torch.sub(a, held[old].a, out=da_both[:, j * r:(j + 1) * r])
-            cross = (b.mT @ db_both[..., :len(pairs) * r]).double()  # B_i^T dB of every delta in one product
-            for j, (kind, old, row) in enumerate(pairs):  # one delta at a time: half the k x k work held at once
-                db, da = db_both[..., j * r:(j + 1) * r], da_both[:, j * r:(j + 1) * r]
-                gp = _blocks(cur.gb, cross[..., j * r:(j + 1) * r], (db.mT @ db).double())  # P^T P / s^2
-                gq = _blocks((da @ da.mT).double(), (da @ held[old].a.mT).double(), held[old].ga)  # Q^T Q
-                s, cu, cv = top1_gram(s2 * gp, gq, spectrum=False)
-                del gp, gq
-                _put(out[kind], row, s[:, 0], *_vectors(scale, (b, cu[:, :r]), (da, cv[:, :r]), (db, cu[:, r:]),
-                                                        (held[old].a, cv[:, r:])))
-            del cross
+        # the difference form s (B_i dA + dB A_o): P = s [B_i, dB], Q = [dA^T, A_o^T]; one delta at a time
+        for (kind, old, row), db, da in zip(pairs, work.db, work.da):
+            torch.sub(b, held[old].b, out=db)
+            torch.sub(a, held[old].a, out=da)
+            gp = _blocks(work.gp, cur.gb, b.mT @ db, db.mT @ db, s2)  # P^T P
+            gq = _blocks(work.gq, da @ da.mT, da @ held[old].a.mT, held[old].ga)  # Q^T Q
+            s, cu, cv = top1_gram(gp, gq, spectrum=False)
+            _put(out[kind], row, s[:, 0], *_vectors(scale, [(b, cu[:, :r]), (db, cu[:, r:])],
+                                                    [(da, cv[:, :r]), (held[old].a, cv[:, r:])]))
         for old in [j for j in held if j <= i - horizon]:  # T_{i-h} was the last delta that needed checkpoint i - h
             meter.sub(nbytes(held[old].b) + nbytes(held[old].a))
             del held[old]
     for h in held.values():
         meter.sub(nbytes(h.b) + nbytes(h.a))
-    meter.sub(work)
+    if work is not None:
+        meter.sub(work.nbytes)
     return out
 
 
-def _vectors(scale: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor],
-             p2: tuple[torch.Tensor, torch.Tensor] | None = None,
-             q2: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = s (X cu + X2 cu2) and v = Y^T cv + Y2^T cv2 per module, for p = (X [units, m, r], cu [units, r]),
-    q = (Y [units, r, n], cv), p2 and q2 likewise (matrix-vector products in the factors' dtype: the fastest way
-    through their bytes)."""
-    def times(x: torch.Tensor, c: torch.Tensor, transpose: bool) -> torch.Tensor:
-        c = c.to(x.dtype)
-        return torch.stack([torch.mv(x[j].mT if transpose else x[j], c[j]) for j in range(len(c))])
+def _vectors(scale: torch.Tensor, p: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             q: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = s sum_t X_t cu_t and v = sum_t Y_t^T cv_t per module, for p = [(X_t [units, m, r], cu_t [units, r]), ...],
+    q = [(Y_t [units, r, n], cv_t), ...] (matrix-vector products in the factors' dtype: the fastest way through
+    their bytes; each added into the module's row in place, no term stacked apart)."""
+    def times(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], transpose: bool) -> torch.Tensor:
+        mats = [(x.mT if transpose else x, c.to(x.dtype)) for x, c in terms]
+        out = mats[0][0].new_zeros(mats[0][0].shape[:-1])
+        for x, c in mats:
+            for j, row in enumerate(out):
+                row.addmv_(x[j], c[j])
+        return out
 
-    u, v = times(*p, False), times(*q, True)
-    if p2 is not None and q2 is not None:
-        u += times(*p2, False)
-        v += times(*q2, True)
-    return scale[:, None] * u, v
+    return scale[:, None] * times(p, False), times(q, True)
 
 
-def _blocks(new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """[[new, cross], [cross^T, old]]: the Gram of two side-by-side factor blocks [X, Y] from X^T X, X^T Y, Y^T Y."""
-    return torch.cat([torch.cat([new, cross], -1), torch.cat([cross.mT, old], -1)], -2)
+def _blocks(out: torch.Tensor, new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` [units, 2r, 2r] (float64) = scale [[new, cross], [cross^T, old]]: the Gram of two side-by-side factor
+    blocks [X, Y] from X^T X, X^T Y, Y^T Y [units, r, r], widened to float64 as they are written."""
+    r = new.shape[-1]
+    for rows, cols, x in ((slice(None, r), slice(None, r), new), (slice(None, r), slice(r, None), cross),
+                          (slice(r, None), slice(None, r), cross.mT), (slice(r, None), slice(r, None), old)):
+        if scale is None:
+            out[:, rows, cols] = x
+        else:
+            torch.mul(x, scale, out=out[:, rows, cols])
+    return out
 
 
 def _put(rows: dict[str, torch.Tensor], row: int, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
     """Store one row of a kind: u and v renormalised (they are unit vectors up to rounding), zero where sigma is."""
     for part, x in (("u", u), ("v", v)):
-        norm = x.norm(dim=-1, keepdim=True)
-        x = torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
-        rows[part][:, row] = x.float().cpu()
+        # x is zero (sigma 0: 0 / tiny stays 0) or of norm ~1, so the clamp changes no nonzero row
+        rows[part][:, row] = (x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)).float().cpu()
     rows["sigma"][:, row] = sigma.float().cpu()
 
 
