@@ -127,8 +127,8 @@ def peak():  # the process's real peak resident set, as the kernel kept it
         sys.stderr.write("\\nVmHWM " + next(line.split()[1] for line in f if line.startswith("VmHWM")) + "\\n")
 
 atexit.register(peak)
+sys.argv[0] = "nextrap"  # before the import: the process is set up as the command's (``process.at_import``)
 from nextrap.cli import app
-sys.argv[0] = "nextrap"
 app()
 """
 

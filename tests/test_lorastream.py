@@ -235,7 +235,9 @@ def drifting_lora(root: Path, modules: int, steps: int, out: int, inp: int, rank
 
 
 _REAL_PEAK = REAL_PEAK_PREAMBLE + """
-ckpts, warm, out, budget = sys.argv[1:5]
+ckpts, warm, out, budget, heap = sys.argv[1:6]
+import os
+os.environ["NEXTRAP_HEAP"] = heap  # "reuse" as the command sets it, "" as a library user's process has it
 methods = ("linear", "relex", "next")  # every streamed pass: features, backtest, relex's projections, next's check
 # One small fit first: imports and torch's one-time initialisation (LAPACK, OpenMP, allocator arenas) are not what
 # the budget governs, and would otherwise dominate a test-sized trajectory.
@@ -256,11 +258,12 @@ REAL_ALLOWANCE = 12_000_000  # as for full-parameter runs: first use of LAPACK w
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the real peak")
-def test_the_process_real_peak_stays_within_the_budget(tmp_path):
+@pytest.mark.parametrize("heap", ["reuse", ""])
+def test_the_process_real_peak_stays_within_the_budget(tmp_path, heap):
     on_disk = drifting_lora(tmp_path / "ckpts", modules=16, steps=12, out=1024, inp=1024, rank=64)
     drifting_lora(tmp_path / "warm", modules=2, steps=4, out=1024, inp=1024, rank=64, seed=1)
     assert on_disk > REAL_BUDGET + REAL_ALLOWANCE
-    args = [str(tmp_path / "ckpts"), str(tmp_path / "warm"), str(tmp_path / "fit"), str(REAL_BUDGET)]
+    args = [str(tmp_path / "ckpts"), str(tmp_path / "warm"), str(tmp_path / "fit"), str(REAL_BUDGET), heap]
     measured = run_peak_script(_REAL_PEAK, args)
     assert measured["backtest"] > 0 and measured["accounted"] <= REAL_BUDGET
     assert measured["growth"] <= REAL_BUDGET + REAL_ALLOWANCE, measured

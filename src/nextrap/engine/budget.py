@@ -102,7 +102,8 @@ def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
     ``MAP_EVERY_BLOCK``: every block above 64 KB is mmapped, so freed blocks leave the process at once, in
     every thread's arena (the full-parameter passes: row chunks of many shapes, which a heap would fragment;
     with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
-    ``REUSE_BLOCKS``: blocks up to 32 MB come from the heap, which is not trimmed on free but after each unit
+    ``REUSE_BLOCKS`` (``lorastream``, where ``NEXTRAP_HEAP=reuse``, as the command sets it): blocks up to 32 MB
+    come from the heap, which is not trimmed on free but after each unit
     (``trim_heap``), so the next checkpoint's stack and the next product's temporaries take the pages the
     last ones left instead of mapping fresh ones, each of which faults on first touch (the LoRA passes, whose
     blocks are a few same-shape stacks per unit, ``lorastream.units``). Threads created from then on share one

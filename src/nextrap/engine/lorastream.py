@@ -30,6 +30,7 @@ computed in each pass.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,9 +39,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nextrap.engine.budget import REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
+from nextrap.engine.budget import MAP_EVERY_BLOCK, REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
 from nextrap.io.layouts import weight_dtypes
+from nextrap.runtime.process import HEAP_ENV
 from nextrap.core.features import KINDS
 from nextrap.core.lowrank import energy_of, top1_gram
 from nextrap.core.moves import Factors
@@ -91,9 +93,10 @@ def feature_stacks(horizon: int) -> int:
 
 
 def meter_for(budget: int | None, held: int) -> Meter:
-    """A meter that starts with what the process already holds (features, moves), glibc told to reuse the memory
-    a unit frees and give it back after the unit (``heap_hygiene``)."""
-    heap_hygiene(REUSE_BLOCKS)
+    """A meter that starts with what the process already holds (features, moves), glibc told to give memory back
+    (``heap_hygiene``): after each unit, reusing what a unit frees where ``NEXTRAP_HEAP=reuse`` (the command),
+    else at once (every block mapped)."""
+    heap_hygiene(REUSE_BLOCKS if os.environ.get(HEAP_ENV) == "reuse" else MAP_EVERY_BLOCK)
     meter = Meter(budget)
     meter.add(held)
     return meter

@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 THREADS_ENV = "NEXTRAP_THREADS"  # overrides threads(); OMP_NUM_THREADS, if set, is kept otherwise
+# "reuse": the LoRA passes keep freed memory for their next blocks, in one malloc arena (``budget.heap_hygiene``).
+# The command sets it; a library user's process (a trainer running JumpCallback) keeps glibc's arenas unless it
+# asks, since a process-wide arena limit outlives the pass.
+HEAP_ENV = "NEXTRAP_HEAP"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -95,6 +99,7 @@ def at_import() -> None:
     if os.environ.get(THREADS_ENV):
         os.environ["OMP_NUM_THREADS"] = os.environ[THREADS_ENV]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads()))
+    os.environ.setdefault(HEAP_ENV, "reuse")
 
 
 def threads() -> int:
