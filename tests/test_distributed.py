@@ -116,15 +116,18 @@ def _same_fit(one: Path, two: Path) -> None:
     summary = [json.loads((f / "manifest.json").read_text())["summary"] for f in (one, two)]
     assert summary[0]["backtest"] and summary[0]["backtest"] == summary[1]["backtest"]
     assert summary[0]["models"] == summary[1]["models"]
+    for weights in sorted(p.name for p in one.iterdir() if p.suffix == ".safetensors" and p.name != "trajectory.safetensors"):
+        assert (one / weights).read_bytes() == (two / weights).read_bytes(), weights  # a trained predictor
 
 
 def test_torchrun_with_two_gloo_ranks_writes_the_same_lora_fit_and_jumps_as_one_process(trajectory, tmp_path):
     """`torchrun --nproc-per-node 2 ... nextrap fit` splits the feature pass, the backtest's terms and relex's
     projections across the ranks, and `extend` the shards it writes: the fit folder (features, backtest numbers,
     models), the adapter and the sharded merged model are byte-identical to one process's."""
-    methods = "linear,next,relex"
+    methods = "linear,next,relex,next-paper"  # next-paper: each rank trains its share of the predictor's groups
     for name, ranks in (("one", 1), ("two", 2)):
-        _nextrap(["fit", trajectory, "--out", tmp_path / name, "--methods", methods, "--backtest-folds", 2, "--json"], ranks)
+        _nextrap(["fit", trajectory, "--out", tmp_path / name, "--methods", methods, "--backtest-folds", 2, "--epochs", 30,
+                  "--json"], ranks)
         _nextrap(["extend", "--fit", tmp_path / name, "--method", "relex", "--alpha", "1.5", "--out", tmp_path / f"{name}-adapter"], ranks)
         _nextrap(["extend", "--fit", tmp_path / name, "--method", "next", "--alpha", "0.5,1.5", "--format", "merged", "--base", BASE,
                   "--max-shard-size", "150KB", "--out", tmp_path / f"{name}-merged"], ranks)

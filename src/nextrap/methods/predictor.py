@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nextrap.core.features import VEC, Features
+from nextrap.runtime.distributed import World, world
 
 HIDDEN = 256
 
@@ -115,13 +116,30 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
         for g in groups:
             models[g.length] = NExtMLP(g.length, settings.hidden)
     device = torch.device(settings.device)
-    small = device.type == "cpu" and all(g.length <= SMALL_GROUP for g in groups)
-    with _cpu_threads(1 if small else None):
-        _fit_groups(groups, models, features, rows, settings, device, on_epoch)
+    # under torchrun each rank trains its share of the groups (balanced by their size) and every rank gets all of
+    # them back: a group trains the same alone as beside others (above), so the models are one process's
+    ranks = world(settings.device)
+    mine = ranks.mine(groups, cost=lambda g: g.length * len(g.members))
+    small = device.type == "cpu" and all(g.length <= SMALL_GROUP for g in mine)
+    if mine:
+        with _cpu_threads(1 if small else None):
+            _fit_groups(mine, models, features, rows, settings, device, on_epoch)
+    _share(groups, mine, models, ranks)
     for g in groups:
         if not math.isfinite(g.losses[-1]):
             raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
     return Predictor(groups, models, settings)
+
+
+def _share(groups: list[Group], mine: list[Group], models: dict[int, NExtMLP], ranks: World) -> None:
+    """Every rank's trained groups (weights and losses) into ``models`` and ``groups`` on every rank."""
+    if ranks.size == 1:
+        return
+    by_length = {g.length: g for g in groups}
+    for part in ranks.gather({g.length: (models[g.length].state_dict(), g.losses) for g in mine}):
+        for length, (state, losses) in part.items():
+            models[length].load_state_dict(state)
+            by_length[length].losses = list(losses)
 
 
 # Below this vector length the predictor's matmuls are too small to gain from several CPU threads, and OpenMP's
