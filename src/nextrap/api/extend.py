@@ -260,23 +260,21 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
     method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
     # the prediction reads the move's checkpoints again and multiplies: on a thread of its own, beside the writer
     # (which spends its time in the checkpoints' reads and the output's writes), on the rank that writes it
-    predicting = Background(_prediction_tensors if ranks.is_main else lambda *_: {}, j, features, traj)
-    folders = []
+    predicting = Background(_prediction_tensors, j, features, traj) if ranks.is_main else None
     # under torchrun every rank writes its share of the shards into one temporary folder, rank 0 the rest, and
     # rank 0 publishes it once all have finished: the files one process writes
     with shared_atomic_dir(out, ranks, overwrite=overwrite, kind="extend") as tmp:
-        for i, alpha in enumerate(alphas):
-            folder = tmp if len(alphas) == 1 else tmp / alpha_folder(alpha)
+        written = {alpha: tmp if len(alphas) == 1 else tmp / alpha_folder(alpha) for alpha in alphas}
+        for alpha, folder in written.items():
             traj.write(folder, fmt, row, j, alpha, base, shard_bytes, ranks)
-            if i == 0:
-                prediction = predicting.result()
-                provenance = _provenance(loaded, fit_dir, traj, features, fmt, method, row, base, min_energy, choice,
-                                         prediction)
-            if ranks.is_main:
+        prediction = predicting.result() if predicting is not None else {}
+        provenance = _provenance(loaded, fit_dir, traj, features, fmt, method, row, base, min_energy, choice, prediction)
+        if ranks.is_main:
+            for alpha, folder in written.items():
                 save_file(prediction, str(folder / PREDICTION), metadata={"method": method})
                 write_json(folder / PROVENANCE, {**provenance, "alpha": alpha, "backtest_error": errors.get(alpha)})
-            folders.append(out if len(alphas) == 1 else out / alpha_folder(alpha))
         inputs_unchanged()  # nothing is committed unless the fitted checkpoints are the ones read
+    folders = [out if len(alphas) == 1 else out / alpha_folder(alpha) for alpha in alphas]
     return ExtendResult(out, method, fmt, alphas, folders, features.steps[row], features.horizon,
                         dict(provenance["predicted_sigma"]), choice, errors, chosen.warnings, provenance["resume_from"])
 
