@@ -34,7 +34,8 @@ import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -145,7 +146,15 @@ def read_dtype(traj: LoraTrajectory) -> torch.dtype:
     """The narrowest dtype that holds every checkpoint's factors exactly: float32 for fp32, bf16 and fp16 storage
     (the float64 passes read it and widen one module at a time: half the bytes of float64 stacks to move and to
     map), else float64."""
-    return torch.float32 if set(weight_dtypes([c.weights for c in traj.checkpoints])) <= NARROW else torch.float64
+    files = tuple((str(c.weights), c.weights.stat().st_mtime_ns, c.weights.stat().st_size) for c in traj.checkpoints)
+    return torch.float32 if _stored_dtypes(files) <= NARROW else torch.float64
+
+
+@cache
+def _stored_dtypes(files: tuple[tuple[str, int, int], ...]) -> frozenset[str]:
+    """The dtypes stored in weights files (path, mtime, size): read once per version of the files (every pass asks;
+    a legacy .bin is read whole to learn them)."""
+    return frozenset(weight_dtypes([Path(path) for path, _, _ in files]))
 
 
 # --------------------------------------------------------------------------------------------- features
