@@ -212,13 +212,19 @@ class Prefetcher:
     (``key(job)``, item).
 
     ``load(job, meter, pin)`` returns a tensor or a tuple of tensors (in pinned memory when ``pin``) and adds
-    their bytes to ``meter``; the consumer subtracts them when it lets an item go."""
+    their bytes to ``meter``; the consumer subtracts them when it lets an item go.
+
+    On the CPU the consumer's torch threads leave the reader a core while it runs (one fewer, if more than one):
+    on 2 cores a fit with both for torch took 77.6 s and with one 69.3 s (benchmarks/RESULTS.md 4.3)."""
 
     def __init__(self, jobs: Sequence[Any], load: Load, device: torch.device, meter: Meter,
                  key: Callable[[Any], Any] = lambda job: job):
         self.jobs, self.load, self.device, self.meter, self.key = list(jobs), load, device, meter, key
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
+        self._threads = torch.get_num_threads()
+        if device.type == "cpu" and self._threads > 1:
+            torch.set_num_threads(self._threads - 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -278,6 +284,7 @@ class Prefetcher:
             except queue.Empty:
                 break
         self._thread.join()
+        torch.set_num_threads(self._threads)
 
     def __enter__(self) -> "Prefetcher":
         return self
