@@ -14,7 +14,8 @@ linked into a folder of their own), prints one table, and deletes the data unles
   ratios use, the first (``cold``, from disk when the cache had dropped the files) is printed beside it;
 - fit: ``--methods next,linear,expo,relex`` with the backtest (from 2h + 2 = 12 checkpoints: step 0 is no move), and with
   ``--no-backtest``;
-- extend: ``--method next --alpha 1.5`` as an adapter, against writing its adapter_model.safetensors' bytes;
+- extend: ``--method next --alpha 1.5`` as an adapter, against writing its adapter_model.safetensors' bytes, also
+  less the start-up of a process that imports it (interpreter and torch, timed in the same run);
 - dense reference: merging a module's factors and a dense ``torch.linalg.svd`` (float32) of its global delta,
   timed on one module of each shape, scaled to the reference's count (every global, local and target delta of
   every module); the same samples check the streamed features (sigma relative error, |cos| of u and v).
@@ -155,6 +156,14 @@ def write_floor(src: Path, dst: Path) -> float:
     return seconds
 
 
+def startup(env: dict[str, str]) -> float:
+    """Seconds for a process to start and import what extend runs (the interpreter and torch): part of extend's
+    time that no change to its writing can remove."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import nextrap.api.extend"], check=True, env=env)
+    return time.perf_counter() - t0
+
+
 def dense_reference(root: Path, fit: Path, ckpts: int, layers: int) -> dict[str, float]:
     """Seconds per module of shape, merged and dense-SVD'd, scaled to the reference's count; and the streamed
     features' agreement with those dense samples (the last checkpoint's global delta of layer 0)."""
@@ -240,6 +249,7 @@ def main() -> None:
                 row["extend_s"], row["extend_rss"], _ = run(["extend", "--fit", str(fit), "--method", "next", "--alpha", "1.5",
                                                              "--out", str(jumped), "--overwrite", "--json"], env)
                 row["write_s"] = write_floor(jumped / "adapter_model.safetensors", args.data / "write-floor.bin")
+                row["startup_s"] = startup(env)
                 row["extend_bytes"] = (jumped / "adapter_model.safetensors").stat().st_size
                 shutil.rmtree(jumped)
             if "dense" not in args.skip:
@@ -258,8 +268,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nrank {args.rank}, {args.dtype}, --max-memory {args.max_memory}, --device {args.device}, {args.threads} thread(s), horizon {HORIZON}, "
           f"methods {METHODS}; load: the 1-minute load average as the row started (2 cores, shared)")
     print("| layers | checkpoints | on disk | load | read floor (cold) | fit (backtest) | x floor | peak RSS | fit --no-backtest | "
-          "x floor | peak RSS | accounted | extend | write | x write | extend RSS | dense reference (est.) | x fit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "x floor | peak RSS | accounted | extend | write | x write | start-up | x write after start-up | extend RSS | "
+          "dense reference (est.) | x fit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = r["read_s"]
         cells = [r["layers"], r["checkpoints"], gb(r["bytes"]), f"{r['load']:.1f}",
@@ -267,8 +278,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         for k in ("fit", "fit_nobt"):
             cells += ([f"{r[k + '_s']:.1f} s", f"{r[k + '_s'] / floor:.1f}", gb(r[k + '_rss'])] if k + "_s" in r else ["-"] * 3)
         cells.append(gb(r["accounted"]))
-        cells += ([f"{r['extend_s']:.1f} s", f"{r['write_s']:.2f} s", f"{r['extend_s'] / r['write_s']:.1f}", gb(r["extend_rss"])]
-                  if "extend_s" in r else ["-"] * 4)
+        cells += ([f"{r['extend_s']:.1f} s", f"{r['write_s']:.2f} s", f"{r['extend_s'] / r['write_s']:.1f}",
+                   f"{r['startup_s']:.1f} s", f"{(r['extend_s'] - r['startup_s']) / r['write_s']:.1f}", gb(r["extend_rss"])]
+                  if "extend_s" in r else ["-"] * 6)
         if "dense" in r:
             fit_s = r.get("fit_s", r.get("fit_nobt_s"))
             cells += [f"{r['dense']['seconds'] / 3600:.1f} h", f"{r['dense']['seconds'] / fit_s:.0f}" if fit_s else "-"]
