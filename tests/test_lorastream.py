@@ -255,6 +255,10 @@ print(json.dumps({"growth": max(fit_growth, status("VmHWM") - rss0), "accounted"
 """
 REAL_BUDGET = 40_000_000
 REAL_ALLOWANCE = 12_000_000  # as for full-parameter runs: first use of LAPACK workspaces, Python objects, page granularity
+# The command's heap mode (``budget.heap_hygiene``) keeps freed pages inside the heap for the unit's next blocks, and
+# how many it holds at the peak depends on the reader thread's timing: growth 38-49 MB in 9 runs at this budget
+# (35-43 MB unaccounted-free with every block mapped). Its promise is this larger margin.
+REUSE_ALLOWANCE = 20_000_000
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the real peak")
@@ -266,4 +270,4 @@ def test_the_process_real_peak_stays_within_the_budget(tmp_path, heap):
     args = [str(tmp_path / "ckpts"), str(tmp_path / "warm"), str(tmp_path / "fit"), str(REAL_BUDGET), heap]
     measured = run_peak_script(_REAL_PEAK, args)
     assert measured["backtest"] > 0 and measured["accounted"] <= REAL_BUDGET
-    assert measured["growth"] <= REAL_BUDGET + REAL_ALLOWANCE, measured
+    assert measured["growth"] <= REAL_BUDGET + (REUSE_ALLOWANCE if heap == "reuse" else REAL_ALLOWANCE), measured

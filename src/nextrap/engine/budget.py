@@ -84,16 +84,18 @@ class _Scratch:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 MAP_EVERY_BLOCK = 1 << 16  # blocks above 64 KB are mmapped, and unmapped on free
 REUSE_BLOCKS = 32 << 20  # glibc's largest threshold: blocks up to 32 MB come from the heap
-_NEVER = 1 << 40  # a trim threshold never reached: ``trim_heap`` trims
+
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # a value past a C int raises instead of wrapping
+    return libc
 
 
 def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
@@ -103,19 +105,19 @@ def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
     every thread's arena (the full-parameter passes: row chunks of many shapes, which a heap would fragment;
     with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
     ``REUSE_BLOCKS`` (``lorastream``, where ``NEXTRAP_HEAP=reuse``, as the command sets it): blocks up to 32 MB
-    come from the heap, which is not trimmed on free but after each unit
-    (``trim_heap``), so the next checkpoint's stack and the next product's temporaries take the pages the
-    last ones left instead of mapping fresh ones, each of which faults on first touch (the LoRA passes, whose
-    blocks are a few same-shape stacks per unit, ``lorastream.units``). Threads created from then on share one
-    arena, so that the reader thread's freed stacks serve the main thread's temporaries and the other way round
-    (with an arena each, each kept its own free pages: the real-peak test's growth varied 39-51 MB at a 40 MB
-    budget; sharing, 37-46 MB). Measured on the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and
-    3.95 s of system time with every block mapped, 0.76M and 1.72 s reusing, real peak 1.35 -> 1.39 GB at a
-    2 GB budget."""
+    come from the heap, whose free top is returned at once (trim threshold 0) and the rest after each unit
+    (``trim_heap``), so the next checkpoint's stack and the next product's temporaries take pages the last ones
+    left inside the heap instead of mapping fresh ones, each of which faults on first touch (the LoRA passes,
+    whose stacks are at most 32 MB, ``lorastream.units``). Threads created from then on share one arena, so
+    that the reader thread's freed stacks serve the main thread's temporaries and the other way round (with an
+    arena each, the real-peak test's growth reached 60 MB at a 40 MB budget). Measured on
+    the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and 3.95 s of system time with every block
+    mapped, 0.59M and 1.9 s with these. The price: the real peak is less predictable (the real-peak test's
+    growth 38-49 MB at a 40 MB budget in 9 runs, against 35-43 MB with every block mapped)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
-        libc.mallopt(_M_TRIM_THRESHOLD, _NEVER if mmap_above > MAP_EVERY_BLOCK else 2 * mmap_above)
+        libc.mallopt(_M_TRIM_THRESHOLD, 0 if mmap_above > MAP_EVERY_BLOCK else 2 * mmap_above)
         if mmap_above > MAP_EVERY_BLOCK:
             libc.mallopt(_M_ARENA_MAX, 1)
 

@@ -34,15 +34,13 @@ import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache, partial
-from pathlib import Path
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from nextrap.engine.budget import MAP_EVERY_BLOCK, REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
-from nextrap.io.layouts import weight_dtypes
 from nextrap.runtime.process import HEAP_ENV
 from nextrap.core.features import KINDS
 from nextrap.core.lowrank import energy_of, top1_gram
@@ -50,7 +48,6 @@ from nextrap.core.moves import Factors
 
 FLOAT64 = 8
 FLOAT32 = 4
-NARROW = {"F32", "BF16", "F16"}  # safetensors dtypes float32 holds exactly
 FEATURE_DTYPE = torch.float32  # the feature pass's factors and Gram products (module docstring)
 Sink = Callable[[list[str], str, dict[str, torch.Tensor]], None]  # (names, kind, parts [modules, rows, ...])
 
@@ -105,10 +102,10 @@ def meter_for(budget: int | None, held: int) -> Meter:
 
 def units(traj: LoraTrajectory, names: Sequence[str] | None, rows: int, meter: Meter, what: str,
           scratch: Callable[[LoraModule], int] = lambda m: 0, max_batch: int | None = None,
-          itemsize: int = FLOAT64, once: Callable[[LoraModule], int] = lambda m: 0) -> Iterator[list[str]]:
+          itemsize: int = FLOAT64) -> Iterator[list[str]]:
     """Modules (all of ``traj`` or ``names``) in batches of one shape whose ``rows`` checkpoints of factors
-    (``itemsize`` bytes an element) each, plus ``scratch`` per module, ``once`` per batch and one stored tensor
-    being read, fit what the budget leaves free."""
+    (``itemsize`` bytes an element) each, plus ``scratch`` per module and one stored tensor being read, fit what
+    the budget leaves free."""
     wanted = set(names) if names is not None else None
     modules = [m for m in traj.modules if wanted is None or m.name in wanted]
 
@@ -123,7 +120,7 @@ def units(traj: LoraTrajectory, names: Sequence[str] | None, rows: int, meter: M
         m = group[0]
         cap = max(1, REUSE_BLOCKS // (max(m.out_features, m.in_features) * m.rank * itemsize))
         for batch in sized_batches([group], lambda m: rows * factor_bytes(m, itemsize) + scratch(m),
-                                   lambda m: _native_bytes(m) + once(m), meter, too_big, min(cap, max_batch or cap)):
+                                   _native_bytes, meter, too_big, min(cap, max_batch or cap)):
             yield [m.name for m in batch]
 
 
@@ -140,21 +137,6 @@ def _load(traj: LoraTrajectory, dtype: torch.dtype, job: tuple[int, list[str]], 
 def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device: torch.device, meter: Meter,
             dtype: torch.dtype = torch.float64) -> Prefetcher:
     return Prefetcher([(r, names) for r in rows], partial(_load, traj, dtype), device, meter, key=lambda job: job[0])
-
-
-def read_dtype(traj: LoraTrajectory) -> torch.dtype:
-    """The narrowest dtype that holds every checkpoint's factors exactly: float32 for fp32, bf16 and fp16 storage
-    (the float64 passes read it and widen one module at a time: half the bytes of float64 stacks to move and to
-    map), else float64."""
-    files = tuple((str(c.weights), c.weights.stat().st_mtime_ns, c.weights.stat().st_size) for c in traj.checkpoints)
-    return torch.float32 if _stored_dtypes(files) <= NARROW else torch.float64
-
-
-@cache
-def _stored_dtypes(files: tuple[tuple[str, int, int], ...]) -> frozenset[str]:
-    """The dtypes stored in weights files (path, mtime, size): read once per version of the files (every pass asks;
-    a legacy .bin is read whole to learn them)."""
-    return frozenset(weight_dtypes([Path(path) for path, _, _ in files]))
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -518,10 +500,8 @@ def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]]
     rows = sorted(set(rows))
     meter, stats = meter_for(budget, resident_bytes(traj) + held_bytes), StreamStats(budget)
     per_module: dict[str, dict[tuple[str, str], float]] = {}
-    dtype = read_dtype(traj)
-    for unit in units(traj, names, max(len(rows), 1), meter, what, itemsize=dtype.itemsize,
-                      once=lambda m: len(rows) * factor_bytes(m)):
-        with _reader(traj, rows, unit, torch.device("cpu"), meter, dtype) as rd:
+    for unit in units(traj, names, max(len(rows), 1), meter, what):
+        with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
             _unit_inner(rd, unit, combos, pairs, per_module, meter, _row_products(traj))
             stats.seconds_waiting += rd.waited
         trim_heap()
@@ -535,19 +515,16 @@ def stream_inner(traj: LoraTrajectory, combos: Callable[[str], dict[str, Combo]]
 def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[str, Combo]], pairs: Sequence[tuple[str, str]],
                 per_module: dict[str, dict[tuple[str, str], float]], meter: Meter,
                 known: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None) -> None:
-    """Put one unit's inner products in ``per_module``, widening one module's factors at a time to float64 (the
-    ``once`` of its unit). A function of its own so that nothing it made (a view of a checkpoint's stack keeps the
-    whole stack) outlives it."""
+    """Put one unit's inner products in ``per_module``. A function of its own so that nothing it made (a view of a
+    checkpoint's stack keeps the whole stack) outlives it."""
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for row, ba in rd:
             held[row] = ba
         for j, name in enumerate(unit):
-            wide = {row: (b[j].double(), a[j].double()) for row, (b, a) in held.items()}
-            inner = _Inner(wide, None if known is None else known.setdefault(name, {}))
+            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()}, None if known is None else known.setdefault(name, {}))
             mine = combos(name)
             per_module[name] = {(x, y): inner(mine[x], mine[y]) for x, y in pairs}
-            del wide, inner
     finally:
         meter.sub(sum(nbytes(b) + nbytes(a) for b, a in held.values()))
 
@@ -578,16 +555,13 @@ def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, 
     held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = meter_for(budget, held)
     out: dict[str, torch.Tensor] = {}
-    dtype = read_dtype(traj)
-    for unit in units(traj, list(directions) if names is None else names, 3, meter, "relex's projections",
-                      itemsize=dtype.itemsize, once=factor_bytes):
+    for unit in units(traj, list(directions) if names is None else names, 3, meter, "relex's projections"):
         uv = [(directions[n][0].double(), directions[n][1].double()) for n in unit]
         scale = traj.scales(unit)
         values = []
-        with _reader(traj, rows, unit, torch.device("cpu"), meter, dtype) as rd:
-            for _, (b, a) in rd:  # s (u^T B)(A v), module by module (matrix-vector products in float64)
-                values.append(scale * torch.stack([torch.mv(b[j].double().mT, u) @ torch.mv(a[j].double(), v)
-                                                   for j, (u, v) in enumerate(uv)]))
+        with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
+            for _, (b, a) in rd:  # s (u^T B)(A v), module by module (matrix-vector products)
+                values.append(scale * torch.stack([torch.mv(b[j].mT, u) @ torch.mv(a[j], v) for j, (u, v) in enumerate(uv)]))
                 meter.sub(nbytes(b) + nbytes(a))
                 del b, a
         trim_heap()

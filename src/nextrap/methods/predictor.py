@@ -120,7 +120,7 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
     # them back: a group trains the same alone as beside others (above), so the models are one process's
     ranks = world(settings.device)
     mine = ranks.mine(groups, cost=lambda g: g.length * len(g.members))
-    small = device.type == "cpu" and all(g.length <= SMALL_GROUP for g in mine)
+    small = device.type == "cpu" and all(g.length <= SMALL_GROUP for g in groups)  # one process's thread count
     if mine:
         with _cpu_threads(1 if small else None):
             _fit_groups(mine, models, features, rows, settings, device, on_epoch)

@@ -94,7 +94,7 @@ def write_adapter(out: Path, traj: LoraTrajectory, row: int, j: Jump, alpha: flo
             yield key, traj.read_extra(row, [key])[key]
 
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "adapter_model.safetensors", list(info), info, tensors())
+    write_safetensors(out / "adapter_model.safetensors", list(info), info, tensors(), overlap=True)  # counted: lora.py
     write_json(out / ADAPTER_CONFIG, jumped_config(read_json(src.path / ADAPTER_CONFIG), traj, extra_rank))
     for f in src.path.iterdir():  # tokenizer files some trainers save beside the adapter
         if f.is_file() and f.name.startswith(_COPIED_PREFIXES):

@@ -198,10 +198,11 @@ def _tensor_bytes(shape: list[int], dtype: str) -> int:
 
 
 def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[int], str]],
-                      tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+                      tensors: Iterator[tuple[str, torch.Tensor]], overlap: bool = False) -> int:
     """One safetensors file (the format: u64 header length, JSON header padded to 8 bytes, then the data),
-    written tensor by tensor; returns its data bytes. Each tensor's bytes go to the file on a thread of their own
-    while ``tensors`` makes the next one (the write releases the GIL): two tensors in memory at a time."""
+    written tensor by tensor, one in memory at a time; returns its data bytes. With ``overlap``, each tensor's
+    bytes go to the file on a thread of their own while ``tensors`` makes the next one (the write releases the
+    GIL): two tensors in memory at a time, which the caller's budget must count."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key in keys:
@@ -225,6 +226,8 @@ def write_safetensors(path: Path, keys: list[str], info: dict[str, tuple[list[in
                 writing.result()  # the tensor before this one is written (and freed)
             writing = writer.submit(f.write, data)
             del data
+            if not overlap:
+                writing.result()
         if writing is not None:
             writing.result()
     return offset
