@@ -129,8 +129,9 @@ class LoraRun(LoraTrajectory, Trajectory):
         weights = read_header(set(weight_map(base).values())) if fmt == "merged" and base is not None else {}
         for m in self.modules:
             k, width = move_rank(move.factors, m.name), m.out_features + m.in_features
-            # two checkpoints' factors, the move's (P, Q), the jumped ones, their cast, and the module before this
-            # one's jumped factors, still being written (``write_safetensors``)
+            # two checkpoints' factors, the move's (P, Q), the jumped ones, their cast, and the adapter writer's module
+            # before this one, still being written (``write_safetensors(overlap=True)``; merged formats write one
+            # tensor at a time, so this counts one module more than they hold)
             need = 8 * width * (5 * m.rank + 4 * k)
             if m.base_key in weights:
                 shape, dtype = weights[m.base_key]
