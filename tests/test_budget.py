@@ -1,8 +1,12 @@
 """engine/budget: the streamed passes' budget on the host and on a GPU."""
 
-import pytest
+import threading
 
-from nextrap.engine.budget import device_budget, parse_size
+import pytest
+import torch
+
+from nextrap.engine.budget import Meter, Prefetcher, device_budget, parse_size, reads_in_background
+from nextrap.runtime.process import cpus
 
 
 def _no_gpu() -> int:
@@ -22,3 +26,34 @@ def test_a_gpu_streams_within_the_smaller_of_both_budgets(device):
 def test_a_gpu_without_max_gpu_memory_takes_90_percent_of_its_free_memory():
     assert device_budget(parse_size("8GB"), "cuda", None, lambda: 5_000_000_000) == 4_500_000_000
     assert device_budget(parse_size("2GB"), "cuda", None, lambda: 5_000_000_000) == 2_000_000_000
+
+
+@pytest.mark.parametrize("threads, cores, background", [(1, 2, True), (2, 2, False), (1, 1, False), (3, 3, True),
+                                                       (4, 2, True), (2, 16, True)])
+def test_a_cpu_pass_reads_in_background_with_a_core_or_enough_threads_to_spare(threads, cores, background):
+    assert reads_in_background(torch.device("cpu"), threads, cores) == background
+    assert reads_in_background(torch.device("cuda"), threads, cores)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_a_pass_that_reads_beside_its_compute_lends_the_reader_a_thread_only_without_a_spare_core(threads):
+    """Reading in between, a pass keeps all torch's threads; a reader thread takes one of them while it runs
+    unless a core is left over for it, and it is given back when the reader closes."""
+    background = reads_in_background(torch.device("cpu"), threads, cpus())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loaded: list[int] = []
+
+        def load(job, meter, pin):
+            loaded.append(threading.get_ident())
+            return torch.full((2,), float(job))
+
+        with Prefetcher(range(3), load, torch.device("cpu"), Meter(None)) as rd:
+            assert rd.background == background
+            assert torch.get_num_threads() == (threads - 1 if background and 1 < threads >= cpus() else threads)
+            assert [(k, float(t[0])) for k, t in rd] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+        assert torch.get_num_threads() == threads
+        assert (threading.get_ident() in loaded) != background
+    finally:
+        torch.set_num_threads(before)

@@ -189,34 +189,43 @@ def test_a_parameter_larger_than_the_budget_is_named(run):
         compute_full_features(traj, H, budget=500_000)
 
 
-def test_reader_reads_the_next_stack_while_the_current_one_is_computed(run, monkeypatch):
+@pytest.mark.parametrize("background", [True, False])
+def test_reader_reads_the_next_stack_while_the_current_one_is_computed(run, monkeypatch, background):
+    """On a background thread, one stack ahead of the consumer; or in the consumer's thread (a CPU with few
+    threads), each stack when it is asked for. Either way in order, and a read's error reaches the consumer."""
     traj = load_full_trajectory(run, BASE)
     names = ["model.norm.weight"]
     started: list[int] = []
+    threads: set[int] = set()
     second = threading.Event()
     real = type(traj).read_into
 
     def spy(self, row, names_, out):
         started.append(row)
+        threads.add(threading.get_ident())
         if len(started) == 2:
             second.set()
         return real(self, row, names_, out)
 
     monkeypatch.setattr(type(traj), "read_into", spy)
     meter = Meter(None)
-    reader = Reader(traj, [(r, names) for r in (-1, 0, 1, 2)], (64, 1), torch.float32, torch.device("cpu"), meter)
+    reader = Reader(traj, [(r, names) for r in (-1, 0, 1, 2)], (64, 1), torch.float32, torch.device("cpu"), meter, background)
     it = iter(reader)
     row, t = next(it)
-    assert second.wait(5), "the reader did not prefetch while the consumer held the first stack"
+    if background:
+        assert second.wait(5), "the reader did not prefetch while the consumer held the first stack"
+    else:
+        assert started == [-1], "read ahead in the consumer's thread"
     assert row == -1 and torch.equal(t[0, :, 0], dense(run, names[0], -1).float())
     assert [r for r, _ in it] == [0, 1, 2]
     reader.close()
+    assert (threading.get_ident() in threads) != background
 
     def boom(self, row, names_, out):
         raise NextrapError("disk on fire")
 
     monkeypatch.setattr(type(traj), "read_into", boom)
-    reader = Reader(traj, [(0, names)], (64, 1), torch.float32, torch.device("cpu"), meter)
+    reader = Reader(traj, [(0, names)], (64, 1), torch.float32, torch.device("cpu"), meter, background)
     with pytest.raises(NextrapError, match="disk on fire"):
         list(reader)
     reader.close()

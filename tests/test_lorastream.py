@@ -256,8 +256,8 @@ print(json.dumps({"growth": max(fit_growth, status("VmHWM") - rss0), "accounted"
 REAL_BUDGET = 40_000_000
 REAL_ALLOWANCE = 12_000_000  # as for full-parameter runs: first use of LAPACK workspaces, Python objects, page granularity
 # The command's heap mode (``budget.heap_hygiene``) keeps freed pages inside the heap for the unit's next blocks, and
-# how many it holds at the peak depends on the reader thread's timing: growth 38-49 MB in 9 runs at this budget
-# (35-43 MB unaccounted-free with every block mapped). Its promise is this larger margin.
+# how many it holds at the peak depends on timing: growth 32-46 MB in 10 runs at this budget (35-43 MB with every
+# block mapped). Its promise is this larger margin.
 REUSE_ALLOWANCE = 20_000_000
 
 

@@ -113,8 +113,6 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     ranks = world(settings.device)  # under torchrun every streamed pass splits its units across the ranks
     traj = open_trajectory(ckpts, base, max_memory, settings.device, svd, max_gpu_memory)
     traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
-    # the inputs' fingerprints beside the feature pass, on the rank that writes the manifest
-    fingerprints = Background(traj.inputs if ranks.is_main else list)
     done = 0
 
     def on_units(k: int) -> None:
@@ -126,8 +124,16 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     # each row against its own D, which makes the series' alignment irrelevant to it.
     features = traj.features(horizon, progress=on_units)
     report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
-    inputs = fingerprints.result()
     seconds["features"] = time.perf_counter() - t0
+
+    # The inputs' fingerprints, on the rank that writes the manifest, after the feature pass rather than beside it:
+    # a hashing thread beside a pass's torch threads stalls each of their parallel operations while it holds a
+    # core (the 28-layer 7B-shaped feature pass at 2 threads: 59.6 s beside it, 29.6 s alone; benchmarks/RESULTS.md 4.4).
+    t0 = time.perf_counter()
+    report("sha256 of the inputs", 0, 1)
+    inputs = traj.inputs() if ranks.is_main else []
+    report("sha256 of the inputs", 1, 1)
+    seconds["inputs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     try:

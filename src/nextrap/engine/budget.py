@@ -8,7 +8,8 @@ For the process's real peak to follow the account, glibc must hand large blocks 
 freed (``heap_hygiene``): its default mmap threshold rises to the largest block freed (up to 32 MB), after which
 per-batch stacks come from the heap, which fragments and never shrinks (measured: 444 MB of real growth under a
 70 MB budget). ``Prefetcher`` reads the next batch's tensors on a background thread while the current one is
-computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream).
+computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream), or on a CPU with few
+threads in between.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence, TypeVar
 import torch
 
 from nextrap.core.errors import NextrapError
+from nextrap.runtime.process import cpus
 
 DEFAULT_MAX_MEMORY = "8GB"
 
@@ -105,19 +107,23 @@ def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
     every thread's arena (the full-parameter passes: row chunks of many shapes, which a heap would fragment;
     with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
     ``REUSE_BLOCKS`` (``lorastream``, where ``NEXTRAP_HEAP=reuse``, as the command sets it): blocks up to 32 MB
-    come from the heap, whose free top is returned at once (trim threshold 0) and the rest after each unit
-    (``trim_heap``), so the next checkpoint's stack and the next product's temporaries take pages the last ones
-    left inside the heap instead of mapping fresh ones, each of which faults on first touch (the LoRA passes,
-    whose stacks are at most 32 MB, ``lorastream.units``). Threads created from then on share one arena, so
-    that the reader thread's freed stacks serve the main thread's temporaries and the other way round (with an
-    arena each, the real-peak test's growth reached 60 MB at a 40 MB budget). Measured on
-    the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and 3.95 s of system time with every block
-    mapped, 0.59M and 1.9 s with these. The price: the real peak is less predictable (the real-peak test's
-    growth 38-49 MB at a 40 MB budget in 9 runs, against 35-43 MB with every block mapped)."""
+    come from the heap, which keeps up to two such blocks of free pages at its top (the trim threshold, twice the
+    mmap threshold in both modes) and the rest until the unit ends (``trim_heap``), so the next checkpoint's stack
+    and the next product's temporaries take pages the last ones left inside the heap instead of mapping fresh
+    ones, each of which faults on first touch (the LoRA passes, whose stacks are at most 32 MB,
+    ``lorastream.units``). With a trim threshold of 0 (or 32 MB), frees at the heap's top gave their pages back
+    and the next stack faulted them in again: reading the 28-layer 7B-shaped trajectory's factors unit by unit
+    took 7.0 s and 2.67M page faults as float32 (14.4 s as float64); it takes 3.2 s and 0.36M (4.5 s) now.
+    Threads created from then on share one arena, so that the reader thread's freed stacks serve the main
+    thread's temporaries and the other way round (with an arena each, the real-peak test's growth reached 60 MB
+    at a 40 MB budget). Measured on the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and 3.95 s of system time with every block
+    mapped, 0.59M and 1.9 s with a trim threshold of 0. The price: the real peak is less predictable (the
+    real-peak test's growth 32-46 MB at a 40 MB budget in 10 runs, against 35-43 MB with every block mapped;
+    32-55 MB when the heap never trimmed its top)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
-        libc.mallopt(_M_TRIM_THRESHOLD, 0 if mmap_above > MAP_EVERY_BLOCK else 2 * mmap_above)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_above)
         if mmap_above > MAP_EVERY_BLOCK:
             libc.mallopt(_M_ARENA_MAX, 1)
 
@@ -209,27 +215,47 @@ Job = TypeVar("Job")
 Load = Callable[[Any, Meter, bool], Any]  # (job, meter, pin) -> a tensor or a tuple of tensors, added to the meter
 
 
+# At most this many torch threads, taking every core of a CPU, a pass reads in between its computations
+INLINE_THREADS = 2
+
+
+def reads_in_background(device: torch.device, threads: int, cores: int) -> bool:
+    """Whether a pass should read on a thread of its own beside ``threads`` torch threads (``Prefetcher``): on a
+    GPU always; on the CPU when one of ``cores`` (``process.cpus``) is left over for it, or when there are enough
+    threads that lending one to the reader costs less than the reads (more than ``INLINE_THREADS``)."""
+    return device.type != "cpu" or threads < cores or threads > INLINE_THREADS
+
+
 class Prefetcher:
-    """Loads ``jobs`` in order on a background thread, one ahead of the consumer; iterating yields
-    (``key(job)``, item).
+    """Loads ``jobs`` in order, one ahead of the consumer on a background thread (or in the consumer's thread,
+    ``background``); iterating yields (``key(job)``, item).
 
     ``load(job, meter, pin)`` returns a tensor or a tuple of tensors (in pinned memory when ``pin``) and adds
     their bytes to ``meter``; the consumer subtracts them when it lets an item go.
 
-    On the CPU the consumer's torch threads leave the reader a core while it runs (one fewer, if more than one):
-    on 2 cores a fit with both for torch took 77.6 s and with one 69.3 s (benchmarks/RESULTS.md 4.3)."""
+    ``background`` (default ``reads_in_background``): where torch's threads take every core, a reader thread
+    costs the consumer one of them while it runs, since a reader beside as many compute threads as cores stalls
+    them (every parallel operation waits for the thread the reader preempted). On 2 cores, reading in the
+    consumer's thread with both threads for torch beats both (benchmarks/RESULTS.md 4.4: the 8-layer feature
+    pass in 7.8-8.5 s inline, 10.5-11.1 s beside a reader with one torch thread, 13.4 s beside a reader with
+    two): reading is a tenth of the feature pass, and the reader thread idles the rest."""
 
     def __init__(self, jobs: Sequence[Any], load: Load, device: torch.device, meter: Meter,
-                 key: Callable[[Any], Any] = lambda job: job):
+                 key: Callable[[Any], Any] = lambda job: job, background: bool | None = None):
         self.jobs, self.load, self.device, self.meter, self.key = list(jobs), load, device, meter, key
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
         self._threads = torch.get_num_threads()
-        if device.type == "cpu" and self._threads > 1:
-            torch.set_num_threads(self._threads - 1)
+        if background is None:
+            background = reads_in_background(device, self._threads, cpus())
+        self.background = background
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            if device.type == "cpu" and 1 < self._threads >= cpus():
+                torch.set_num_threads(self._threads - 1)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         cuda = self.device.type == "cuda"
@@ -264,6 +290,13 @@ class Prefetcher:
         return False
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if not self.background:
+            for job in self.jobs:
+                t0 = time.perf_counter()
+                item = self.load(job, self.meter, False)
+                self.waited += time.perf_counter() - t0
+                yield self.key(job), item
+            return
         for _ in self.jobs:
             t0 = time.perf_counter()
             ok, job, item, event = self._q.get()
@@ -285,8 +318,9 @@ class Prefetcher:
                     self.meter.sub(item_bytes(item))
             except queue.Empty:
                 break
-        self._thread.join()
-        torch.set_num_threads(self._threads)
+        if self._thread is not None:
+            self._thread.join()
+            torch.set_num_threads(self._threads)
 
     def __enter__(self) -> "Prefetcher":
         return self

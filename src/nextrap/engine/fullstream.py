@@ -43,12 +43,13 @@ def read_stack(traj: FullTrajectory, shape: tuple[int, int], dtype: torch.dtype,
 
 
 class Reader(Prefetcher):
-    """(row, names) stacks of a full trajectory read in order on a background thread, one ahead of the consumer;
-    iterating yields (row, stack)."""
+    """(row, names) stacks of a full trajectory read in order, one ahead of the consumer on a background thread or
+    in between (``Prefetcher``'s ``background``); iterating yields (row, stack)."""
 
     def __init__(self, traj: FullTrajectory, jobs: list[tuple[int, list[str]]], shape: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device, meter: Meter):
-        super().__init__(jobs, partial(read_stack, traj, shape, dtype), device, meter, key=lambda job: job[0])
+                 device: torch.device, meter: Meter, background: bool | None = None):
+        super().__init__(jobs, partial(read_stack, traj, shape, dtype), device, meter, key=lambda job: job[0],
+                         background=background)
 
 
 def native_bytes(shape: tuple[int, int]) -> int:

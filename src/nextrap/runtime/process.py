@@ -19,8 +19,11 @@ A program that imports nextrap as a library keeps Python's own handling (Keyboar
 Threads. torch's default intra-op thread count is the machine's physical cores, whatever this process may use.
 On an oversubscribed machine OpenMP's spinning threads then wait on each other: batched QR stalled up to 30 s per
 call (features 22-78 s instead of 0.8 s with one thread). The command runs torch on ``threads()`` threads, set as
-OMP_NUM_THREADS before torch loads, with OpenMP's threads waiting passively (OMP_WAIT_POLICY=PASSIVE). The count
-depends only on the machine, never on its load, so two runs on one machine compute bit for bit the same.
+OMP_NUM_THREADS before torch loads. The count depends only on the machine, never on its load, so two runs on one
+machine compute bit for bit the same. OpenMP's threads wait as libgomp does by default (spin briefly, then
+sleep): made to sleep at once (OMP_WAIT_POLICY=PASSIVE, which a user's environment may still set), they woke for
+each of the feature pass's thousands of parallel products, and the 8-layer 7B-shaped fit at 2 threads took
+23.3-27.8 s against 17.1-17.7 s (17.4-19.3 s spinning only, ACTIVE; benchmarks/RESULTS.md 4.4).
 """
 
 from __future__ import annotations
@@ -95,19 +98,27 @@ def at_import() -> None:
     if not is_command():
         return
     _handle(_exit_now)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it when torch loads it
     if os.environ.get(THREADS_ENV):
         os.environ["OMP_NUM_THREADS"] = os.environ[THREADS_ENV]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads()))
     os.environ.setdefault(HEAP_ENV, "reuse")
 
 
+def _affinity() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def cpus() -> int:
+    """Logical CPUs this process may run on: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    n = len(_affinity())
+    return max(1, min(n, _cpu_quota() or n))
+
+
 def threads() -> int:
     """Physical cores this process may run on: its CPU affinity, counting hyperthread siblings once, capped by
     a cgroup CPU quota (containers)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores = set()
-    for cpu in cpus:
+    for cpu in _affinity():
         try:
             cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
         except OSError:

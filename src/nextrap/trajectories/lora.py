@@ -17,7 +17,7 @@ from nextrap.writers.adapter import write_adapter
 from nextrap.engine.budget import chunk_bytes
 from nextrap.io.checkpoints import LoraTrajectory, load_trajectory, relative_name
 from nextrap.core.errors import NextrapError
-from nextrap.io.files import sha256
+from nextrap.io.files import sha256_all
 from nextrap.writers.merged import lora_deltas, write_merged
 from nextrap.io.hfmodel import DTYPE_BYTES, read_header, weight_map
 from nextrap.io.layouts import folder_bytes, trainer_layout, weight_dtypes
@@ -145,15 +145,13 @@ class LoraRun(LoraTrajectory, Trajectory):
     def inputs(self) -> list[dict[str, Any]]:
         """Every adapter's config and weights: size, sha256 (provenance), and the modification time with the moment
         it was seen, which lets ``extend`` skip hashing a file whose size and time are unchanged."""
-        out = []
-        for c in self.checkpoints:
-            files = []
-            for f in (c.path / "adapter_config.json", c.weights):
-                seen, st = time.time_ns(), f.stat()
-                files.append({"name": f.name, "bytes": st.st_size, "sha256": sha256(f), "mtime_ns": st.st_mtime_ns,
-                              "seen_ns": seen})
-            out.append({"step": c.step, "path": str(c.path.absolute()), "files": files})
-        return out
+        paths = [f for c in self.checkpoints for f in (c.path / "adapter_config.json", c.weights)]
+        seen = [(time.time_ns(), f.stat()) for f in paths]
+        digests = dict(zip(paths, sha256_all(paths, torch.get_num_threads())))
+        records = {f: {"name": f.name, "bytes": st.st_size, "sha256": digests[f], "mtime_ns": st.st_mtime_ns, "seen_ns": t}
+                   for f, (t, st) in zip(paths, seen)}
+        return [{"step": c.step, "path": str(c.path.absolute()),
+                 "files": [records[c.path / "adapter_config.json"], records[c.weights]]} for c in self.checkpoints]
 
     def report(self) -> dict[str, Any]:
         # the budget extend's writers keep, and the highest memory any streamed pass accounted
