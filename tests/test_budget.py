@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from nextrap.engine.budget import Meter, Prefetcher, device_budget, parse_size, reads_in_background
+from nextrap.engine.budget import Meter, Prefetcher, device_budget, parse_size, reads_in_background, spare_cores
 from nextrap.runtime.process import cpus
 
 
@@ -57,3 +57,9 @@ def test_a_pass_that_reads_beside_its_compute_lends_the_reader_a_thread_only_wit
         assert (threading.get_ident() in loaded) != background
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device, threads, cores, spare", [("cpu", 1, 2, 1), ("cpu", 2, 2, 0), ("cpu", 4, 2, 0),
+                                                           ("cpu", 2, 16, 14), ("cuda", 8, 16, 15), ("cuda", 1, 1, 0)])
+def test_a_side_thread_takes_only_the_cores_torch_leaves(device, threads, cores, spare):
+    assert spare_cores(torch.device(device), threads, cores) == spare

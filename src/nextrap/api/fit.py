@@ -24,7 +24,8 @@ from nextrap.methods import FITTED, METHODS, fit_models, load_models, save_model
 from nextrap.trajectories.opening import manifest_problem, open_trajectory, reopen
 from nextrap.methods.predictor import TrainSettings
 from nextrap.runtime.distributed import world
-from nextrap.runtime.process import Background
+from nextrap.engine.budget import spare_cores
+from nextrap.runtime.process import Background, cpus
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import Features
 
@@ -113,6 +114,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     ranks = world(settings.device)  # under torchrun every streamed pass splits its units across the ranks
     traj = open_trajectory(ckpts, base, max_memory, settings.device, svd, max_gpu_memory)
     traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
+    # The inputs' fingerprints, on the rank that writes the manifest: beside the feature pass on the cores torch
+    # leaves, else after it with every core (a hashing thread beside as many torch threads as cores stalled the
+    # 28-layer 7B-shaped feature pass at 2 threads from 29.6 s to 59.6 s; benchmarks/RESULTS.md 4.4).
+    spare = spare_cores(torch.device(settings.device), torch.get_num_threads(), cpus())
+    fingerprints = Background(traj.inputs, spare) if ranks.is_main and spare else None
     done = 0
 
     def on_units(k: int) -> None:
@@ -126,14 +132,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
     seconds["features"] = time.perf_counter() - t0
 
-    # The inputs' fingerprints, on the rank that writes the manifest, after the feature pass rather than beside it:
-    # a hashing thread beside a pass's torch threads stalls each of their parallel operations while it holds a
-    # core (the 28-layer 7B-shaped feature pass at 2 threads: 59.6 s beside it, 29.6 s alone; benchmarks/RESULTS.md 4.4).
     t0 = time.perf_counter()
     report("sha256 of the inputs", 0, 1)
-    inputs = traj.inputs() if ranks.is_main else []
+    inputs = fingerprints.result() if fingerprints else traj.inputs(cpus()) if ranks.is_main else []
     report("sha256 of the inputs", 1, 1)
-    seconds["inputs"] = time.perf_counter() - t0
+    seconds["inputs"] = time.perf_counter() - t0  # what the fit waited for them
 
     t0 = time.perf_counter()
     try:

@@ -219,11 +219,18 @@ Load = Callable[[Any, Meter, bool], Any]  # (job, meter, pin) -> a tensor or a t
 INLINE_THREADS = 2
 
 
+def spare_cores(device: torch.device, threads: int, cores: int) -> int:
+    """CPU cores a side thread may take without stalling ``threads`` torch threads: on a GPU all of ``cores``
+    (``process.cpus``) but one, on the CPU those torch leaves. A thread beside as many compute threads as cores
+    stalls every parallel operation it preempts (benchmarks/RESULTS.md 4.4)."""
+    return max(0, cores - (1 if device.type != "cpu" else threads))
+
+
 def reads_in_background(device: torch.device, threads: int, cores: int) -> bool:
     """Whether a pass should read on a thread of its own beside ``threads`` torch threads (``Prefetcher``): on a
-    GPU always; on the CPU when one of ``cores`` (``process.cpus``) is left over for it, or when there are enough
-    threads that lending one to the reader costs less than the reads (more than ``INLINE_THREADS``)."""
-    return device.type != "cpu" or threads < cores or threads > INLINE_THREADS
+    GPU always; on the CPU when a core is spare (``spare_cores``), or when there are enough threads that lending
+    one to the reader costs less than the reads (more than ``INLINE_THREADS``)."""
+    return device.type != "cpu" or spare_cores(device, threads, cores) > 0 or threads > INLINE_THREADS
 
 
 class Prefetcher:

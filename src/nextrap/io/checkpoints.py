@@ -4,8 +4,9 @@ A trajectory folder holds one PEFT adapter per saved step (``adapter_config.json
 ``adapter_model.safetensors`` or ``.bin``), directly or nested the way trainers lay them out (TRL
 ``checkpoint-120``, verl ``global_step_120/actor/lora_adapter``, OpenRLHF ``global_step120_hf``, ``step_120``,
 ``120``). verl's ``latest_checkpointed_iteration.txt`` marks its last complete save; later folders are partial
-saves and are skipped. Only headers are read up front; factors are read on demand with safetensors' lazy
-``safe_open`` (``.bin`` files with ``torch.load(weights_only=True)``), in any float dtype, upcast when used.
+saves and are skipped. Only headers are read up front (safetensors' lazy ``safe_open``); factors are read on
+demand straight into the passes' stacks (``tensorfile``; ``.bin`` files with ``torch.load(weights_only=True)``),
+in any float dtype, upcast when used.
 
 ``find_folders``, ``step_folders``, ``step_from_path`` and ``latest_iteration`` are shared with full-weight
 checkpoint discovery.
@@ -28,6 +29,7 @@ from safetensors import safe_open
 
 from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error
 from nextrap.io.files import OUTPUT_MARKER
+from nextrap.io.tensorfile import TensorFile
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -114,11 +116,22 @@ class LoraTrajectory:
         first = self.module(names[0])
         b = torch.empty(len(names), first.out_features, first.rank, dtype=dtype, pin_memory=pin)
         a = torch.empty(len(names), first.rank, first.in_features, dtype=dtype, pin_memory=pin)
-        with open_weights(ckpt.weights) as f:
-            for j, name in enumerate(names):
-                a_key, b_key = self._keys[name]
-                b[j].copy_(read_tensor(f, ckpt.weights, b_key))
-                a[j].copy_(read_tensor(f, ckpt.weights, a_key))
+        keys = [key for name in names for key in self._keys[name]]
+        tf = TensorFile(ckpt.weights) if ckpt.weights.suffix == ".safetensors" else None
+        if tf is not None and all(tf.stored(k) == dtype for k in keys):  # into the stacks (``tensorfile``)
+            with tf:
+                for j, name in enumerate(names):
+                    a_key, b_key = self._keys[name]
+                    tf.read_into(b_key, b[j])
+                    tf.read_into(a_key, a[j])
+        else:
+            if tf is not None:
+                tf.close()
+            with open_weights(ckpt.weights) as f:
+                for j, name in enumerate(names):
+                    a_key, b_key = self._keys[name]
+                    b[j].copy_(read_tensor(f, ckpt.weights, b_key))
+                    a[j].copy_(read_tensor(f, ckpt.weights, a_key))
         if not (all_finite(a) and all_finite(b)):
             raise NextrapError(f"{ckpt.weights}: LoRA factors contain NaN or Inf")
         return b, a

@@ -133,7 +133,7 @@ class FullRun(FullTrajectory, Trajectory):
                                f"{held / 1e6:.3g} MB of features and moves, more than the fit's --max-memory "
                                f"{self.budget / 1e6:.3g} MB; refit with a larger --max-memory")
 
-    def inputs(self) -> list[dict[str, Any]]:
+    def inputs(self, workers: int = 1) -> list[dict[str, Any]]:
         """Per checkpoint (and the base, step null): path and weight files with sizes and modification times."""
         out = [{"step": None, "path": str(self.base.absolute()), "files": _files(self.base, set(self.base_files.values()))}]
         for c in self.checkpoints:

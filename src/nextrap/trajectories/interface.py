@@ -126,8 +126,9 @@ class Trajectory(ABC):
         with several ``ranks`` (all writing into the same ``out``) this rank's share of the shards, rank 0 the rest."""
 
     @abstractmethod
-    def inputs(self) -> list[dict[str, Any]]:
-        """Per checkpoint the folder and its files' fingerprints, for the manifest (``fit.check_inputs``)."""
+    def inputs(self, workers: int = 1) -> list[dict[str, Any]]:
+        """Per checkpoint the folder and its files' fingerprints, for the manifest (``fit.check_inputs``), taken
+        on up to ``workers`` threads."""
 
     @abstractmethod
     def report(self) -> dict[str, Any]:

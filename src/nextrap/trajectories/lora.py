@@ -142,12 +142,12 @@ class LoraRun(LoraTrajectory, Trajectory):
                                    f"features and moves, more than the fit's --max-memory {self.budget / 1e6:.3g} MB; refit "
                                    "with a larger --max-memory")
 
-    def inputs(self) -> list[dict[str, Any]]:
+    def inputs(self, workers: int = 1) -> list[dict[str, Any]]:
         """Every adapter's config and weights: size, sha256 (provenance), and the modification time with the moment
         it was seen, which lets ``extend`` skip hashing a file whose size and time are unchanged."""
         paths = [f for c in self.checkpoints for f in (c.path / "adapter_config.json", c.weights)]
         seen = [(time.time_ns(), f.stat()) for f in paths]
-        digests = dict(zip(paths, sha256_all(paths, torch.get_num_threads())))
+        digests = dict(zip(paths, sha256_all(paths, workers)))
         records = {f: {"name": f.name, "bytes": st.st_size, "sha256": digests[f], "mtime_ns": st.st_mtime_ns, "seen_ns": t}
                    for f, (t, st) in zip(paths, seen)}
         return [{"step": c.step, "path": str(c.path.absolute()),
