@@ -3,7 +3,8 @@
 Parameters of one shape are processed in batches sized so that everything held at once (the batch's
 tensors, the prefetched next read, SVD workspace, the features being built) stays under ``--max-memory``.
 Tensors are read one at a time with ``safe_open``; a reader thread reads the next tensor stack while the current
-one is computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream).
+one is computed (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream), or, on a CPU whose
+few threads take every core, the stacks are read in between (``budget.Prefetcher``).
 
 Memory is *accounted*, not sampled (``budget``: the meter, batch sizing, glibc's heap hygiene, the reader
 thread), and each SVD adds a conservative estimate of LAPACK's workspace.
