@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
+from nextrap.engine import budget
 from nextrap.engine.budget import Meter, Prefetcher, device_budget, parse_size, reads_in_background, spare_cores
-from nextrap.runtime.process import cpus
 
 
 def _no_gpu() -> int:
@@ -35,11 +35,14 @@ def test_a_cpu_pass_reads_in_background_with_a_core_or_enough_threads_to_spare(t
     assert reads_in_background(torch.device("cuda"), threads, cores)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_a_pass_that_reads_beside_its_compute_lends_the_reader_a_thread_only_without_a_spare_core(threads):
+@pytest.mark.parametrize("threads, cores, background, while_reading", [(1, 2, True, 1), (2, 2, False, 2), (3, 2, True, 2),
+                                                                   (2, 4, True, 2), (4, 4, True, 3)])
+def test_a_pass_lends_its_reader_a_thread_only_without_a_spare_core(threads, cores, background, while_reading,
+                                                                    monkeypatch):
     """Reading in between, a pass keeps all torch's threads; a reader thread takes one of them while it runs
-    unless a core is left over for it, and it is given back when the reader closes."""
-    background = reads_in_background(torch.device("cpu"), threads, cpus())
+    unless a core is left over for it, and it is given back when the reader closes. Items the consumer never
+    took are released from the meter, in both modes."""
+    monkeypatch.setattr(budget, "cores", lambda: cores)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -47,14 +50,22 @@ def test_a_pass_that_reads_beside_its_compute_lends_the_reader_a_thread_only_wit
 
         def load(job, meter, pin):
             loaded.append(threading.get_ident())
-            return torch.full((2,), float(job))
+            item = torch.full((4,), float(job))
+            meter.add(item.numel() * item.element_size())
+            return item
 
-        with Prefetcher(range(3), load, torch.device("cpu"), Meter(None)) as rd:
+        meter = Meter(None)
+        with Prefetcher(range(3), load, torch.device("cpu"), meter) as rd:
             assert rd.background == background
-            assert torch.get_num_threads() == (threads - 1 if background and 1 < threads >= cpus() else threads)
+            assert torch.get_num_threads() == while_reading
             assert [(k, float(t[0])) for k, t in rd] == [(0, 0.0), (1, 1.0), (2, 2.0)]
         assert torch.get_num_threads() == threads
         assert (threading.get_ident() in loaded) != background
+        meter.sub(meter.held)
+        with Prefetcher(range(3), load, torch.device("cpu"), meter) as rd:
+            key, item = next(iter(rd))
+            meter.sub(item.numel() * item.element_size())  # the consumer lets the first item go, and stops
+        assert key == 0 and meter.held == 0
     finally:
         torch.set_num_threads(before)
 

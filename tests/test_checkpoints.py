@@ -181,3 +181,34 @@ def test_nextraps_own_outputs_inside_a_run_folder_are_not_checkpoints(tmp_path):
     jumped = write_adapter(tmp_path / "jumped", lora_tensors(5, TWO_MODULES), LORA_CONFIG)
     (jumped / OUTPUT_MARKER).write_text("{}")
     assert [c.step for c in discover(tmp_path)] == [1, 2]
+
+
+def test_factors_stored_as_the_stacks_are_read_straight_into_them_and_equal_the_safetensors_read(tmp_path, monkeypatch):
+    from nextrap.io import tensorfile
+    traj = load_trajectory(_traj(tmp_path / "run", ["step_1", "step_2"]))
+    names = [m.name for m in traj.modules[:1]]
+    direct: list[str] = []
+    real = tensorfile.TensorFile.read_into
+    monkeypatch.setattr(tensorfile.TensorFile, "read_into", lambda self, key, out: (direct.append(key), real(self, key, out))[1])
+    b32, a32 = traj.factors(1, names, torch.float32)  # stored float32: read into the stacks
+    assert sorted(direct) == sorted(traj.lora_keys(names[0]))
+    direct.clear()
+    b64, a64 = traj.factors(1, names, torch.float64)  # a conversion: through safe_open
+    assert direct == []
+    a_key, b_key = traj.lora_keys(names[0])
+    saved = lora_tensors(1, TWO_MODULES)
+    assert torch.equal(b32[0], saved[b_key]) and torch.equal(a32[0], saved[a_key])
+    assert torch.equal(b64[0], saved[b_key].double()) and torch.equal(a64[0], saved[a_key].double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factors_with_a_nan_are_refused_naming_the_file_on_either_read(tmp_path, dtype):
+    root = _traj(tmp_path / "run", ["step_1"])
+    tensors = lora_tensors(2, TWO_MODULES)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    write_adapter(root / "step_2", tensors, LORA_CONFIG)
+    traj = load_trajectory(root)
+    module = next(m.name for m in traj.modules if traj.lora_keys(m.name)[1] == key)
+    with pytest.raises(NextrapError, match=r"step_2/adapter_model\.safetensors: LoRA factors contain NaN or Inf"):
+        traj.factors(1, [module], dtype)

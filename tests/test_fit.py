@@ -1,5 +1,7 @@
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -127,3 +129,16 @@ def test_fit_only_some_methods(trajectory, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(NextrapError, match="--methods nope"):
         nextrap.fit(trajectory, out=tmp_path / "fit2", methods=("nope",))
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_the_inputs_fingerprints_are_the_files_hashed_beside_or_after_the_features(trajectory, tmp_path, monkeypatch, spare):
+    """Beside the feature pass where torch leaves a core, after it where it does not: the same records."""
+    import nextrap.api.fit as fit_module
+    monkeypatch.setattr(fit_module, "spare_cores", lambda *args: spare)
+    res = nextrap.fit(trajectory, out=tmp_path / "fit", methods=["linear"], run_backtest=False)
+    man = json.loads((tmp_path / "fit" / "manifest.json").read_text())
+    files = [(entry["path"], f) for entry in man["inputs"] for f in entry["files"]]
+    assert len(files) == 2 * len(man["steps"]) and "inputs" in res.seconds
+    for folder, f in files:
+        assert f["sha256"] == hashlib.sha256((Path(folder) / f["name"]).read_bytes()).hexdigest()

@@ -47,3 +47,12 @@ def test_a_signal_waits_for_the_end_of_a_deferred_block_and_is_remembered(monkey
     assert done == ["renamed"] and caught.value.signum == signal.SIGTERM
     with pytest.raises(Interrupted):  # swallowed since (safetensors turns it into its own error): raised again
         check_interrupted()
+
+
+@pytest.mark.parametrize("local_ranks, expected", [(None, 8), ("1", 8), ("2", 4), ("3", 2), ("16", 1)])
+def test_ranks_on_one_node_share_its_cores(local_ranks, expected, monkeypatch):
+    monkeypatch.setattr(process, "threads", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if local_ranks is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert process.cores() == expected

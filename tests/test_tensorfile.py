@@ -1,6 +1,7 @@
 """io/tensorfile: safetensors tensors read straight into a caller's tensor, and damaged files named."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -72,3 +73,34 @@ def test_a_damaged_header_is_one_line_naming_the_file(tmp_path):
 def test_a_missing_file_is_one_line(tmp_path):
     with pytest.raises(NextrapError, match="no-such.safetensors"):
         TensorFile(tmp_path / "no-such.safetensors")
+
+
+def test_a_file_rewritten_at_the_same_size_and_modification_time_is_read_anew(tmp_path):
+    """The header is cached per version of the file: a copy keeping the modification time (cp -p, rsync -a)
+    still changes the change time, so the tensors' new places are read, not the old ones."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(8), "b": torch.full((8,), 2.0)}, str(path))
+    with TensorFile(path) as tf:
+        out = torch.empty(8)
+        tf.read_into("a", out)
+    stamp = path.stat().st_mtime_ns
+    raw = path.read_bytes()
+    swapped = raw.replace(b'"a"', b'"c"').replace(b'"b"', b'"a"').replace(b'"c"', b'"b"')
+    assert len(swapped) == len(raw) and swapped != raw
+    path.write_bytes(swapped)
+    os.utime(path, ns=(stamp, stamp))
+    with TensorFile(path) as tf:
+        tf.read_into("a", out)
+    assert torch.equal(out, torch.full((8,), 2.0))
+
+
+@pytest.mark.parametrize("header", [[1, 2], {"a": {"dtype": "F32", "data_offsets": [0, 16]}},
+                                    {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}},
+                                    {"a": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}},
+                                    {"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}},
+                                    {"a": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}}])
+def test_a_header_without_valid_shapes_and_offsets_is_one_line(tmp_path, header):
+    path = tmp_path / "w.safetensors"
+    _raw(path, json.dumps(header).encode(), bytes(16))
+    with pytest.raises(NextrapError, match=r"w\.safetensors: (not a safetensors file|tensor a has no valid shape)"):
+        TensorFile(path)

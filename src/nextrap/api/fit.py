@@ -25,7 +25,7 @@ from nextrap.trajectories.opening import manifest_problem, open_trajectory, reop
 from nextrap.methods.predictor import TrainSettings
 from nextrap.runtime.distributed import world
 from nextrap.engine.budget import spare_cores
-from nextrap.runtime.process import Background, cpus
+from nextrap.runtime.process import Background, cores
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import Features
 
@@ -114,11 +114,12 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     ranks = world(settings.device)  # under torchrun every streamed pass splits its units across the ranks
     traj = open_trajectory(ckpts, base, max_memory, settings.device, svd, max_gpu_memory)
     traj.preflight(horizon, backtest=run_backtest)  # every pass fits the budget, before any reads
-    # The inputs' fingerprints, on the rank that writes the manifest: beside the feature pass on the cores torch
-    # leaves, else after it with every core (a hashing thread beside as many torch threads as cores stalled the
-    # 28-layer 7B-shaped feature pass at 2 threads from 29.6 s to 59.6 s; benchmarks/RESULTS.md 4.4).
-    spare = spare_cores(torch.device(settings.device), torch.get_num_threads(), cpus())
-    fingerprints = Background(traj.inputs, spare) if ranks.is_main and spare else None
+    # The inputs' fingerprints, on the rank that writes the manifest: beside the feature pass on one daemon thread
+    # (an error or interrupt never waits for it) where torch leaves a core, else after it with every core (a
+    # hashing thread beside as many torch threads as cores stalled the 28-layer 7B-shaped feature pass at 2
+    # threads from 29.6 s to 59.6 s; benchmarks/RESULTS.md 4.4).
+    beside = ranks.is_main and spare_cores(torch.device(settings.device), torch.get_num_threads(), cores()) > 0
+    fingerprints = Background(traj.inputs, 1) if beside else None
     done = 0
 
     def on_units(k: int) -> None:
@@ -133,9 +134,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     seconds["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    report("sha256 of the inputs", 0, 1)
-    inputs = fingerprints.result() if fingerprints else traj.inputs(cpus()) if ranks.is_main else []
-    report("sha256 of the inputs", 1, 1)
+    inputs: list[dict[str, Any]] = []
+    if ranks.is_main:
+        report("inputs' fingerprints", 0, 1)
+        inputs = fingerprints.result() if fingerprints else traj.inputs(cores())
+        report("inputs' fingerprints", 1, 1)
     seconds["inputs"] = time.perf_counter() - t0  # what the fit waited for them
 
     t0 = time.perf_counter()

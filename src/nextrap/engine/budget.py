@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence, TypeVar
 import torch
 
 from nextrap.core.errors import NextrapError
-from nextrap.runtime.process import cpus
+from nextrap.runtime.process import cores
 
 DEFAULT_MAX_MEMORY = "8GB"
 
@@ -108,7 +108,7 @@ def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
     with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
     ``REUSE_BLOCKS`` (``lorastream``, where ``NEXTRAP_HEAP=reuse``, as the command sets it): blocks up to 32 MB
     come from the heap, which keeps up to two such blocks of free pages at its top (the trim threshold, twice the
-    mmap threshold in both modes) and the rest until the unit ends (``trim_heap``), so the next checkpoint's stack
+    mmap threshold in both modes) and its other free pages, until the unit ends (``trim_heap`` returns them all), so the next checkpoint's stack
     and the next product's temporaries take pages the last ones left inside the heap instead of mapping fresh
     ones, each of which faults on first touch (the LoRA passes, whose stacks are at most 32 MB,
     ``lorastream.units``). With a trim threshold of 0 (or 32 MB), frees at the heap's top gave their pages back
@@ -221,7 +221,7 @@ INLINE_THREADS = 2
 
 def spare_cores(device: torch.device, threads: int, cores: int) -> int:
     """CPU cores a side thread may take without stalling ``threads`` torch threads: on a GPU all of ``cores``
-    (``process.cpus``) but one, on the CPU those torch leaves. A thread beside as many compute threads as cores
+    (``process.cores``) but one, on the CPU those torch leaves. A thread beside as many compute threads as cores
     stalls every parallel operation it preempts (benchmarks/RESULTS.md 4.4)."""
     return max(0, cores - (1 if device.type != "cpu" else threads))
 
@@ -244,8 +244,9 @@ class Prefetcher:
     costs the consumer one of them while it runs, since a reader beside as many compute threads as cores stalls
     them (every parallel operation waits for the thread the reader preempted). On 2 cores, reading in the
     consumer's thread with both threads for torch beats both (benchmarks/RESULTS.md 4.4: the 8-layer feature
-    pass in 7.8-8.5 s inline, 10.5-11.1 s beside a reader with one torch thread, 13.4 s beside a reader with
-    two): reading is a tenth of the feature pass, and the reader thread idles the rest."""
+    pass in 7.7-7.9 s inline, 11.2-11.5 s beside a reader with one torch thread, 12.8-13.8 s beside a reader
+    with two): reading is a tenth of the feature pass, and the reader thread idles the rest. A GPU always reads
+    on the thread (its copies to the device are made there)."""
 
     def __init__(self, jobs: Sequence[Any], load: Load, device: torch.device, meter: Meter,
                  key: Callable[[Any], Any] = lambda job: job, background: bool | None = None):
@@ -253,13 +254,14 @@ class Prefetcher:
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
         self._threads = torch.get_num_threads()
-        if background is None:
-            background = reads_in_background(device, self._threads, cpus())
+        n = cores()
+        if background is None or device.type != "cpu":
+            background = reads_in_background(device, self._threads, n)
         self.background = background
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if background:
-            if device.type == "cpu" and 1 < self._threads >= cpus():
+            if device.type == "cpu" and self._threads > 1 and not spare_cores(device, self._threads, n):
                 torch.set_num_threads(self._threads - 1)
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -318,16 +320,21 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        while True:  # release an item the consumer never took
+        self._release()
+        if self._thread is not None:
+            self._thread.join()
+            self._release()  # an item the reader put just before it saw the stop
+            torch.set_num_threads(self._threads)
+
+    def _release(self) -> None:
+        """Release the items the consumer never took."""
+        while True:
             try:
                 ok, _, item, _ = self._q.get_nowait()
                 if ok:
                     self.meter.sub(item_bytes(item))
             except queue.Empty:
                 break
-        if self._thread is not None:
-            self._thread.join()
-            torch.set_num_threads(self._threads)
 
     def __enter__(self) -> "Prefetcher":
         return self

@@ -5,8 +5,8 @@ A trajectory folder holds one PEFT adapter per saved step (``adapter_config.json
 ``checkpoint-120``, verl ``global_step_120/actor/lora_adapter``, OpenRLHF ``global_step120_hf``, ``step_120``,
 ``120``). verl's ``latest_checkpointed_iteration.txt`` marks its last complete save; later folders are partial
 saves and are skipped. Only headers are read up front (safetensors' lazy ``safe_open``); factors are read on
-demand straight into the passes' stacks (``tensorfile``; ``.bin`` files with ``torch.load(weights_only=True)``),
-in any float dtype, upcast when used.
+demand, straight into the passes' stacks where stored in the stacks' dtype (``tensorfile``), else through
+``safe_open`` (``.bin`` files with ``torch.load(weights_only=True)``), in any float dtype, upcast when used.
 
 ``find_folders``, ``step_folders``, ``step_from_path`` and ``latest_iteration`` are shared with full-weight
 checkpoint discovery.
@@ -14,10 +14,12 @@ checkpoint discovery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -117,21 +119,20 @@ class LoraTrajectory:
         b = torch.empty(len(names), first.out_features, first.rank, dtype=dtype, pin_memory=pin)
         a = torch.empty(len(names), first.rank, first.in_features, dtype=dtype, pin_memory=pin)
         keys = [key for name in names for key in self._keys[name]]
-        tf = TensorFile(ckpt.weights) if ckpt.weights.suffix == ".safetensors" else None
-        if tf is not None and all(tf.stored(k) == dtype for k in keys):  # into the stacks (``tensorfile``)
-            with tf:
+        # stored as the stacks are: read into them (``tensorfile``; safetensors' bytes are little-endian)
+        direct = ckpt.weights.suffix == ".safetensors" and sys.byteorder == "little"
+        with TensorFile(ckpt.weights) if direct else contextlib.nullcontext() as tf:
+            if tf is not None and all(tf.stored(k) == dtype for k in keys):
                 for j, name in enumerate(names):
                     a_key, b_key = self._keys[name]
                     tf.read_into(b_key, b[j])
                     tf.read_into(a_key, a[j])
-        else:
-            if tf is not None:
-                tf.close()
-            with open_weights(ckpt.weights) as f:
-                for j, name in enumerate(names):
-                    a_key, b_key = self._keys[name]
-                    b[j].copy_(read_tensor(f, ckpt.weights, b_key))
-                    a[j].copy_(read_tensor(f, ckpt.weights, a_key))
+            else:
+                with open_weights(ckpt.weights) as f:
+                    for j, name in enumerate(names):
+                        a_key, b_key = self._keys[name]
+                        b[j].copy_(read_tensor(f, ckpt.weights, b_key))
+                        a[j].copy_(read_tensor(f, ckpt.weights, a_key))
         if not (all_finite(a) and all_finite(b)):
             raise NextrapError(f"{ckpt.weights}: LoRA factors contain NaN or Inf")
         return b, a

@@ -297,8 +297,11 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_all(paths: Sequence[Path], workers: int = 1) -> list[str]:
-    """``sha256`` of each file, ``workers`` files at a time (hashlib and file reads release the GIL)."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    """``sha256`` of each file, ``workers`` files at a time (hashlib and file reads release the GIL); one worker
+    hashes in the calling thread (a pool's threads are joined at exit, so an error would wait for them)."""
+    if workers <= 1:
+        return [sha256(p) for p in paths]
+    with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(sha256, paths))
 
 

@@ -11,8 +11,8 @@ shapes, conversions, non-LoRA tensors, ``.bin`` files) stays with safetensors an
 
 from __future__ import annotations
 
-import functools
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,26 +33,35 @@ class _Entry:
     nbytes: int
 
 
-@functools.lru_cache(maxsize=512)
-def _header(path: str, size: int, mtime_ns: int) -> dict[str, _Entry]:
-    """The float tensors of the file at ``path`` (as it is at ``size`` and ``mtime_ns``: a changed file is read
-    again), checked against its size."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise NextrapError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise NextrapError(f"{path}: not a safetensors file (its header would end past the file's end)")
-        try:
-            meta = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
-            raise NextrapError(f"{path}: not a safetensors file (its header is not JSON)") from None
+MAX_HEADER = 100 << 20  # safetensors' own limit on a header's length
+
+
+def _parse(path: Path, f: BinaryIO, size: int) -> dict[str, _Entry]:
+    """The float tensors of the open file ``f`` of ``size`` bytes, checked against its size."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise NextrapError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, MAX_HEADER):
+        raise NextrapError(f"{path}: not a safetensors file (its header would end past the file's end)")
+    try:
+        meta = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError):
+        raise NextrapError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(meta, dict):
+        raise NextrapError(f"{path}: not a safetensors file (its header is not a JSON object)")
     entries = {}
     for key, info in meta.items():
         if key == "__metadata__" or not isinstance(info, dict) or info.get("dtype") not in TORCH_DTYPES:
             continue
-        dtype, shape, (begin, end) = TORCH_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+            if any(isinstance(d, (str, float)) for d in [*info["shape"], *info["data_offsets"]]):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise NextrapError(f"{path}: tensor {key} has no valid shape and data_offsets in its header") from None
+        dtype = TORCH_DTYPES[info["dtype"]]
         expected = dtype.itemsize * int(torch.Size(shape).numel())
         if end - begin != expected or begin < 0 or 8 + n + end > size:
             raise NextrapError(f"{path}: tensor {key}'s data offsets [{begin}, {end}] do not fit its shape "
@@ -61,17 +70,32 @@ def _header(path: str, size: int, mtime_ns: int) -> dict[str, _Entry]:
     return entries
 
 
+# A file's header parsed once per version of the file: its identity, size, and modification and change times
+# (the change time cannot be set back, as a copy keeping the modification time would set it).
+_HEADERS: dict[tuple[int, ...], dict[str, _Entry]] = {}
+_KEEP = 64  # headers kept (a 7B-shaped r 64 adapter's is ~150 KB): a few trajectories' checkpoints
+
+
 class TensorFile:
     """One safetensors file open for ``read_into``; use as a context manager."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            st = path.stat()
-            self.entries = _header(str(path), st.st_size, st.st_mtime_ns)
             self._file: BinaryIO = open(path, "rb", buffering=0)
         except OSError as e:
             raise os_error(e) from None
+        try:
+            st = os.fstat(self._file.fileno())
+            version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if version not in _HEADERS:
+                if len(_HEADERS) >= _KEEP:
+                    _HEADERS.pop(next(iter(_HEADERS)))
+                _HEADERS[version] = _parse(path, self._file, st.st_size)
+            self.entries = _HEADERS[version]
+        except BaseException:
+            self._file.close()
+            raise
 
     def stored(self, key: str) -> torch.dtype | None:
         """The dtype tensor ``key`` is stored in (None: no such float tensor)."""

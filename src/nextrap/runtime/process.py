@@ -108,10 +108,11 @@ def _affinity() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-def cpus() -> int:
-    """Logical CPUs this process may run on: its CPU affinity, capped by a cgroup CPU quota (containers)."""
-    n = len(_affinity())
-    return max(1, min(n, _cpu_quota() or n))
+def cores() -> int:
+    """This process's share of ``threads()``: under torchrun, the cores are shared by the node's ranks
+    (``LOCAL_WORLD_SIZE``). In physical cores, like torch's threads: a thread on a busy core's hyperthread
+    sibling slows that core's thread as one on the core itself would."""
+    return max(1, threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def threads() -> int:
