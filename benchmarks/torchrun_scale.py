@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of (1 process, 2 ranks)")
     ap.add_argument("--keep", action="store_true", help="keep the generated trajectory and fits")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of the one-process run (each rank gets 1: the node's cores shared by its ranks)")
     args = ap.parse_args()
 
     src = Path(__file__).resolve().parents[1] / "src"
@@ -81,7 +83,9 @@ def main() -> None:
         rows = []
         for _ in range(args.repeats):
             for ranks in (1, 2):
-                rows.append(fit(data, args.data / f"fit-{ranks}", ranks, args.max_memory, env))
+                threads = str(args.threads if ranks == 1 else 1)
+                rows.append(fit(data, args.data / f"fit-{ranks}", ranks, args.max_memory,
+                                {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "backtest"}), flush=True)
         same_bytes = (args.data / "fit-1" / "trajectory.safetensors").read_bytes() == \
             (args.data / "fit-2" / "trajectory.safetensors").read_bytes()
@@ -94,7 +98,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], args: argparse.Namespace, size: int, same_bytes: bool, same_backtest: bool) -> None:
     print(f"\n{args.layers} layers x {args.checkpoints} checkpoints, r {args.rank} ({gb(size)}), --methods {METHODS} "
-          f"--max-memory {args.max_memory}, backtest on\n")
+          f"--max-memory {args.max_memory}, backtest on; one process at {args.threads} thread(s), each rank at 1\n")
     print("| ranks | wall | CPU (all processes) | features | predictor | backtest | load before | load after |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
