@@ -74,3 +74,24 @@ def test_a_pass_lends_its_reader_a_thread_only_without_a_spare_core(threads, cor
                                                            ("cpu", 2, 16, 14), ("cuda", 8, 16, 15), ("cuda", 1, 1, 0)])
 def test_a_side_thread_takes_only_the_cores_torch_leaves(device, threads, cores, spare):
     assert spare_cores(torch.device(device), threads, cores) == spare
+
+
+def test_readers_closed_out_of_order_give_torch_back_all_its_threads(monkeypatch):
+    """Two readers at once (extend's prediction beside its writer) lend one thread in all, and torch has its
+    threads back when the last one closes, whichever closes first."""
+    monkeypatch.setattr(budget, "cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        def load(job, meter, pin):
+            return torch.zeros(1)
+
+        first = Prefetcher(range(2), load, torch.device("cpu"), Meter(None), background=True)
+        second = Prefetcher(range(2), load, torch.device("cpu"), Meter(None), background=True)
+        assert torch.get_num_threads() == 3
+        first.close()
+        assert torch.get_num_threads() == 3  # the second still reads
+        second.close()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

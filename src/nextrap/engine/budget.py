@@ -233,6 +233,34 @@ def reads_in_background(device: torch.device, threads: int, cores: int) -> bool:
     return device.type != "cpu" or spare_cores(device, threads, cores) > 0 or threads > INLINE_THREADS
 
 
+_LENDING = threading.Lock()
+_lent = [0, 0]  # readers holding a lent thread, torch's thread count before the first of them
+
+
+def _lend_thread() -> None:
+    """Take one of torch's threads for the readers: however many run at once (extend's prediction thread beside
+    its writer), one in all, given back when the last closes, so that closing out of order cannot leave torch
+    with fewer threads than it had."""
+    with _LENDING:
+        if _lent[0] == 0:
+            _lent[1] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _lent[1] - 1))
+        _lent[0] += 1
+
+
+def _torch_threads() -> int:
+    """torch's thread count, before any reader's lending."""
+    with _LENDING:
+        return _lent[1] if _lent[0] else torch.get_num_threads()
+
+
+def _return_thread() -> None:
+    with _LENDING:
+        _lent[0] -= 1
+        if _lent[0] == 0:
+            torch.set_num_threads(_lent[1])
+
+
 class Prefetcher:
     """Loads ``jobs`` in order, one ahead of the consumer on a background thread (or in the consumer's thread,
     ``background``); iterating yields (``key(job)``, item).
@@ -253,7 +281,8 @@ class Prefetcher:
         self.jobs, self.load, self.device, self.meter, self.key = list(jobs), load, device, meter, key
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
-        self._threads = torch.get_num_threads()
+        self._threads = _torch_threads()
+        self._lent = False
         n = cores()
         if background is None or device.type != "cpu":
             background = reads_in_background(device, self._threads, n)
@@ -262,7 +291,8 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         if background:
             if device.type == "cpu" and self._threads > 1 and not spare_cores(device, self._threads, n):
-                torch.set_num_threads(self._threads - 1)
+                _lend_thread()
+                self._lent = True
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
 
@@ -324,7 +354,9 @@ class Prefetcher:
         if self._thread is not None:
             self._thread.join()
             self._release()  # an item the reader put just before it saw the stop
-            torch.set_num_threads(self._threads)
+        if self._lent:
+            self._lent = False
+            _return_thread()
 
     def _release(self) -> None:
         """Release the items the consumer never took."""
