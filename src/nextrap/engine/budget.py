@@ -108,18 +108,18 @@ def heap_hygiene(mmap_above: int = MAP_EVERY_BLOCK) -> None:
     with glibc's adaptive threshold the same fit once grew past 400 MB at a 70 MB budget).
     ``REUSE_BLOCKS`` (``lorastream``, where ``NEXTRAP_HEAP=reuse``, as the command sets it): blocks up to 32 MB
     come from the heap, which keeps up to two such blocks of free pages at its top (the trim threshold, twice the
-    mmap threshold in both modes) and its other free pages, until the unit ends (``trim_heap`` returns them all), so the next checkpoint's stack
-    and the next product's temporaries take pages the last ones left inside the heap instead of mapping fresh
-    ones, each of which faults on first touch (the LoRA passes, whose stacks are at most 32 MB,
-    ``lorastream.units``). With a trim threshold of 0 (or 32 MB), frees at the heap's top gave their pages back
-    and the next stack faulted them in again: reading the 28-layer 7B-shaped trajectory's factors unit by unit
-    took 7.0 s and 2.67M page faults as float32 (14.4 s as float64); it takes 3.2 s and 0.36M (4.5 s) now.
+    mmap threshold in both modes) and its other free pages until the unit ends (``trim_heap`` returns them all),
+    so the next checkpoint's stack and the next product's temporaries take pages the last ones left inside the
+    heap instead of mapping fresh ones, each of which faults on first touch (the LoRA passes, whose stacks are at
+    most 32 MB, ``lorastream.units``). With a trim threshold of 0 (or 32 MB), frees at the heap's top gave their
+    pages back and the next stack faulted them in again: reading the 28-layer 7B-shaped trajectory's factors unit
+    by unit took 7.0 s and 2.67M page faults as float32 (14.4 s as float64); it takes 3.2 s and 0.36M (4.5 s) now.
     Threads created from then on share one arena, so that the reader thread's freed stacks serve the main
     thread's temporaries and the other way round (with an arena each, the real-peak test's growth reached 60 MB
-    at a 40 MB budget). Measured on the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and 3.95 s of system time with every block
-    mapped, 0.59M and 1.9 s with a trim threshold of 0. The price: the real peak is less predictable (the
-    real-peak test's growth 32-46 MB at a 40 MB budget in 10 runs, against 35-43 MB with every block mapped;
-    32-55 MB when the heap never trimmed its top)."""
+    at a 40 MB budget). Measured on the 8-layer 7B-shaped LoRA feature pass: 1.93M page faults and 3.95 s of
+    system time with every block mapped, 0.59M and 1.9 s with a trim threshold of 0. The price: the real peak is
+    less predictable (the real-peak test's growth 32-46 MB at a 40 MB budget in 10 runs, against 35-43 MB with
+    every block mapped; 32-55 MB when the heap never trimmed its top)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
@@ -281,16 +281,15 @@ class Prefetcher:
         self.jobs, self.load, self.device, self.meter, self.key = list(jobs), load, device, meter, key
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0  # seconds the consumer spent waiting for a read: I/O the compute did not hide
-        self._threads = _torch_threads()
-        self._lent = False
-        n = cores()
+        threads, n = _torch_threads(), cores()
         if background is None or device.type != "cpu":
-            background = reads_in_background(device, self._threads, n)
+            background = reads_in_background(device, threads, n)
         self.background = background
+        self._lent = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if background:
-            if device.type == "cpu" and self._threads > 1 and not spare_cores(device, self._threads, n):
+            if device.type == "cpu" and threads > 1 and not spare_cores(device, threads, n):
                 _lend_thread()
                 self._lent = True
             self._thread = threading.Thread(target=self._run, daemon=True)

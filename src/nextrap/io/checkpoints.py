@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error
 from nextrap.io.files import OUTPUT_MARKER
-from nextrap.io.tensorfile import TensorFile
+from nextrap.io.tensorfile import FLOAT_DTYPES, ST_DTYPES, TensorFile
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -222,11 +222,6 @@ def tensor_shape(f: Any, key: str) -> list[int]:
     return list(sl.get_shape()) if hasattr(sl, "get_shape") else list(sl.shape)
 
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' header names of the float dtypes torch reads
-ST_DTYPES = {  # torch dtype -> its safetensors header name
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def is_float(f: Any, key: str) -> bool:

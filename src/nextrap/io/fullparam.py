@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from nextrap.io.checkpoints import FLOAT_DTYPES, find_folders, open_weights, read_tensor, step_folders
+from nextrap.io.checkpoints import find_folders, open_weights, read_tensor, step_folders
+from nextrap.io.tensorfile import FLOAT_DTYPES
 from nextrap.core.errors import NextrapError
 from nextrap.io.hfmodel import INDEX, SINGLE, read_header, weight_map
 

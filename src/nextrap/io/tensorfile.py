@@ -22,7 +22,12 @@ import torch
 
 from nextrap.core.errors import NextrapError, os_error
 
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' header names of the float dtypes torch reads
+ST_DTYPES = {  # torch dtype -> its safetensors header name
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+TORCH_DTYPES = {name: dtype for dtype, name in ST_DTYPES.items() if name in FLOAT_DTYPES}  # read by ``read_into``
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,10 @@ def _parse(path: Path, f: BinaryIO, size: int) -> dict[str, _Entry]:
     if len(raw) < 8:
         raise NextrapError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", raw)
-    if n > min(size - 8, MAX_HEADER):
+    if n > size - 8:
         raise NextrapError(f"{path}: not a safetensors file (its header would end past the file's end)")
+    if n > MAX_HEADER:
+        raise NextrapError(f"{path}: not a safetensors file (its header of {n} bytes is past safetensors' 100 MB limit)")
     try:
         meta = json.loads(f.read(n))
     except (UnicodeDecodeError, ValueError):
@@ -54,14 +61,11 @@ def _parse(path: Path, f: BinaryIO, size: int) -> dict[str, _Entry]:
     for key, info in meta.items():
         if key == "__metadata__" or not isinstance(info, dict) or info.get("dtype") not in TORCH_DTYPES:
             continue
-        try:
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-            if any(isinstance(d, (str, float)) for d in [*info["shape"], *info["data_offsets"]]):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise NextrapError(f"{path}: tensor {key} has no valid shape and data_offsets in its header") from None
-        dtype = TORCH_DTYPES[info["dtype"]]
+        dims, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(dims, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(x) is int for x in [*dims, *offsets])):
+            raise NextrapError(f"{path}: tensor {key} has no valid shape and data_offsets in its header")
+        shape, (begin, end), dtype = tuple(dims), offsets, TORCH_DTYPES[info["dtype"]]
         expected = dtype.itemsize * int(torch.Size(shape).numel())
         if end - begin != expected or begin < 0 or 8 + n + end > size:
             raise NextrapError(f"{path}: tensor {key}'s data offsets [{begin}, {end}] do not fit its shape "

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from nextrap.io.checkpoints import ADAPTER_CONFIG, ST_DTYPES, LoraTrajectory, open_weights, relative_name
+from nextrap.io.checkpoints import ADAPTER_CONFIG, LoraTrajectory, open_weights, relative_name
+from nextrap.io.tensorfile import ST_DTYPES
 from nextrap.io.files import read_json, write_json
 from nextrap.writers.merged import write_safetensors
 from nextrap.engine.lorastream import fill_factors, move_rank

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nextrap.engine.budget import row_chunks
-from nextrap.io.checkpoints import ST_DTYPES, LoraModule, LoraTrajectory, all_finite, open_weights
+from nextrap.io.checkpoints import LoraModule, LoraTrajectory, all_finite, open_weights
+from nextrap.io.tensorfile import ST_DTYPES
 from nextrap.engine.lorastream import module_factors
 from nextrap.core.errors import NextrapError
 from nextrap.io.files import write_json
