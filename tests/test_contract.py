@@ -141,7 +141,10 @@ def test_projections_match_dense(case, features):
     got = case.traj.projections(directions, list(range(c + 1)))
     for name, (u, v) in directions.items():
         want = torch.stack([u @ case.delta(i, name) @ v for i in range(c + 1)])
-        assert torch.allclose(got[name].double(), want, rtol=1e-9, atol=1e-12), name
+        if case.traj.kind == "lora":  # float32 matrix-vector products of the factors (lorastream._project): 2.3e-7 measured
+            assert (got[name] - want).abs().max() <= 1e-6 * want.abs().max(), name
+        else:
+            assert torch.allclose(got[name].double(), want, rtol=1e-9, atol=1e-12), name
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import nextrap
 from conftest import LORA_CONFIG, REAL_PEAK_PREAMBLE, TRAJECTORY, dense_deltas, run_peak_script, write_adapter
 from nextrap.io.checkpoints import LoraTrajectory, load_trajectory, shape_groups
 from nextrap.core.errors import NextrapError
-from nextrap.engine.lorastream import LoraMove, feature_bytes, preflight
+from nextrap.engine.lorastream import LoraMove, feature_bytes, preflight, projections
 from nextrap.core.lowrank import top1_dense
 from nextrap.core.features import Features
 from nextrap.engine.lorafeatures import compute_features, pair_factors, stream_lora_features
@@ -137,6 +137,68 @@ def test_each_checkpoint_is_read_once_per_unit_and_only_its_modules(traj, monkey
     assert sorted(m for u in units for m in u) == sorted(m.name for m in traj.modules)  # every module in one unit
     for unit in units:
         assert [i for i, names in reads if names == unit] == list(range(len(traj.steps)))
+
+
+def test_the_feature_pass_projects_on_the_fold_starts_and_relex_reads_nothing_more(monkeypatch):
+    """``project``: the projected rows are read first, then every row once; ``projections`` on those rows'
+    stored directions (either joint sign) answers from memory, equal to a pass of its own; anything else streams."""
+    traj = load_trajectory(TRAJECTORY)  # a fresh object: nothing projected yet
+    n, budget = len(traj.steps), feature_bytes(traj) + 1_000_000
+    c = n - 1
+    reads: list[tuple[int, tuple[str, ...]]] = []
+    real = LoraTrajectory.factors
+
+    def spy(self, index, names, dtype=torch.float64, pin=False):
+        reads.append((index, tuple(names)))
+        return real(self, index, names, dtype, pin)
+
+    monkeypatch.setattr(LoraTrajectory, "factors", spy)
+    feats, _ = stream_lora_features(traj, H, budget=budget, max_batch=None, project=[c - H, c - H - 1])
+    units = list(dict.fromkeys(names for _, names in reads))
+    assert len(units) > 1
+    for unit in units:
+        assert [i for i, names in reads if names == unit] == [c - H - 1, c - H, *range(n)]
+    plain, _ = stream_lora_features(load_trajectory(TRAJECTORY), H, budget=budget, max_batch=None)
+    for key, t in plain.tensors.items():  # reading rows ahead changes no feature
+        torch.testing.assert_close(feats.tensors[key], t, rtol=0, atol=0, equal_nan=True, msg=key)
+
+    def directions(row: int, sign: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {m.name: (sign * feats.get(m.name, "global", "u")[row].double(), sign * feats.get(m.name, "global", "v")[row].double())
+                for m in traj.modules}
+
+    reads.clear()
+    for sign in (1.0, -1.0):
+        known = projections(traj, directions(c - H, sign), list(range(c - H + 1)), budget)
+        assert reads == []
+        fresh = projections(load_trajectory(TRAJECTORY), directions(c - H, sign), list(range(c - H + 1)), budget)
+        assert reads and all(torch.equal(known[m], fresh[m]) for m in known)
+        reads.clear()
+    dense = [dense_deltas(traj, i) for i in range(n)]
+    for row, rows in ((c, list(range(c + 1))), (c - H, list(range(c - H + 2)))):  # not projected; past the row
+        got = projections(traj, directions(row), rows, budget)
+        assert {i for i, _ in reads} == set(rows)
+        reads.clear()
+        for name, (u, v) in directions(row).items():
+            want = torch.stack([u @ dense[i][name] @ v for i in rows])
+            assert (got[name] - want).abs().max() <= 1e-6 * want.abs().max(), name
+
+
+def test_a_fits_relex_backtest_reads_no_checkpoint_beyond_the_feature_pass_and_its_terms(tmp_path, monkeypatch):
+    reads: dict[tuple[int, str], int] = {}
+    real = LoraTrajectory.factors
+
+    def spy(self, index, names, dtype=torch.float64, pin=False):
+        for name in names:
+            reads[index, name] = reads.get((index, name), 0) + 1
+        return real(self, index, names, dtype, pin)
+
+    monkeypatch.setattr(LoraTrajectory, "factors", spy)
+    res = nextrap.fit(TRAJECTORY, out=tmp_path / "fit", methods=("relex",), horizon=H, max_memory="2MB")
+    assert [b.method for b in res.backtest] == ["relex", "oracle-rank1"]
+    c = len(res.steps) - 1
+    # the fold's start twice in the feature pass (ahead, then in order) and once in the terms' pass (c - h -> c)
+    want = {i: 1 + (i == c - H) * 2 + (i == c) for i in range(c + 1)}
+    assert reads == {(i, m): k for i, k in want.items() for m in {name for _, name in reads}}
 
 
 def test_a_module_that_cannot_fit_is_named_before_anything_is_read(trajectory, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from nextrap.version import __version__
-from nextrap.methods.backtest import BacktestResult, backtest, max_folds
+from nextrap.methods.backtest import BacktestResult, backtest, fold_starts, max_folds
 from nextrap.io.checkpoints import find_folders, is_adapter, save_limit_hint
 from nextrap.core.errors import NextrapError, one_line_os_errors
 from nextrap.io.files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
@@ -128,8 +128,10 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         report("rank-1 features", done, len(traj.units))
 
     # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); next signs
-    # each row against its own D, which makes the series' alignment irrelevant to it.
-    features = traj.features(horizon, progress=on_units)
+    # each row against its own D, which makes the series' alignment irrelevant to it. relex projects every
+    # checkpoint up to each fold's start on that start's direction: the pass that reads them can (``project``).
+    project = fold_starts(len(traj.steps), horizon, backtest_folds) if run_backtest and "relex" in methods else []
+    features = traj.features(horizon, progress=on_units, project=project)
     report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
     seconds["features"] = time.perf_counter() - t0
 

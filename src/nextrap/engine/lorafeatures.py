@@ -5,7 +5,7 @@ checkpoints are streamed unit by unit under a memory budget, each read once (``l
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,9 +37,11 @@ def compute_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True
 
 def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = True, budget: int | None = DEFAULT_BUDGET,
                          progress: Progress | None = None, device: str = "cpu",
-                         max_batch: int | None = 64, names: list[str] | None = None) -> tuple[Features, StreamStats]:
+                         max_batch: int | None = 64, names: list[str] | None = None,
+                         project: Sequence[int] = ()) -> tuple[Features, StreamStats]:
     """``compute_features`` and what its pass measured (accounted peak, batches, reads); ``names``: the features
-    of these modules only (a rank's share under torchrun, ``LoraRun.features``)."""
+    of these modules only (a rank's share under torchrun, ``LoraRun.features``); ``project``: rows whose global
+    directions relex's projections are computed on in the same pass (``lorastream.stream_features``)."""
     n = len(traj.checkpoints)
     require_checkpoints(traj.root, [c.path for c in traj.checkpoints], horizon)
     tensors: dict[str, torch.Tensor] = {}
@@ -49,7 +51,7 @@ def stream_lora_features(traj: LoraTrajectory, horizon: int, sign_align: bool = 
             parts["u"], parts["v"] = align_signs(parts["u"], parts["v"])
         store_rows(tensors, names, kind, parts, n)
 
-    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch, names)
+    stats = stream_features(traj, horizon, sink, budget, device, progress, max_batch, names, project)
     return Features(traj.steps, horizon, sign_align, [m.name for m in traj.modules], tensors), stats
 
 

@@ -30,6 +30,7 @@ computed in each pass.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import weakref
 from collections.abc import Mapping
@@ -143,25 +144,35 @@ def _reader(traj: LoraTrajectory, rows: Sequence[int], names: list[str], device:
 
 def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int | None = None, device: str = "cpu",
                     progress: Callable[[int], None] | None = None, max_batch: int | None = None,
-                    names: Sequence[str] | None = None) -> StreamStats:
+                    names: Sequence[str] | None = None, project: Sequence[int] = ()) -> StreamStats:
     """Exact rank-1 features of every module's global, local and target deltas, unit by unit under ``budget``
     bytes; each unit's rows go to ``sink(names, kind, parts)`` (parts: sigma [b, rows], u [b, rows, m],
     v [b, rows, n] float32, raw SVD signs; energy for global; target rows only up to c - h). ``names``: only
-    these modules (a rank's share under torchrun)."""
-    n = len(traj.checkpoints)
+    these modules (a rank's share under torchrun).
+
+    ``project``: rows d whose global direction (u_d, v_d, as stored) relex will project every checkpoint i <= d
+    on (a backtest fold's start). Each unit reads those rows first, takes their global features, and computes
+    a_d[i] = s u_d^T B_i A_i v_d as the rows go by; ``projections`` then serves them without a pass of its own
+    (a read of the trajectory per fold, saved for the price of reading rows d twice)."""
+    n, project = len(traj.checkpoints), sorted(set(project))
     meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
     scratch = partial(_feature_scratch_bytes, rows=n, horizon=horizon)
+    kept = _projected(traj)
     for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch, FLOAT32):
         module = traj.module(names[0])
-        with meter.scratch(len(names) * scratch(module)), _reader(traj, range(n), names, dev, meter, FEATURE_DTYPE) as rd:
-            parts = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter)
+        with meter.scratch(len(names) * scratch(module)), _reader(traj, [*project, *range(n)], names, dev, meter, FEATURE_DTYPE) as rd:
+            parts, values = _unit_features(rd, traj.scales(names).to(dev), n, horizon, meter, project)
             stats.seconds_waiting += rd.waited
             for kind, p in parts.items():
                 sink(names, kind, p)
-            del parts
+            for d, a in values.items():
+                glob = parts["global"]
+                for j, name in enumerate(names):
+                    kept.setdefault(name, {})[_fingerprint(glob["u"][j, d], glob["v"][j, d])] = a[j].cpu()
+            del parts, values
         trim_heap()
         stats.batches += 1
-        stats.reads += n
+        stats.reads += n + len(project)
         if progress:
             progress(len(names))
     stats.peak = meter.peak
@@ -215,13 +226,17 @@ class _Work:
         return nbytes(self.db) + nbytes(self.da)
 
 
-def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter) -> dict[str, dict[str, torch.Tensor]]:
-    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1."""
+def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, meter: Meter,
+                   project: Sequence[int] = ()) -> tuple[dict[str, dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+    """The unit's rows of every kind, reading checkpoint after checkpoint and holding the last h + 1, and the
+    projections a_d [units, d + 1] (float64) on the global directions of rows ``project``, read first."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     held: dict[int, _Held] = {}
     s2 = (scale * scale)[:, None, None]
     work: _Work | None = None
-    for i, (b, a) in rd:
+    directions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (u_d, v_d) as stored, on the device
+    values: dict[int, torch.Tensor] = {}
+    for step, (i, (b, a)) in enumerate(rd):
         units_, m, r = b.shape
         if work is None:
             out = {kind: {"sigma": torch.zeros(units_, rows), "u": torch.zeros(units_, rows, m),
@@ -230,10 +245,20 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
             out["global"]["energy"] = torch.zeros(units_, n)
             work = _Work.like(b, a)
             meter.add(work.nbytes)
-        cur = held[i] = _Held(b, a, (b.mT @ b).double(), (a @ a.mT).double())
-        s, cu, cv = top1_gram(s2 * cur.gb, cur.ga)
-        _put(out["global"], i, s[..., 0], *_vectors(scale, [(b, cu)], [(a, cv)]))
-        out["global"]["energy"][:, i] = energy_of(s).float().cpu()
+        gb, ga = (b.mT @ b).double(), (a @ a.mT).double()
+        if step < len(project):  # a projected row, read ahead of the others: its global delta, then let go
+            _global_row(out["global"], i, b, a, gb, ga, scale, s2)
+            directions[i] = (out["global"]["u"][:, i].to(b.device), out["global"]["v"][:, i].to(b.device))
+            values[i] = torch.zeros(units_, i + 1, dtype=torch.float64, device=b.device)
+            meter.sub(nbytes(b) + nbytes(a))
+            del b, a
+            continue
+        cur = held[i] = _Held(b, a, gb, ga)
+        if i not in directions:
+            _global_row(out["global"], i, b, a, gb, ga, scale, s2)
+        for d, (u, v) in directions.items():
+            if i <= d:
+                values[d][:, i] = _project(b, a, scale, u, v)
         if i == 0:  # L_0 = W_0' - W_0: the first checkpoint's global delta
             for part in ("sigma", "u", "v"):
                 out["local"][part][:, 0] = out["global"][part][:, 0]
@@ -254,23 +279,41 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
         meter.sub(nbytes(h.b) + nbytes(h.a))
     if work is not None:
         meter.sub(work.nbytes)
+    return out, values
+
+
+def _global_row(rows: dict[str, torch.Tensor], i: int, b: torch.Tensor, a: torch.Tensor, gb: torch.Tensor,
+                ga: torch.Tensor, scale: torch.Tensor, s2: torch.Tensor) -> None:
+    """Row ``i`` of the global kind (G_i = s B_i A_i) from its Grams gb = B^T B, ga = A A^T."""
+    s, cu, cv = top1_gram(s2 * gb, ga)
+    _put(rows, i, s[..., 0], *_vectors(scale, [(b, cu)], [(a, cv)]))
+    rows["energy"][:, i] = energy_of(s).float().cpu()
+
+
+def _matvecs(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_t X_t c_t per module for terms [(X_t [units, p, q], c_t [units, q]), ...] (matrix-vector products in the
+    factors' dtype: the fastest way through their bytes; each added into the module's row in place, no term
+    stacked apart; module by module, so that a module's result does not depend on the unit it is read in)."""
+    mats = [(x, c.to(x.dtype)) for x, c in terms]
+    out = mats[0][0].new_zeros(mats[0][0].shape[:-1])
+    for x, c in mats:
+        for j, row in enumerate(out):
+            row.addmv_(x[j], c[j])
     return out
 
 
 def _vectors(scale: torch.Tensor, p: Sequence[tuple[torch.Tensor, torch.Tensor]],
              q: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """u = s sum_t X_t cu_t and v = sum_t Y_t^T cv_t per module, for p = [(X_t [units, m, r], cu_t [units, r]), ...],
-    q = [(Y_t [units, r, n], cv_t), ...] (matrix-vector products in the factors' dtype: the fastest way through
-    their bytes; each added into the module's row in place, no term stacked apart)."""
-    def times(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], transpose: bool) -> torch.Tensor:
-        mats = [(x.mT if transpose else x, c.to(x.dtype)) for x, c in terms]
-        out = mats[0][0].new_zeros(mats[0][0].shape[:-1])
-        for x, c in mats:
-            for j, row in enumerate(out):
-                row.addmv_(x[j], c[j])
-        return out
+    q = [(Y_t [units, r, n], cv_t), ...]."""
+    return scale[:, None] * _matvecs(p), _matvecs([(y.mT, c) for y, c in q])
 
-    return scale[:, None] * times(p, False), times(q, True)
+
+def _project(b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """a = s (u^T B)(A v) [units] float64 for factors b [units, m, r], a [units, r, n] and directions u [units, m],
+    v [units, n]: two matrix-vector products in the factors' dtype (float32: the directions are stored float32
+    features, so nothing is rounded but the sums, ~1e-7 relative), their r-term dot product in float64."""
+    return scale.double() * (_matvecs([(b.mT, u)]).double() * _matvecs([(a, v)]).double()).sum(-1)
 
 
 def _blocks(out: torch.Tensor, new: torch.Tensor, cross: torch.Tensor, old: torch.Tensor,
@@ -445,17 +488,45 @@ def combo(factors: Mapping[str, Factors], name: str, scale: float) -> Combo:
     return difference(factors.row, factors.ref, scale) + Combo({}, [factors.explicit[name]] if name in factors.explicit else [])
 
 
-_ROW_PRODUCTS: dict[int, dict[str, dict[tuple[int, int], torch.Tensor]]] = {}
+_KEPT: dict[tuple[str, int], dict] = {}
+
+
+def _kept(what: str, traj: LoraTrajectory) -> dict:
+    """A store of ``what`` for ``traj``, kept while the trajectory object lives (its checkpoints are read as they
+    were when it was loaded; a reloaded trajectory starts afresh)."""
+    key = (what, id(traj))
+    if key not in _KEPT:
+        _KEPT[key] = {}
+        weakref.finalize(traj, _KEPT.pop, key, None)
+    return _KEPT[key]
 
 
 def _row_products(traj: LoraTrajectory) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
-    """module -> {(i, j): <B_i A_i, B_j A_j>} of ``traj``, kept while the trajectory object lives (its checkpoints
-    are read as they were when it was loaded; a reloaded trajectory starts afresh)."""
-    key = id(traj)
-    if key not in _ROW_PRODUCTS:
-        _ROW_PRODUCTS[key] = {}
-        weakref.finalize(traj, _ROW_PRODUCTS.pop, key, None)
-    return _ROW_PRODUCTS[key]
+    """module -> {(i, j): <B_i A_i, B_j A_j>} of ``traj``."""
+    return _kept("row products", traj)
+
+
+def _projected(traj: LoraTrajectory) -> dict[str, dict[bytes, torch.Tensor]]:
+    """module -> {fingerprint of (u, v): [a_0, ..., a_d]}: the feature pass's projections (``stream_features``)."""
+    return _kept("projections", traj)
+
+
+def _fingerprint(u: torch.Tensor, v: torch.Tensor) -> bytes:
+    """The directions' float32 bytes, hashed: what a projection was computed with (held as a digest, not a copy)."""
+    h = hashlib.sha256()
+    for x in (u, v):
+        h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _known(kept: Mapping[bytes, torch.Tensor], u: torch.Tensor, v: torch.Tensor, rows: Sequence[int]) -> torch.Tensor | None:
+    """The projections on (u, v) (or on (-u, -v): the same numbers) at ``rows``, if the feature pass computed them."""
+    if not kept or not rows or min(rows) < 0:
+        return None
+    for key in (_fingerprint(u, v), _fingerprint(-u, -v)):
+        if key in kept and max(rows) < len(kept[key]):
+            return kept[key][list(rows)]
+    return None
 
 
 class _Inner:
@@ -550,18 +621,26 @@ def move_terms(traj: LoraTrajectory, moves: dict[str, Mapping[str, Factors]], fr
 
 def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: Sequence[int],
                 budget: int | None = None, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """a_i = u^T (s B_i A_i) v for every module in ``directions`` (or those of ``names``) and every checkpoint i in
-    ``rows``, streamed: one read of each checkpoint per unit, one checkpoint held at a time."""
+    """a_i = u^T (s B_i A_i) v (float64 [len(rows)]) for every module in ``directions`` (or those of ``names``) and
+    every checkpoint i in ``rows``, as the feature pass computed them where it did (``stream_features``'
+    ``project``), else streamed: one read of each checkpoint per unit, one checkpoint held at a time. Either way
+    from float32 factors and the directions rounded to float32 (``_project``: relex's are stored features)."""
+    kept = _projected(traj)
+    out: dict[str, torch.Tensor] = {}
+    for name in list(directions) if names is None else names:
+        known = _known(kept.get(name, {}), *directions[name], rows)
+        if known is not None:
+            out[name] = known
     held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = meter_for(budget, held)
-    out: dict[str, torch.Tensor] = {}
-    for unit in units(traj, list(directions) if names is None else names, 3, meter, "relex's projections"):
-        uv = [(directions[n][0].double(), directions[n][1].double()) for n in unit]
+    todo = [n for n in (list(directions) if names is None else names) if n not in out]
+    for unit in units(traj, todo, 3, meter, "relex's projections", itemsize=FLOAT32):
+        u, v = (torch.stack([directions[n][k] for n in unit]).to(FEATURE_DTYPE) for k in (0, 1))
         scale = traj.scales(unit)
         values = []
-        with _reader(traj, rows, unit, torch.device("cpu"), meter) as rd:
-            for _, (b, a) in rd:  # s (u^T B)(A v), module by module (matrix-vector products)
-                values.append(scale * torch.stack([torch.mv(b[j].mT, u) @ torch.mv(a[j], v) for j, (u, v) in enumerate(uv)]))
+        with _reader(traj, rows, unit, torch.device("cpu"), meter, FEATURE_DTYPE) as rd:
+            for _, (b, a) in rd:
+                values.append(_project(b, a, scale, u, v))
                 meter.sub(nbytes(b) + nbytes(a))
                 del b, a
         trim_heap()
@@ -588,7 +667,8 @@ def preflight(traj: LoraTrajectory, horizon: int, budget: int | None, backtest: 
         pass
     vectors = FLOAT64 * sum(m.out_features + m.in_features for m in traj.modules)
     later = resident_bytes(traj) + 4 * 4 * vectors + vectors
-    for rows, what in ((4, "the backtest"), (3, "next's held-out check"), (3, "relex's projections")):
+    for rows, what, itemsize in ((4, "the backtest", FLOAT64), (3, "next's held-out check", FLOAT64),
+                                 (3, "relex's projections", FLOAT32)):
         if backtest or what != "the backtest":
-            for _ in units(traj, None, rows, meter_for(budget, later), what):
+            for _ in units(traj, None, rows, meter_for(budget, later), what, itemsize=itemsize):
                 pass

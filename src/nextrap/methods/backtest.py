@@ -79,6 +79,12 @@ def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
     return max(0, c - h - earliest + 1)
 
 
+def fold_starts(n_rows: int, horizon: int, folds: int) -> list[int]:
+    """The rows the backtest's folds jump from: c - h, c - h - 1, ... (those that exist)."""
+    c = n_rows - 1
+    return [c - horizon - f for f in range(folds) if c - horizon - f >= 0]
+
+
 def backtest(features: Features, traj: Trajectory, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
              alpha: float = 1.0, folds: int = 1) -> list[BacktestResult]:
     """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...; each
@@ -88,7 +94,7 @@ def backtest(features: Features, traj: Trajectory, settings: TrainSettings, meth
     if available < 1:
         raise ValueError(f"backtest needs at least {2 * h + 1} checkpoints after the first move for horizon {h}; "
                          f"have {features.n_rows} in all")
-    starts = [c - h - f for f in range(min(folds, available))]
+    starts = fold_starts(features.n_rows, h, min(folds, available))
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
     for start in starts:
         past = features.truncate(start + 1)

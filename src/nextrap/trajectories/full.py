@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -70,7 +70,8 @@ class FullRun(FullTrajectory, Trajectory):
         return ranks, [p.name for p in ranks.mine([p for p in self.params if wanted is None or p.name in wanted],
                                                   cost=lambda p: p.numel)]
 
-    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
+    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False,
+                 project: Sequence[int] = ()) -> Features:
         # every rank computes its share of the parameters and gets all the rows: the features one process computes
         ranks, mine = self._share()
         features, stats = compute_full_features(self, horizon, svd=self.svd, budget=self.budget, device=self.device,

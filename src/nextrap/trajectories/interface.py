@@ -93,9 +93,12 @@ class Trajectory(ABC):
         """Raise now, before anything is read, when some pass a fit runs cannot fit the budget."""
 
     @abstractmethod
-    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
+    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False,
+                 project: Sequence[int] = ()) -> Features:
         """Rank-1 features of every unit's global, local and target deltas, streamed under ``budget``;
-        ``progress(k)`` after each k units."""
+        ``progress(k)`` after each k units. ``project``: rows whose global directions ``projections`` will be
+        asked for (the backtest folds' starts, for relex): an implementation may compute them in this pass and
+        answer from memory (LoRA does; a full-parameter pass does not, and ``projections`` streams)."""
 
     @abstractmethod
     def terms(self, moves: Mapping[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:

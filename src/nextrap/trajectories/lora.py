@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -69,11 +69,13 @@ class LoraRun(LoraTrajectory, Trajectory):
         ranks, wanted = world(self.device), None if names is None else set(names)
         return ranks, [m.name for m in ranks.mine([m for m in self.modules if wanted is None or m.name in wanted], cost=factor_bytes)]
 
-    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False) -> Features:
-        # every rank computes its share of the modules and gets all the rows: the features one process computes
+    def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False,
+                 project: Sequence[int] = ()) -> Features:
+        # every rank computes its share of the modules and gets all the rows: the features one process computes; the
+        # projections on rows ``project`` stay with the rank that computed them, which ``projections`` asks first
         ranks, mine = self._share()
         features, stats = stream_lora_features(self, horizon, sign_align=sign_align, budget=self.budget, progress=progress,
-                                               device=self.device, max_batch=None, names=mine)
+                                               device=self.device, max_batch=None, names=mine, project=project)
         self.feature_batches = stats.batches
         return replace(features, tensors=ranks.merge(features.tensors))
 
