@@ -358,6 +358,36 @@ def test_relex_streams_its_projections_and_next_keeps_the_straight_line(run, ful
         assert torch.equal(written["model.norm.weight"], _state(run / f"step_{STEPS[c]}")["model.norm.weight"]) == (method == "relex")
 
 
+def test_the_feature_pass_projects_on_a_fold_start_and_relex_then_reads_nothing(run, exact, monkeypatch):
+    """``project``: the features are those of a pass without it; the projections on row d's stored directions come
+    from memory, equal to a pass of their own; other rows stream."""
+    from nextrap.engine.fullmoves import projections
+
+    traj = load_full_trajectory(run, BASE)
+    c = len(STEPS) - 1
+    reads: list[int] = []
+    real = type(traj).read_into
+
+    def spy(self, row, names_, out):
+        reads.append(row)
+        return real(self, row, names_, out)
+
+    monkeypatch.setattr(type(traj), "read_into", spy)
+    feats, _ = compute_full_features(traj, H, svd="exact", budget=BUDGET, project=[c - H])
+    for key, t in exact[0].tensors.items():
+        torch.testing.assert_close(feats.tensors[key], t, rtol=0, atol=0, equal_nan=True, msg=key)
+    directions = {p.name: (feats.get(p.name, "global", "u")[c - H].double(), feats.get(p.name, "global", "v")[c - H].double())
+                  for p in traj.params if not p.is_vector}
+    reads.clear()
+    known = projections(traj, directions, list(range(c - H + 1)), BUDGET)
+    assert reads == [] and set(known) == set(directions)
+    fresh = projections(load_full_trajectory(run, BASE), directions, list(range(c - H + 1)), BUDGET)
+    assert reads and all(torch.equal(known[n], fresh[n]) for n in known)
+    reads.clear()
+    projections(traj, directions, list(range(c - H + 2)), BUDGET)  # past the projected row: streamed
+    assert set(reads) == {-1, *range(c - H + 2)}
+
+
 def test_extend_refuses_non_finite_weights_and_leaves_nothing(full_fit, tmp_path):
     import nextrap
 

@@ -16,7 +16,8 @@ import torch
 from nextrap.io.fullparam import FullTrajectory
 from nextrap.core.moves import Jump
 from nextrap.engine.budget import Meter, StreamStats, chunk_bytes, heap_hygiene, nbytes, row_chunks, trim_heap
-from nextrap.engine.fullstream import FEATURE_STACKS, Reader, batches, feature_bytes, selected
+from nextrap.engine.fullstream import FEATURE_STACKS, Reader, batches, feature_bytes, project_matrix, selected
+from nextrap.engine.projected import recall
 
 STACK_DTYPE = torch.float32
 _ITEMSIZE = 4
@@ -131,12 +132,17 @@ def jumped_bytes(traj: FullTrajectory, itemsize: dict[str, int], budget: int | N
 def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int],
                 budget: int | None = None, device: str = "cpu", names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """a_i = u^T (W_i - W_0) v for every matrix parameter in ``directions`` (or in ``names`` too) and every row in
-    ``rows``, streamed: the projections relex fits its line to (one read of each row, nothing dense kept)."""
-    params = [p for p in selected(traj.params, names) if p.name in directions and not p.is_vector]
+    ``rows``: the projections relex fits its line to, as the feature pass computed them where it did
+    (``compute_full_features``' ``project``), else streamed (one read of each row, nothing dense kept)."""
+    out: dict[str, torch.Tensor] = {}
+    for p in selected(traj.params, names):
+        known = recall(traj, p.name, *directions[p.name], rows) if p.name in directions else None
+        if known is not None:
+            out[p.name] = known
+    params = [p for p in selected(traj.params, names) if p.name in directions and not p.is_vector and p.name not in out]
     held = sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = _pass_meter(traj, budget, held)
     scratch = partial(chunk_bytes, budget=budget)
-    out: dict[str, torch.Tensor] = {}
     for batch in batches(params, _PROJECTION_STACKS, _ITEMSIZE, meter, scratch=scratch):
         batch_names = [p.name for p in batch]
         shape = batch[0].matrix_shape
@@ -145,7 +151,7 @@ def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, 
         try:
             with meter.scratch(scratch(shape)):
                 for _, w in reader:
-                    values.append(torch.stack([_project(w[i], *directions[n], shape, budget) for i, n in enumerate(batch_names)]))
+                    values.append(torch.stack([project_matrix(w[i], *directions[n], budget) for i, n in enumerate(batch_names)]))
                     meter.sub(nbytes(w))
                     del w
         finally:
@@ -155,12 +161,6 @@ def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, 
         a = torch.stack(values[1:], 1) - values[0][:, None]
         out.update({n: a[i] for i, n in enumerate(batch_names)})
     return out
-
-
-def _project(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, shape: tuple[int, int], budget: int | None) -> torch.Tensor:
-    """u^T w v in float64, accumulated over row chunks."""
-    u, v = u.double(), v.double()
-    return sum((u[rs] @ (w[rs].double() @ v) for rs in row_chunks(shape, budget)), torch.zeros((), dtype=torch.float64))
 
 
 def preflight(traj: FullTrajectory, budget: int | None, svd: str, backtest: bool) -> None:

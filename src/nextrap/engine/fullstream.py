@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
+from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, row_chunks, sized_batches, trim_heap
+from nextrap.engine.projected import remember
 from nextrap.io.checkpoints import require_checkpoints
 from nextrap.core.errors import NextrapError
 from nextrap.io.fullparam import FullTrajectory, Param
@@ -111,11 +112,17 @@ def feature_bytes(traj: FullTrajectory) -> int:
 
 def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact", budget: int | None = None,
                           device: str = "cpu", sign_align: bool = True, dtype: torch.dtype = torch.float32,
-                          progress: Callable[[int], None] | None = None,
-                          names: Sequence[str] | None = None) -> tuple[Features, StreamStats]:
+                          progress: Callable[[int], None] | None = None, names: Sequence[str] | None = None,
+                          project: Sequence[int] = ()) -> tuple[Features, StreamStats]:
     """Rank-1 features of every parameter's (or only those of ``names``: a rank's share under torchrun) global,
     local and target deltas (raw vectors for 1-D parameters), streamed under ``budget`` bytes. A parameter's
-    features do not depend on the batch it was computed in."""
+    features do not depend on the batch it was computed in.
+
+    ``project``: rows d whose global direction (u_d, v_d, as stored) relex will project every row i <= d on (the
+    backtest folds' starts). A batch reads those rows right after the base and takes their global features
+    (the same numbers the in-order pass would, which then skips them), and projects every row as it comes
+    (``project_matrix``, as ``fullmoves.projections`` does), kept for it (``projected.remember``): one read of
+    rows d more, instead of a pass over rows 0..d per fold."""
     if svd not in SVD_MODES:
         raise NextrapError(f"--svd {svd}: use exact or fast")
     n = len(traj.checkpoints)
@@ -125,16 +132,22 @@ def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact"
     meter.add(feature_bytes(traj))
     tensors: dict[str, torch.Tensor] = {}
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    project = sorted(set(project))
     for batch in batches(selected(traj.params, names), FEATURE_STACKS, itemsize, meter, svd):
         names = [p.name for p in batch]
-        jobs = [(-1, names)] + [(r, names) for i in range(n) for r in ((i, i + horizon) if i + horizon < n else (i,))]
+        ahead = [] if batch[0].is_vector else project  # a 1-D parameter has no direction
+        jobs = ([(-1, names)] + [(d, names) for d in ahead]
+                + [(r, names) for i in range(n) for r in ((i, i + horizon) if i + horizon < n else (i,))])
         reader = Reader(traj, jobs, batch[0].matrix_shape, dtype, dev, meter)
         try:
-            rows = _feature_rows(iter(reader), n, horizon, svd, batch[0].is_vector, meter, stats)
+            rows, values = _feature_rows(iter(reader), n, horizon, svd, batch[0].is_vector, meter, stats, ahead, budget)
         finally:
             reader.close()
             stats.seconds_waiting += reader.waited
         _store(tensors, names, rows, n, sign_align, batch[0].is_vector)
+        for d, a in values.items():
+            for j, name in enumerate(names):
+                remember(traj, name, rows["global"][d].u[j], rows["global"][d].v[j], a[j])
         trim_heap()
         stats.batches += 1
         stats.reads += len(jobs)
@@ -145,15 +158,28 @@ def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact"
 
 
 def _feature_rows(stacks: Iterator[tuple[int, torch.Tensor]], n: int, horizon: int, svd: str, vector: bool,
-                  meter: Meter, stats: StreamStats) -> dict[str, list]:
-    """Consume base, then (W_i, W_{i+h}) for each row i; returns per kind a list of per-row results."""
+                  meter: Meter, stats: StreamStats, project: Sequence[int] = (),
+                  budget: int | None = None) -> tuple[dict[str, list], dict[int, torch.Tensor]]:
+    """Consume base, the rows ``project``, then (W_i, W_{i+h}) for each row i; returns per kind a list of per-row
+    results, and per projected row d the projections a_d [b, d + 1] (float64, on the CPU)."""
     out: dict[str, list] = {k: [] for k in KINDS}
     _, w0 = next(stacks)
+    early: dict[int, Rank1] = {}
+    for d in project:
+        _, wd = next(stacks)
+        early[d] = _reduce(wd - w0, svd, vector, meter, stats)
+        meter.sub(nbytes(wd))
+        del wd
+    base = {d: _projections(w0, r1, budget) for d, r1 in early.items()}  # u_d^T W_0 v_d
+    values = {d: torch.zeros(w0.shape[0], d + 1, dtype=torch.float64) for d in early}
     prev = w0
     for i in range(n):
         _, cur = next(stacks)
-        for kind, other in (("global", w0), ("local", prev)):
-            out[kind].append(_reduce(cur - other, svd, vector, meter, stats))
+        out["global"].append(early[i] if i in early else _reduce(cur - w0, svd, vector, meter, stats))
+        out["local"].append(_reduce(cur - prev, svd, vector, meter, stats))
+        for d, r1 in early.items():
+            if i <= d:  # u^T W_i v - u^T W_0 v, as fullmoves.projections subtracts them
+                values[d][:, i] = _projections(cur, r1, budget) - base[d]
         if i + horizon < n:
             _, fut = next(stacks)
             out["target"].append(_reduce(fut - cur, svd, vector, meter, stats))
@@ -163,7 +189,19 @@ def _feature_rows(stacks: Iterator[tuple[int, torch.Tensor]], n: int, horizon: i
             meter.sub(nbytes(prev))
         prev = cur
     meter.sub(nbytes(prev) + nbytes(w0))
-    return out
+    return out, values
+
+
+def _projections(w: torch.Tensor, r1: Rank1, budget: int | None) -> torch.Tensor:
+    """u^T w v per parameter of a stack w [b, m, n] on its (stored, float32) directions r1.u [b, m], r1.v [b, n]."""
+    return torch.stack([project_matrix(w[j], r1.u[j], r1.v[j], budget) for j in range(w.shape[0])]).cpu()
+
+
+def project_matrix(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, budget: int | None) -> torch.Tensor:
+    """u^T w v in float64, accumulated over row chunks (``row_chunks``: the float64 copy of a chunk stays small)."""
+    u, v = u.double().to(w.device), v.double().to(w.device)
+    return sum((u[rs] @ (w[rs].double() @ v) for rs in row_chunks(tuple(w.shape), budget)),
+               torch.zeros((), dtype=torch.float64, device=w.device))
 
 
 def _reduce(delta: torch.Tensor, svd: str, vector: bool, meter: Meter, stats: StreamStats):

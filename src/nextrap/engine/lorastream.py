@@ -30,9 +30,7 @@ computed in each pass.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from nextrap.engine.projected import recall, remember, store
 from nextrap.engine.budget import MAP_EVERY_BLOCK, REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
 from nextrap.runtime.process import HEAP_ENV
@@ -157,7 +156,6 @@ def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int 
     n, project = len(traj.checkpoints), sorted(set(project))
     meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
     scratch = partial(_feature_scratch_bytes, rows=n, horizon=horizon)
-    kept = _projected(traj)
     for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch, FLOAT32):
         module = traj.module(names[0])
         with meter.scratch(len(names) * scratch(module)), _reader(traj, [*project, *range(n)], names, dev, meter, FEATURE_DTYPE) as rd:
@@ -166,9 +164,8 @@ def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int 
             for kind, p in parts.items():
                 sink(names, kind, p)
             for d, a in values.items():
-                glob = parts["global"]
                 for j, name in enumerate(names):
-                    kept.setdefault(name, {})[_fingerprint(glob["u"][j, d], glob["v"][j, d])] = a[j].cpu()
+                    remember(traj, name, parts["global"]["u"][j, d], parts["global"]["v"][j, d], a[j])
             del parts, values
         trim_heap()
         stats.batches += 1
@@ -488,45 +485,9 @@ def combo(factors: Mapping[str, Factors], name: str, scale: float) -> Combo:
     return difference(factors.row, factors.ref, scale) + Combo({}, [factors.explicit[name]] if name in factors.explicit else [])
 
 
-_KEPT: dict[tuple[str, int], dict] = {}
-
-
-def _kept(what: str, traj: LoraTrajectory) -> dict:
-    """A store of ``what`` for ``traj``, kept while the trajectory object lives (its checkpoints are read as they
-    were when it was loaded; a reloaded trajectory starts afresh)."""
-    key = (what, id(traj))
-    if key not in _KEPT:
-        _KEPT[key] = {}
-        weakref.finalize(traj, _KEPT.pop, key, None)
-    return _KEPT[key]
-
-
 def _row_products(traj: LoraTrajectory) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
-    """module -> {(i, j): <B_i A_i, B_j A_j>} of ``traj``."""
-    return _kept("row products", traj)
-
-
-def _projected(traj: LoraTrajectory) -> dict[str, dict[bytes, torch.Tensor]]:
-    """module -> {fingerprint of (u, v): [a_0, ..., a_d]}: the feature pass's projections (``stream_features``)."""
-    return _kept("projections", traj)
-
-
-def _fingerprint(u: torch.Tensor, v: torch.Tensor) -> bytes:
-    """The directions' float32 bytes, hashed: what a projection was computed with (held as a digest, not a copy)."""
-    h = hashlib.sha256()
-    for x in (u, v):
-        h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.digest()
-
-
-def _known(kept: Mapping[bytes, torch.Tensor], u: torch.Tensor, v: torch.Tensor, rows: Sequence[int]) -> torch.Tensor | None:
-    """The projections on (u, v) (or on (-u, -v): the same numbers) at ``rows``, if the feature pass computed them."""
-    if not kept or not rows or min(rows) < 0:
-        return None
-    for key in (_fingerprint(u, v), _fingerprint(-u, -v)):
-        if key in kept and max(rows) < len(kept[key]):
-            return kept[key][list(rows)]
-    return None
+    """module -> {(i, j): <B_i A_i, B_j A_j>} of ``traj`` (``projected.store``)."""
+    return store("row products", traj)
 
 
 class _Inner:
@@ -625,10 +586,9 @@ def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, 
     every checkpoint i in ``rows``, as the feature pass computed them where it did (``stream_features``'
     ``project``), else streamed: one read of each checkpoint per unit, one checkpoint held at a time. Either way
     from float32 factors and the directions rounded to float32 (``_project``: relex's are stored features)."""
-    kept = _projected(traj)
     out: dict[str, torch.Tensor] = {}
     for name in list(directions) if names is None else names:
-        known = _known(kept.get(name, {}), *directions[name], rows)
+        known = recall(traj, name, *directions[name], rows)
         if known is not None:
             out[name] = known
     held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -64,18 +64,17 @@ class FullRun(FullTrajectory, Trajectory):
     def preflight(self, horizon: int, backtest: bool) -> None:
         preflight(self, self.budget, self.svd, backtest)
 
-    def _share(self, names: Iterable[str] | None = None) -> tuple[World, list[str]]:
-        """This rank's parameters (of ``names``, else all) under torchrun, balanced by their size."""
-        ranks, wanted = world(self.device), None if names is None else set(names)
-        return ranks, [p.name for p in ranks.mine([p for p in self.params if wanted is None or p.name in wanted],
-                                                  cost=lambda p: p.numel)]
+    def _share(self) -> tuple[World, list[str]]:
+        """This rank's parameters under torchrun, balanced by their size: the same split for every pass."""
+        ranks = world(self.device)
+        return ranks, [p.name for p in ranks.mine(self.params, cost=lambda p: p.numel)]
 
     def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False,
                  project: Sequence[int] = ()) -> Features:
         # every rank computes its share of the parameters and gets all the rows: the features one process computes
         ranks, mine = self._share()
         features, stats = compute_full_features(self, horizon, svd=self.svd, budget=self.budget, device=self.device,
-                                                sign_align=sign_align, progress=progress, names=mine)
+                                                sign_align=sign_align, progress=progress, names=mine, project=project)
         stats.sigma_error_max = max(ranks.gather(stats.sigma_error_max))
         self.stats = [stats]
         return replace(features, tensors=ranks.merge(features.tensors))
@@ -87,8 +86,8 @@ class FullRun(FullTrajectory, Trajectory):
         return pooled_terms(per_param, [p.name for p in self.params], moves, ranks)
 
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
-        ranks, mine = self._share(directions)
-        merged = ranks.merge(projections(self, directions, rows, self.budget, self.device, mine))
+        ranks, mine = self._share()  # the features' split: a rank's feature pass projected its own parameters
+        merged = ranks.merge(projections(self, directions, rows, self.budget, self.device, [n for n in mine if n in directions]))
         return {n: merged[n] for n in directions if n in merged}  # the directions' order (1-D parameters have none)
 
     @property

@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -64,10 +64,10 @@ class LoraRun(LoraTrajectory, Trajectory):
     def preflight(self, horizon: int, backtest: bool) -> None:
         preflight(self, horizon, self.budget, backtest=backtest)
 
-    def _share(self, names: Iterable[str] | None = None) -> tuple[World, list[str]]:
-        """This rank's modules (of ``names``, else all) under torchrun, balanced by their factors' size."""
-        ranks, wanted = world(self.device), None if names is None else set(names)
-        return ranks, [m.name for m in ranks.mine([m for m in self.modules if wanted is None or m.name in wanted], cost=factor_bytes)]
+    def _share(self) -> tuple[World, list[str]]:
+        """This rank's modules under torchrun, balanced by their factors' size: the same split for every pass."""
+        ranks = world(self.device)
+        return ranks, [m.name for m in ranks.mine(self.modules, cost=factor_bytes)]
 
     def features(self, horizon: int, progress: Callable[[int], None] | None = None, sign_align: bool = False,
                  project: Sequence[int] = ()) -> Features:
@@ -86,8 +86,8 @@ class LoraRun(LoraTrajectory, Trajectory):
         return pooled_terms(per_module, [m.name for m in self.modules], moves, ranks)
 
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
-        ranks, mine = self._share(directions)
-        merged = ranks.merge(projections(self, directions, rows, self.budget, mine))
+        ranks, mine = self._share()  # the features' split: a rank's feature pass projected its own modules
+        merged = ranks.merge(projections(self, directions, rows, self.budget, [n for n in mine if n in directions]))
         return {n: merged[n] for n in directions}  # the directions' order, whichever rank computed which
 
     @property
