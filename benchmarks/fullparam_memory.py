@@ -1,6 +1,8 @@
 """Full-parameter features under a memory budget: peak accounted memory and the process's real peak growth vs the
 budget, and exact vs fast SVD
-(time and sigma error), side by side on one generated trajectory larger than the budget.
+(time and sigma error), side by side on one generated trajectory larger than the budget; then relex's
+projections for a backtest fold, computed by the feature pass as it reads the checkpoints against a pass of
+their own after it (``--svd`` features, same numbers both ways).
 
     .venv/bin/python benchmarks/fullparam_memory.py [--layers 4 --hidden 512 --ckpts 8 --budget 48MB]
 
@@ -20,8 +22,9 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from nextrap.io.fullparam import load_full_trajectory
+from nextrap.io.fullparam import FullTrajectory, load_full_trajectory
 from nextrap.engine.budget import parse_size
+from nextrap.engine.fullmoves import projections
 from nextrap.engine.fullstream import compute_full_features
 
 
@@ -76,6 +79,8 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=3)
     ap.add_argument("--budget", default="48MB")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-svd", action="store_true", help="only the projections' comparison")
+    ap.add_argument("--svd", choices=["exact", "fast"], default="fast", help="the features' SVD in the projections' comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budget = parse_size(args.budget)
@@ -88,12 +93,58 @@ def main() -> None:
               f"{on_disk / 1e6:.1f} MB of bf16 weights on disk; budget {budget / 1e6:.1f} MB; horizon {args.horizon}; "
               f"{args.threads} CPU thread(s)")
         compute_full_features(traj, args.horizon, svd="fast", budget=budget)  # one-time initialisation, not measured
-        compute_full_features(traj, args.horizon, svd="exact", budget=budget)
-        runs, real = {}, {}
-        for svd in ("exact", "fast"):
+        if not args.skip_svd:
+            svd_table(traj, args.horizon, budget)
+        projection_table(root, args.horizon, budget, args.svd)
+
+
+def projection_table(root: Path, horizon: int, budget: int, svd: str) -> None:
+    """The feature pass plus relex's projections on the backtest fold's start d = c - h, for rows 0..d: the
+    projections computed by the feature pass (``project``) against a pass of their own, each on a freshly opened
+    trajectory, twice in alternation."""
+    def once(fused: bool) -> tuple[float, int, dict[str, torch.Tensor]]:
+        traj = load_full_trajectory(root / "ckpts", root / "base")
+        d = len(traj.checkpoints) - 1 - horizon
+        reads = []
+        real_read = type(traj).read_into
+
+        def counted(self: FullTrajectory, row: int, names: list[str], out: torch.Tensor) -> torch.Tensor:
+            reads.append(row)
+            return real_read(self, row, names, out)
+
+        type(traj).read_into = counted
+        try:
             t0 = time.perf_counter()
-            runs[svd], real[svd] = real_peak(lambda: compute_full_features(traj, args.horizon, svd=svd, budget=budget))
-            runs[svd] = (*runs[svd], time.perf_counter() - t0)
+            feats, _ = compute_full_features(traj, horizon, svd=svd, budget=budget, project=[d] if fused else ())
+            directions = {m: (feats.get(m, "global", "u")[d].double(), feats.get(m, "global", "v")[d].double())
+                          for m in feats.modules if not feats.is_vector(m)}
+            a = projections(traj, directions, list(range(d + 1)), budget)
+            return time.perf_counter() - t0, len(reads), a
+        finally:
+            type(traj).read_into = real_read
+
+    runs = {fused: [] for fused in (False, True)}
+    for _ in range(2):
+        for fused in (False, True):
+            runs[fused].append(once(fused))
+    same = all(torch.equal(runs[False][0][2][m], runs[True][0][2][m]) for m in runs[False][0][2])
+    print(f"\nrelex's projections on the fold's start, features by {svd} SVD (seconds of features + projections, two "
+          "runs each, alternated; tensor reads)")
+    print("| projections | seconds | tensor stacks read |\n|---|---|---|")
+    for fused, label in ((False, "a pass of their own"), (True, "in the feature pass")):
+        print(f"| {label} | {' / '.join(f'{s:.1f}' for s, _, _ in runs[fused])} | {runs[fused][0][1]} |")
+    best = {fused: min(s for s, _, _ in r) for fused, r in runs.items()}
+    print(f"fused over separate: {best[False] / best[True]:.2f}x faster (best of each); the same projections bit for bit: {same}")
+
+
+def svd_table(traj: FullTrajectory, horizon: int, budget: int) -> None:
+    """Exact against fast SVD features: time, accounted and real peak, sigma error."""
+    compute_full_features(traj, horizon, svd="exact", budget=budget)  # one-time initialisation, not measured
+    runs, real = {}, {}
+    for svd in ("exact", "fast"):
+        t0 = time.perf_counter()
+        runs[svd], real[svd] = real_peak(lambda: compute_full_features(traj, horizon, svd=svd, budget=budget))
+        runs[svd] = (*runs[svd], time.perf_counter() - t0)
     exact, fast = runs["exact"][0], runs["fast"][0]
     by_kind = {}
     for kind in ("global", "local", "target"):

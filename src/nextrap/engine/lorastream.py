@@ -493,11 +493,23 @@ def _row_products(traj: LoraTrajectory) -> dict[str, dict[tuple[int, int], torch
 class _Inner:
     """Frobenius inner products of Combos of one module, with the checkpoints' Gram blocks computed once:
     <B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T)), <B A, P Q^T> = sum((B^T P) * (A Q)). ``rows``: the
-    checkpoint-pair products known from earlier passes, added to as this one computes more."""
+    checkpoint-pair products known from earlier passes, added to as this one computes more. ``explicit``: the
+    Combos' explicit factors, side by side, so that a checkpoint's products with all of them are one product per
+    side (B^T [P_1, P_2, ...]): each alone would read B, much the larger operand, once per factor."""
 
-    def __init__(self, held: Mapping[int, Factors], rows: dict[tuple[int, int], torch.Tensor] | None = None):
+    def __init__(self, held: Mapping[int, Factors], rows: dict[tuple[int, int], torch.Tensor] | None = None,
+                 explicit: Sequence[Factors] = ()):
         self.held = held  # row -> (B [m, r], A [r, n]) float64
         self._rows: dict[tuple[int, int], torch.Tensor] = {} if rows is None else rows
+        self._cols: dict[tuple[int, int], slice] = {}  # (id(P), id(Q)) -> its columns in the side-by-side factors
+        unique: list[Factors] = []
+        for p, q in explicit:
+            if (id(p), id(q)) not in self._cols:
+                done = sum(f[0].shape[-1] for f in unique)
+                self._cols[id(p), id(q)] = slice(done, done + p.shape[-1])
+                unique.append((p, q))
+        self._explicit = (torch.cat([p.double() for p, _ in unique], -1), torch.cat([q.double() for _, q in unique], -1)) if unique else None
+        self._by_row: dict[int, Factors] = {}  # row -> (B^T P_all, A Q_all)
 
     def _row_row(self, i: int, j: int) -> torch.Tensor:
         key = (min(i, j), max(i, j))
@@ -507,8 +519,15 @@ class _Inner:
         return self._rows[key]
 
     def _row_explicit(self, i: int, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        b, a = self.held[i]
-        return ((b.mT @ p.double()) * (a @ q.double())).sum()
+        cols = self._cols.get((id(p), id(q)))
+        if cols is None or self._explicit is None:
+            b, a = self.held[i]
+            return ((b.mT @ p.double()) * (a @ q.double())).sum()
+        if i not in self._by_row:
+            b, a = self.held[i]
+            self._by_row[i] = (b.mT @ self._explicit[0], a @ self._explicit[1])
+        x, y = self._by_row[i]
+        return (x[:, cols] * y[:, cols]).sum()
 
     def __call__(self, x: Combo, y: Combo) -> float:
         total = torch.zeros((), dtype=torch.float64)
@@ -554,8 +573,9 @@ def _unit_inner(rd: Prefetcher, unit: list[str], combos: Callable[[str], dict[st
         for row, ba in rd:
             held[row] = ba
         for j, name in enumerate(unit):
-            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()}, None if known is None else known.setdefault(name, {}))
             mine = combos(name)
+            inner = _Inner({row: (b[j], a[j]) for row, (b, a) in held.items()}, None if known is None else known.setdefault(name, {}),
+                           [f for c in mine.values() for f in c.explicit])
             per_module[name] = {(x, y): inner(mine[x], mine[y]) for x, y in pairs}
     finally:
         meter.sub(sum(nbytes(b) + nbytes(a) for b, a in held.values()))
