@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TRAJECTORY, dense_deltas
-from nextrap.methods.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, max_folds, oracle_rank1
+from nextrap.methods.backtest import BacktestResult, Terms, backtest, choose, evaluate_jump, fold_starts, max_folds, oracle_rank1
 from nextrap.methods import METHODS, Jump
 from nextrap.trajectories.opening import open_trajectory
 from nextrap.methods.predictor import TrainSettings
@@ -76,6 +76,15 @@ def test_folds_pool_several_starts(setup):
     assert three["linear"].folds == 3 and three["linear"].terms.t > one["linear"].terms.t
     # step 0 is the base (no move): NExt needs a training pair before the earliest start
     assert max_folds(feats) == 16 - 5 - (1 + 5) + 1 and max_folds(feats, ("linear",)) == 16 - 5 - 1 + 1
+
+
+def test_fold_starts_are_those_the_trajectory_allows():
+    """Before the features a fit asks for the starts with row 0 as the first move (a superset of those used)."""
+    assert fold_starts(17, 5, 1) == [11]
+    assert fold_starts(17, 5, 100, ("relex", "next")) == list(range(11, 4, -1))  # next needs a pair before it
+    assert fold_starts(17, 5, 100, ("relex",)) == list(range(11, -1, -1))
+    assert fold_starts(17, 5, 100, ("relex", "next"), first_moved=1) == list(range(11, 5, -1))
+    assert fold_starts(10, 5, 3, ("next",)) == []
 
 
 def _result(method, t, c, j):

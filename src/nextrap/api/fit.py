@@ -129,8 +129,9 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
 
     # Stored as the SVD gives them: next-paper trains on these (the reference does not align signs); next signs
     # each row against its own D, which makes the series' alignment irrelevant to it. relex projects every
-    # checkpoint up to each fold's start on that start's direction: the pass that reads them can (``project``).
-    project = fold_starts(len(traj.steps), horizon, backtest_folds) if run_backtest and "relex" in methods else []
+    # checkpoint up to each fold's start on that start's direction: the pass that reads them can (``project``; the
+    # starts a backtest can use at most, since which rows moved is not known yet).
+    project = fold_starts(len(traj.steps), horizon, backtest_folds, methods) if run_backtest and "relex" in methods else []
     features = traj.features(horizon, progress=on_units, project=project)
     report("rank-1 features", len(traj.units), len(traj.units))  # under torchrun this rank did only its share
     seconds["features"] = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from nextrap.io.fullparam import FullTrajectory
 from nextrap.core.moves import Jump
 from nextrap.engine.budget import Meter, StreamStats, chunk_bytes, heap_hygiene, nbytes, row_chunks, trim_heap
 from nextrap.engine.fullstream import FEATURE_STACKS, Reader, batches, feature_bytes, project_matrix, selected
-from nextrap.engine.projected import recall
+from nextrap.engine.projected import held_bytes, recall_all
 
 STACK_DTYPE = torch.float32
 _ITEMSIZE = 4
@@ -59,10 +59,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _pass_meter(traj: FullTrajectory, budget: int | None, held: int = 0) -> Meter:
-    """A meter that starts with what the process already holds: the features (and the moves' factors)."""
+    """A meter that starts with what the process already holds: the features, the projections the feature pass
+    kept (``projected``) and the moves' factors."""
     heap_hygiene()
     meter = Meter(budget)
-    meter.add(feature_bytes(traj) + held)
+    meter.add(feature_bytes(traj) + held_bytes(traj) + held)
     return meter
 
 
@@ -130,15 +131,11 @@ def jumped_bytes(traj: FullTrajectory, itemsize: dict[str, int], budget: int | N
 
 
 def projections(traj: FullTrajectory, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int],
-                budget: int | None = None, device: str = "cpu", names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                budget: int | None = None, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """a_i = u^T (W_i - W_0) v for every matrix parameter in ``directions`` (or in ``names`` too) and every row in
     ``rows``: the projections relex fits its line to, as the feature pass computed them where it did
     (``compute_full_features``' ``project``), else streamed (one read of each row, nothing dense kept)."""
-    out: dict[str, torch.Tensor] = {}
-    for p in selected(traj.params, names):
-        known = recall(traj, p.name, *directions[p.name], rows) if p.name in directions else None
-        if known is not None:
-            out[p.name] = known
+    out = recall_all(traj, directions, [p.name for p in selected(traj.params, names)], rows)
     params = [p for p in selected(traj.params, names) if p.name in directions and not p.is_vector and p.name not in out]
     held = sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = _pass_meter(traj, budget, held)

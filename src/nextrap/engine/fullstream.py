@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nextrap.engine.budget import Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, row_chunks, sized_batches, trim_heap
+from nextrap.engine.budget import (Meter, Prefetcher, StreamStats, chunk_rows, group_by, heap_hygiene, mb, nbytes, row_chunks,
+                                   sized_batches, trim_heap)
 from nextrap.engine.projected import remember
 from nextrap.io.checkpoints import require_checkpoints
 from nextrap.core.errors import NextrapError
@@ -170,16 +171,19 @@ def _feature_rows(stacks: Iterator[tuple[int, torch.Tensor]], n: int, horizon: i
         early[d] = _reduce(wd - w0, svd, vector, meter, stats)
         meter.sub(nbytes(wd))
         del wd
-    base = {d: _projections(w0, r1, budget) for d, r1 in early.items()}  # u_d^T W_0 v_d
+    chunk = 8 * chunk_rows(tuple(w0.shape[-2:]), budget) * w0.shape[-1]  # project_matrix's float64 row chunk
+    with meter.scratch(chunk if early else 0):
+        base = {d: _projections(w0, r1, budget) for d, r1 in early.items()}  # u_d^T W_0 v_d
     values = {d: torch.zeros(w0.shape[0], d + 1, dtype=torch.float64) for d in early}
     prev = w0
     for i in range(n):
         _, cur = next(stacks)
         out["global"].append(early[i] if i in early else _reduce(cur - w0, svd, vector, meter, stats))
         out["local"].append(_reduce(cur - prev, svd, vector, meter, stats))
-        for d, r1 in early.items():
-            if i <= d:  # u^T W_i v - u^T W_0 v, as fullmoves.projections subtracts them
-                values[d][:, i] = _projections(cur, r1, budget) - base[d]
+        with meter.scratch(chunk if any(i <= d for d in early) else 0):
+            for d, r1 in early.items():
+                if i <= d:  # u^T W_i v - u^T W_0 v, as fullmoves.projections subtracts them
+                    values[d][:, i] = _projections(cur, r1, budget) - base[d]
         if i + horizon < n:
             _, fut = next(stacks)
             out["target"].append(_reduce(fut - cur, svd, vector, meter, stats))

@@ -1,6 +1,7 @@
 """The LoRA feature pass: the rank-1 ``Features`` (``core.features``) of every module's global, local and target
 deltas. Each is a thin product of LoRA factors, so its top singular triple is exact and cheap (``lowrank``); the
-checkpoints are streamed unit by unit under a memory budget, each read once (``lorastream``).
+checkpoints are streamed unit by unit under a memory budget, each read once (a backtest fold's start twice, when
+relex's projections are computed on the way: ``lorastream.stream_features``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nextrap.engine.projected import recall, remember, store
+from nextrap.engine.projected import held_bytes, recall_all, remember, store
 from nextrap.engine.budget import MAP_EVERY_BLOCK, REUSE_BLOCKS, Meter, Prefetcher, StreamStats, group_by, heap_hygiene, mb, nbytes, sized_batches, trim_heap
 from nextrap.io.checkpoints import LoraModule, LoraTrajectory
 from nextrap.runtime.process import HEAP_ENV
@@ -80,8 +80,9 @@ RESIDENT_COPIES = 3
 
 
 def resident_bytes(traj: LoraTrajectory) -> int:
-    """What a pass started after the features (backtest, relex, next) counts as held before it reads anything."""
-    return RESIDENT_COPIES * feature_bytes(traj)
+    """What a pass started after the features (backtest, relex, next) counts as held before it reads anything: the
+    features' copies and the projections the feature pass kept (``projected``)."""
+    return RESIDENT_COPIES * feature_bytes(traj) + held_bytes(traj)
 
 
 def feature_stacks(horizon: int) -> int:
@@ -247,6 +248,7 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
             _global_row(out["global"], i, b, a, gb, ga, scale, s2)
             directions[i] = (out["global"]["u"][:, i].to(b.device), out["global"]["v"][:, i].to(b.device))
             values[i] = torch.zeros(units_, i + 1, dtype=torch.float64, device=b.device)
+            meter.add(nbytes(values[i]) + sum(nbytes(x) for x in directions[i]))  # (views on the CPU: counted anyway)
             meter.sub(nbytes(b) + nbytes(a))
             del b, a
             continue
@@ -276,6 +278,7 @@ def _unit_features(rd: Prefetcher, scale: torch.Tensor, n: int, horizon: int, me
         meter.sub(nbytes(h.b) + nbytes(h.a))
     if work is not None:
         meter.sub(work.nbytes)
+    meter.sub(sum(nbytes(values[d]) + nbytes(u) + nbytes(v) for d, (u, v) in directions.items()))
     return out, values
 
 
@@ -606,14 +609,11 @@ def projections(traj: LoraTrajectory, directions: dict[str, tuple[torch.Tensor, 
     every checkpoint i in ``rows``, as the feature pass computed them where it did (``stream_features``'
     ``project``), else streamed: one read of each checkpoint per unit, one checkpoint held at a time. Either way
     from float32 factors and the directions rounded to float32 (``_project``: relex's are stored features)."""
-    out: dict[str, torch.Tensor] = {}
-    for name in list(directions) if names is None else names:
-        known = recall(traj, name, *directions[name], rows)
-        if known is not None:
-            out[name] = known
+    wanted = list(directions) if names is None else list(names)
+    out = recall_all(traj, directions, wanted, rows)
     held = resident_bytes(traj) + sum(nbytes(u) + nbytes(v) for u, v in directions.values())
     meter = meter_for(budget, held)
-    todo = [n for n in (list(directions) if names is None else names) if n not in out]
+    todo = [n for n in wanted if n not in out]
     for unit in units(traj, todo, 3, meter, "relex's projections", itemsize=FLOAT32):
         u, v = (torch.stack([directions[n][k] for n in unit]).to(FEATURE_DTYPE) for k in (0, 1))
         scale = traj.scales(unit)

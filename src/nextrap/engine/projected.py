@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,18 @@ def fingerprint(u: torch.Tensor, v: torch.Tensor) -> bytes:
     for x in (u, v):
         h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.digest()
+
+
+def held_bytes(traj: Any) -> int:
+    """Bytes the kept projections of ``traj`` hold (a later pass counts them as held)."""
+    return sum(a.numel() * a.element_size() for kept in store("projections", traj).values() for a in kept.values())
+
+
+def recall_all(traj: Any, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], names: Sequence[str],
+               rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``recall`` for each of ``names`` that has directions: the projections a pass kept, by unit name."""
+    found = {n: recall(traj, n, *directions[n], rows) for n in names if n in directions}
+    return {n: a for n, a in found.items() if a is not None}
 
 
 def remember(traj: Any, name: str, u: torch.Tensor, v: torch.Tensor, values: torch.Tensor) -> None:

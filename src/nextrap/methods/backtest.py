@@ -70,19 +70,23 @@ def oracle_rank1(features: Features, traj: Trajectory, from_row: int) -> tuple[f
     return terms.error(1.0), terms.cosine()
 
 
-def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
-    """How many folds the trajectory allows: the earliest start must leave NExt one training pair."""
-    h, c = features.horizon, features.n_rows - 1
-    moved = features.moved_rows()
-    first = moved[0] if moved else features.n_rows
-    earliest = first + h if any(m in FITTED for m in methods) else first
-    return max(0, c - h - earliest + 1)
-
-
-def fold_starts(n_rows: int, horizon: int, folds: int) -> list[int]:
-    """The rows the backtest's folds jump from: c - h, c - h - 1, ... (those that exist)."""
+def fold_starts(n_rows: int, horizon: int, folds: int, methods: tuple[str, ...] = METHODS, first_moved: int = 0) -> list[int]:
+    """The rows up to ``folds`` backtest folds jump from, c - h, c - h - 1, ..., as far as the trajectory allows:
+    the earliest start must leave a fitted method (NExt) one training pair after the first row that moved
+    (``first_moved``; before the features are known, row 0: the starts a backtest can use at most)."""
     c = n_rows - 1
-    return [c - horizon - f for f in range(folds) if c - horizon - f >= 0]
+    earliest = first_moved + horizon if any(m in FITTED for m in methods) else first_moved
+    return [c - horizon - f for f in range(folds) if c - horizon - f >= earliest]
+
+
+def max_folds(features: Features, methods: tuple[str, ...] = METHODS) -> int:
+    """How many folds the trajectory allows (``fold_starts``)."""
+    return len(fold_starts(features.n_rows, features.horizon, features.n_rows, methods, _first_moved(features)))
+
+
+def _first_moved(features: Features) -> int:
+    moved = features.moved_rows()
+    return moved[0] if moved else features.n_rows
 
 
 def backtest(features: Features, traj: Trajectory, settings: TrainSettings, methods: tuple[str, ...] = METHODS,
@@ -90,11 +94,10 @@ def backtest(features: Features, traj: Trajectory, settings: TrainSettings, meth
     """One result per method plus the rank-1 oracle, pooled over ``folds`` starts c - h, c - h - 1, ...; each
     fold's moves are measured in one pass of the trajectory (``Trajectory.terms``)."""
     h, c = features.horizon, features.n_rows - 1
-    available = max_folds(features, methods)
-    if available < 1:
+    starts = fold_starts(features.n_rows, h, folds, methods, _first_moved(features))
+    if not starts:
         raise ValueError(f"backtest needs at least {2 * h + 1} checkpoints after the first move for horizon {h}; "
                          f"have {features.n_rows} in all")
-    starts = fold_starts(features.n_rows, h, min(folds, available))
     pooled = {m: Terms() for m in (*methods, "oracle-rank1")}
     for start in starts:
         past = features.truncate(start + 1)

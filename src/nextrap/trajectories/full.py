@@ -87,7 +87,7 @@ class FullRun(FullTrajectory, Trajectory):
 
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
         ranks, mine = self._share()  # the features' split: a rank's feature pass projected its own parameters
-        merged = ranks.merge(projections(self, directions, rows, self.budget, self.device, [n for n in mine if n in directions]))
+        merged = ranks.merge(projections(self, directions, rows, self.budget, [n for n in mine if n in directions]))
         return {n: merged[n] for n in directions if n in merged}  # the directions' order (1-D parameters have none)
 
     @property

@@ -97,8 +97,7 @@ class Trajectory(ABC):
                  project: Sequence[int] = ()) -> Features:
         """Rank-1 features of every unit's global, local and target deltas, streamed under ``budget``;
         ``progress(k)`` after each k units. ``project``: rows whose global directions ``projections`` will be
-        asked for (the backtest folds' starts, for relex): an implementation may compute them in this pass and
-        answer from memory (LoRA does; a full-parameter pass does not, and ``projections`` streams)."""
+        asked for (the backtest folds' starts, for relex): computed in this pass, and answered from memory."""
 
     @abstractmethod
     def terms(self, moves: Mapping[str, Jump], from_row: int, to_row: int) -> tuple[dict[str, Terms], float]:
@@ -106,7 +105,8 @@ class Trajectory(ABC):
 
     @abstractmethod
     def projections(self, directions: dict[str, Factors], rows: list[int]) -> dict[str, torch.Tensor]:
-        """a_i = u^T (W_i - W_0) v per matrix unit in ``directions`` ((u, v)) and row i in ``rows``, streamed."""
+        """a_i = u^T (W_i - W_0) v per matrix unit in ``directions`` ((u, v)) and row i in ``rows``: from memory where
+        the feature pass projected on those directions (``features``' ``project``), else streamed."""
 
     @property
     @abstractmethod
