@@ -28,6 +28,8 @@ def test_rank_deficient_and_wider_than_tall_factors():
     a, b = top1_factored(p, q), top1_dense(p @ q.mT)
     assert torch.allclose(a.sigma, b.sigma, rtol=1e-10)
     assert abs(float((a.u * b.u).sum())) > 1 - 1e-10
+    # the 5 zero singular values come from eigenvalues of C^T C: each within sqrt(eps64) sigma_1 of zero
+    assert abs(float(a.energy - b.energy)) <= 7 * 1.5e-8 * float(b.energy)
 
 
 def test_zero_product_gives_zeros_not_nan():
