@@ -373,6 +373,8 @@ def test_the_feature_pass_projects_on_a_fold_start_and_relex_then_reads_nothing(
         return real(self, row, names_, out)
 
     monkeypatch.setattr(type(traj), "read_into", spy)
+    with pytest.raises(ValueError, match="rows 0..9"):
+        compute_full_features(traj, H, svd="exact", budget=BUDGET, project=[-1])
     feats, _ = compute_full_features(traj, H, svd="exact", budget=BUDGET, project=[c - H])
     for key, t in exact[0].tensors.items():
         torch.testing.assert_close(feats.tensors[key], t, rtol=0, atol=0, equal_nan=True, msg=key)

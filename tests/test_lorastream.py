@@ -152,6 +152,8 @@ def test_the_feature_pass_projects_on_the_fold_starts_and_relex_reads_nothing_mo
     traj = load_trajectory(TRAJECTORY)  # a fresh object: nothing projected yet
     n, budget = len(traj.steps), feature_bytes(traj) + 1_000_000
     c = n - 1
+    with pytest.raises(ValueError, match="rows 0..16"):
+        stream_lora_features(traj, H, budget=budget, project=[n])
     feats, _ = stream_lora_features(traj, H, budget=budget, max_batch=None, project=[c - H, c - H - 1])
     units = list(dict.fromkeys(names for _, names in reads))
     assert len(units) > 1

@@ -134,6 +134,8 @@ def compute_full_features(traj: FullTrajectory, horizon: int, svd: str = "exact"
     tensors: dict[str, torch.Tensor] = {}
     itemsize = torch.empty(0, dtype=dtype).element_size()
     project = sorted(set(project))
+    if any(not 0 <= d < n for d in project):
+        raise ValueError(f"rows to project on {project}: the trajectory has rows 0..{n - 1}")
     for batch in batches(selected(traj.params, names), FEATURE_STACKS, itemsize, meter, svd):
         names = [p.name for p in batch]
         ahead = [] if batch[0].is_vector else project  # a 1-D parameter has no direction

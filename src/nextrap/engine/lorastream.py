@@ -155,6 +155,8 @@ def stream_features(traj: LoraTrajectory, horizon: int, sink: Sink, budget: int 
     a_d[i] = s u_d^T B_i A_i v_d as the rows go by; ``projections`` then serves them without a pass of its own
     (a read of the trajectory per fold, saved for the price of reading rows d twice)."""
     n, project = len(traj.checkpoints), sorted(set(project))
+    if any(not 0 <= d < n for d in project):
+        raise ValueError(f"rows to project on {project}: the trajectory has rows 0..{n - 1}")
     meter, stats, dev = meter_for(budget, feature_bytes(traj)), StreamStats(budget), torch.device(device)
     scratch = partial(_feature_scratch_bytes, rows=n, horizon=horizon)
     for names in units(traj, names, feature_stacks(horizon), meter, "the rank-1 features", scratch, max_batch, FLOAT32):
