@@ -1,7 +1,8 @@
 """What a pass computed for later passes of the same fit, kept per trajectory object: relex's projections
 a_d[i] = u_d^T (W_i - W_0) v_d, which the feature pass computes on the backtest folds' starts d as it reads the
 checkpoints (``lorastream.stream_features``, ``fullstream.compute_full_features``), and which ``projections``
-then answers from memory instead of reading every checkpoint up to d again.
+then answers from memory instead of reading every checkpoint up to d again; and the checkpoint-pair products
+the LoRA passes share (``lorastream._row_products``).
 
 A projection is found again by a fingerprint of its directions (their float32 bytes, hashed: the directions are
 stored float32 features, and a digest holds no copy of them); (-u, -v) gives the same numbers. Stores live as long
