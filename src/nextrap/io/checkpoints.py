@@ -222,8 +222,6 @@ def tensor_shape(f: Any, key: str) -> list[int]:
     return list(sl.get_shape()) if hasattr(sl, "get_shape") else list(sl.shape)
 
 
-
-
 def is_float(f: Any, key: str) -> bool:
     """Whether tensor ``key`` is stored as floats (from the header alone for safetensors)."""
     sl = f.get_slice(key)
