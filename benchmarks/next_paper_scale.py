@@ -6,7 +6,7 @@ issue 10, copied here for comparison only) against all groups in one loop (``nex
 The features are synthetic rank-1 ones (random unit u and v, random sigma; what the predictor's cost depends on
 is only their shapes): ``--layers`` x Qwen2.5-7B's 7 projections (q 3584x3584, k and v 512x3584, o 3584x3584,
 gate and up 18944x3584, down 3584x18944), 16 checkpoints (step 0 is W_0), horizon 5, so 10 training pairs and
-four predictor groups (lengths 1, 512, 3584, 18944). Each variant trains ``--time-epochs`` epochs from the same
+six predictor groups (sigma; the u's of lengths 512, 3584, 18944; the v's of lengths 3584, 18944). Each variant trains ``--time-epochs`` epochs from the same
 seed (so the same initialisation); its time is scaled to ``--epochs`` (an epoch's cost does not depend on the
 learning rate, so the extrapolation is linear), and the script says so when it extrapolates. The outputs compared
 are every module's predicted (sigma, u, v) at the last checkpoint, after the timed epochs.
@@ -65,10 +65,10 @@ def train_sequential(features: Features, settings: TrainSettings) -> Predictor:
     groups = make_groups(features)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        models = {g.length: NExtMLP(g.length, settings.hidden) for g in groups}
+        models = {g.key: NExtMLP(g.length, settings.hidden) for g in groups}
     device = torch.device(settings.device)
     for g in groups:
-        model = models[g.length].to(device)
+        model = models[g.key].to(device)
         xg, xl, xt = (t.to(device) for t in group_tensors(features, g, rows))
         opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs,
@@ -77,7 +77,7 @@ def train_sequential(features: Features, settings: TrainSettings) -> Predictor:
         torch.set_num_threads(1 if device.type == "cpu" and g.length <= SMALL_GROUP else old)
         try:
             for _ in range(settings.epochs):
-                loss = (model(xg, xl) - xt).abs().mean()
+                loss = (model(xg, xl) - xt).abs().sum((1, 2)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -87,7 +87,7 @@ def train_sequential(features: Features, settings: TrainSettings) -> Predictor:
             torch.set_num_threads(old)
         model.cpu()
         if not math.isfinite(g.losses[-1]):
-            raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
+            raise FloatingPointError(f"predictor {g.key} diverged (loss {g.losses[-1]})")
     return Predictor(groups, models, settings)
 
 
@@ -131,8 +131,8 @@ def main() -> None:
     features = synthetic_features(args.layers)
     groups = make_groups(features)
     print(f"{args.layers} layers, {len(features.modules)} modules, {features.n_rows} checkpoints, horizon {features.horizon}, "
-          f"{len(training_rows(features))} training pairs; groups (length x members): "
-          + ", ".join(f"{g.length} x {len(g.members)}" for g in groups))
+          f"{len(training_rows(features))} training pairs; groups (members): "
+          + ", ".join(f"{g.key} x {len(g.members)}" for g in groups))
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), load {os.getloadavg()[0]:.1f}")
     if scale != 1:

@@ -35,7 +35,7 @@ def test_fit_writes_the_documented_folder_and_leaves_inputs_alone(trajectory, tm
         assert f.get_slice(f"{m}:target:u").get_shape() == [17, 64]
         assert f.get_slice("base_model.model.model.layers.0.mlp.down_proj:local:v").get_shape() == [17, 128]
     assert [b.method for b in res.backtest] == [*METHODS, "oracle-rank1"]
-    assert res.n_modules == 14 and set(res.group_losses) == {1, 32, 64, 128}
+    assert res.n_modules == 14 and set(res.group_losses) == {"sigma", "u32", "u64", "v64", "u128", "v128"}
     loaded = load_fit(out)
     assert loaded.features.steps == man["steps"]
 

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -27,14 +28,62 @@ def test_layer_shapes_are_the_reference_ones():
     assert m(torch.zeros(3, 7, 10), torch.zeros(3, 7, 10)).shape == (3, 7, 10)
 
 
-def test_one_predictor_per_vector_length(feats):
-    groups = make_groups(feats)
-    lengths = [g.length for g in groups]
-    assert lengths == sorted(set(lengths)) and lengths[0] == 1
+def test_one_predictor_per_matrix_shape_of_the_reference(feats):
+    """The reference stores u as m x 1, v as 1 x n, sigma as 1 x 1 and trains one model per shape: u's and v's of
+    one length apart (the fixture has u's and v's of length 64), a 1-D delta with the u's."""
+    groups = make_groups(with_vector(feats, "model.norm", 64))
+    assert [g.key for g in groups] == ["sigma", "u32", "u64", "v64", "u128", "v128"]
     assert all(p == "sigma" for _, p in groups[0].members) and len(groups[0].members) == len(feats.modules)
-    for g in groups[1:]:  # u's and v's of the same length share one model
-        assert all(feats.get(m, "global", p).shape[-1] == g.length for m, p in g.members)
-    assert sum(len(g.members) for g in groups) == 3 * len(feats.modules)
+    for g in groups[1:]:
+        assert g.key == f"{g.key[0]}{g.length}"
+        for m, p in g.members:
+            if m == "model.norm":
+                assert (p, g.key) == (VEC, "u64")
+            else:
+                assert p == g.key[0] and feats.get(m, "global", p).shape[-1] == g.length
+    assert sum(len(g.members) for g in groups) == 3 * len(feats.modules) + 1
+
+
+def with_matrix(feats: Features, module: str, m: int, n: int, seed: int = 0) -> Features:
+    """``feats`` plus a module ``module`` of shape m x n with random rank-1 features (targets past the end NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, tensors = feats.n_rows, dict(feats.tensors)
+    for kind in ("global", "local", "target"):
+        tensors[f"{module}:{kind}:sigma"] = torch.rand(rows, generator=g)
+        for part, d in (("u", m), ("v", n)):
+            x = torch.randn(rows, d, generator=g)
+            tensors[f"{module}:{kind}:{part}"] = x / x.norm(dim=-1, keepdim=True)
+    for part in ("sigma", "u", "v"):
+        tensors[f"{module}:target:{part}"][rows - feats.horizon:] = float("nan")
+    tensors[f"{module}:global:energy"] = torch.ones(rows)
+    return Features(feats.steps, feats.horizon, feats.sign_align, [*feats.modules, module], tensors)
+
+
+def test_a_length_one_singular_vector_joins_the_sigmas(feats):
+    """A module with one output (a score head): its u is 1 x 1 like a sigma, so one model, trained once per epoch
+    (two groups of length 1 once shared a model that AdamW stepped twice)."""
+    feats1 = with_matrix(feats, "score", 1, 64)
+    groups = make_groups(feats1)
+    assert len({g.key for g in groups}) == len(groups)
+    assert ("score", "u") in groups[0].members and groups[0].key == "sigma"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # AdamW warns of duplicate parameters
+        pred = train(feats1, TrainSettings(epochs=3))
+    assert sum(k.startswith("sigma.") for k in pred.state_dict()) == len(NExtMLP(1).state_dict())
+    assert abs(float(predict(pred, feats1, feats.n_rows - 1)["score"]["u"])) == pytest.approx(1)
+
+
+def test_the_loss_is_the_references_sum_over_vectors_averaged_over_pairs(feats):
+    """Per training pair, the L1 loss summed over the group's vectors and their entries; averaged over the pairs
+    (the reference's per-checkpoint sum divided by the number of checkpoints). At lr 0 the model stays as it
+    started, so the first loss recorded is that of the weights the test evaluates."""
+    pred = train(feats, TrainSettings(epochs=1, lr=0.0))
+    rows = training_rows(feats)
+    for g in pred.groups:
+        xg, xl, xt = group_tensors(feats, g, rows)
+        with torch.no_grad():
+            per_pair = [float((pred.models[g.key](xg[i], xl[i]) - xt[i]).abs().sum()) for i in range(len(rows))]
+        assert g.losses[0] == pytest.approx(sum(per_pair) / len(rows), rel=1e-5), g.key
 
 
 def test_training_pairs_are_rows_with_a_known_target(feats):
@@ -98,9 +147,9 @@ def train_one_group_at_a_time(features: Features, settings: TrainSettings) -> Pr
     groups = make_groups(features)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        models = {g.length: NExtMLP(g.length, settings.hidden) for g in groups}
+        models = {g.key: NExtMLP(g.length, settings.hidden) for g in groups}
     for g in groups:
-        model = models[g.length]
+        model = models[g.key]
         xg, xl, xt = group_tensors(features, g, rows)
         opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs,
@@ -109,7 +158,7 @@ def train_one_group_at_a_time(features: Features, settings: TrainSettings) -> Pr
         torch.set_num_threads(1 if g.length <= SMALL_GROUP else old)
         try:
             for _ in range(settings.epochs):
-                loss = (model(xg, xl) - xt).abs().mean()
+                loss = (model(xg, xl) - xt).abs().sum((1, 2)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -118,13 +167,14 @@ def train_one_group_at_a_time(features: Features, settings: TrainSettings) -> Pr
         finally:
             torch.set_num_threads(old)
         if not math.isfinite(g.losses[-1]):
-            raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
+            raise FloatingPointError(f"predictor {g.key} diverged (loss {g.losses[-1]})")
     return Predictor(groups, models, settings)
 
 
 def test_groups_trained_in_one_loop_match_training_each_alone(feats, monkeypatch):
-    mixed = with_vector(feats, "model.norm", 64)  # a 1-D parameter's delta joins the u's and v's of length 64
-    assert [(g.length, sum(p == VEC for _, p in g.members)) for g in make_groups(mixed)] == [(1, 0), (32, 0), (64, 1), (128, 0)]
+    mixed = with_vector(feats, "model.norm", 64)  # a 1-D parameter's delta joins the u's of length 64
+    assert [(g.key, sum(p == VEC for _, p in g.members)) for g in make_groups(mixed)] == [
+        ("sigma", 0), ("u32", 0), ("u64", 1), ("v64", 0), ("u128", 0), ("v128", 0)]
     monkeypatch.setattr(predictor, "LOSS_CHUNK", 10)  # losses read back from the device after epochs 10, 20 and 25
     settings = TrainSettings(epochs=25, seed=1)
     epochs = []

@@ -43,7 +43,7 @@ class FitResult:
     horizon: int
     n_modules: int
     energy_median: dict[int, float]  # step -> median over modules of sigma1 / sum(sigma) of the global delta
-    group_losses: dict[int, tuple[float, float]]  # next-paper: vector length -> (first, last) training loss
+    group_losses: dict[str, tuple[float, float]]  # next-paper: predictor group ("sigma", "u{m}", "v{n}") -> (first, last) loss
     models: dict[str, Any] = field(default_factory=dict)  # per fitted method: files, validation numbers
     backtest: list[BacktestResult] = field(default_factory=list)
     backtest_skipped: str = ""  # why there is no backtest, if there is none
@@ -55,7 +55,7 @@ class FitResult:
         return {
             "out": str(self.out), "steps": self.steps, "horizon": self.horizon, "modules": self.n_modules,
             "rank1_energy_median": {str(k): v for k, v in self.energy_median.items()},
-            "predictor_loss": {str(k): {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
+            "predictor_loss": {k: {"first": a, "last": b} for k, (a, b) in self.group_losses.items()},
             "models": self.models,
             "backtest": [asdict(b) for b in self.backtest], "backtest_skipped": self.backtest_skipped or None,
             "seconds": self.seconds, **({"streaming": self.streaming} if self.streaming else {}),
@@ -172,7 +172,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
     result = FitResult(
         out=out, steps=traj.steps, horizon=horizon, n_modules=len(features.modules),
         energy_median={s: float(energy[:, i].median()) for i, s in enumerate(traj.steps)},
-        group_losses={g.length: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups} if "next-paper" in models else {},
+        group_losses={g.key: (g.losses[0], g.losses[-1]) for g in models["next-paper"].groups} if "next-paper" in models else {},
         backtest=results, backtest_skipped=skipped, seconds=seconds, units_label=traj.units_label,
     )
     manifest = {

@@ -26,8 +26,8 @@ def _fit_summary(r: FitResult) -> None:
     picks = dict.fromkeys([shown[0], shown[len(shown) // 2], shown[-1]]) if shown else {}
     upper = " (upper bound, --svd fast)" if r.streaming.get("energy") == "upper bound" else ""
     table.add_row(f"rank-1 energy σ1/Σσ (median){upper}", ", ".join(f"{r.energy_median[s]:.3f} at step {s}" for s in picks) or "n/a")
-    for d, (first, last) in r.group_losses.items():
-        table.add_row(f"predictor loss, length {d}", f"{first:.4g} -> {last:.4g}")
+    for key, (first, last) in r.group_losses.items():
+        table.add_row(f"predictor loss, {key}", f"{first:.4g} -> {last:.4g}")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     st = r.streaming
     if st:

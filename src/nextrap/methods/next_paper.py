@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from nextrap.core.errors import first_line
 from nextrap.core.errors import NextrapError
 from nextrap.io.files import read_json, write_json
-from nextrap.methods.predictor import Group, Predictor, TrainSettings, load as load_predictor, predict, train
+from nextrap.methods.predictor import Group, Predictor, TrainSettings, legacy_key, load as load_predictor, predict, train
 from nextrap.core.features import Features
 from nextrap.methods import Jump, JumpContext, rank1_factors
 
@@ -45,10 +45,10 @@ def save(model: Predictor, folder: Path) -> dict[str, Any]:
     write_json(folder / CONFIG, {
         "architecture": "NExtMLP", "hidden": s.hidden, "epochs": s.epochs, "lr": s.lr, "min_lr_ratio": s.min_lr_ratio,
         "weight_decay": s.weight_decay, "seed": s.seed,
-        "groups": [{"length": g.length, "members": [f"{m}:{p}" for m, p in g.members],
+        "groups": [{"key": g.key, "length": g.length, "members": [f"{m}:{p}" for m, p in g.members],
                     "loss_first": g.losses[0], "loss_last": g.losses[-1]} for g in model.groups],
     })
-    return {"files": [WEIGHTS, CONFIG], "loss": {str(g.length): {"first": g.losses[0], "last": g.losses[-1]} for g in model.groups}}
+    return {"files": [WEIGHTS, CONFIG], "loss": {g.key: {"first": g.losses[0], "last": g.losses[-1]} for g in model.groups}}
 
 
 def saved_in(folder: Path) -> bool:
@@ -60,7 +60,9 @@ def load(folder: Path, settings: TrainSettings) -> Predictor:
     try:
         settings = TrainSettings(epochs=config["epochs"], lr=config["lr"], min_lr_ratio=config["min_lr_ratio"],
                                  weight_decay=config["weight_decay"], hidden=config["hidden"], seed=config["seed"])
-        groups = [Group(g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]]) for g in config["groups"]]
+        # a fit saved before the groups had keys grouped by length alone (``predictor.legacy_key``)
+        groups = [Group(g.get("key", legacy_key(g["length"])), g["length"], [tuple(m.rsplit(":", 1)) for m in g["members"]])
+                  for g in config["groups"]]
     except (KeyError, TypeError, AttributeError) as e:
         raise NextrapError(f"{folder / CONFIG}: missing or malformed field ({first_line(e)})") from None
     try:

@@ -1,11 +1,12 @@
 """The NExt predictor: encoder-decoder MLPs that map (global, local) rank-1 components to the target one.
 
-Exactly as the reference code sets it up (see shared METHOD.md): one model per distinct vector length (all
-sigmas share one, all u's and v's of one length share one; the matrices of that length are the batch),
-f_G and f_L = Linear(d,H) Linear(H,d) ReLU Linear(d,H) Linear(H,d), f_D = the same over 2d with output d,
-L1 loss, AdamW lr 2e-5 with cosine decay to 0.1 x lr over 1000 epochs, one optimizer step per epoch. All the
-models train in one loop (one backward of the summed losses, one AdamW step), which is the same arithmetic as
-training each alone: their parameters are disjoint.
+Exactly as the reference code sets it up (see shared METHOD.md): one model per group of vectors that the
+reference stores as one matrix shape (``group_key``: the sigmas; the u's of each length; the v's of each length;
+the matrices of the group are the batch), f_G and f_L = Linear(d,H) Linear(H,d) ReLU Linear(d,H) Linear(H,d),
+f_D = the same over 2d with output d, the L1 loss summed over the group's vectors and averaged over the
+training pairs, AdamW lr 2e-5 with cosine decay to 0.1 x lr over 1000 epochs, one optimizer step per epoch.
+All the models train in one loop (one backward of the summed losses, one AdamW step), which is the same
+arithmetic as training each alone: their parameters are disjoint.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class TrainSettings:
 
 @dataclass
 class Group:
-    """One predictor's data: every (module, part) whose vectors have this length."""
+    """One predictor's data: every (module, part) of one ``group_key``."""
 
-    length: int
+    key: str  # "sigma", "u{m}", "v{n}"; "len{d}" in a fit saved before u's and v's were apart (``legacy_key``)
+    length: int  # the vectors' length d
     members: list[tuple[str, str]]  # (module, "sigma" | "u" | "v" | "vec")
     losses: list[float] = field(default_factory=list)
 
@@ -64,25 +66,39 @@ class Group:
 @dataclass
 class Predictor:
     groups: list[Group]
-    models: dict[int, NExtMLP]
+    models: dict[str, NExtMLP]  # by group key
     settings: TrainSettings
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"len{d}.{k}": v.detach().cpu().contiguous() for d, m in self.models.items() for k, v in m.state_dict().items()}
+        return {f"{g}.{k}": v.detach().cpu().contiguous() for g, m in self.models.items() for k, v in m.state_dict().items()}
+
+
+def group_key(part: str, length: int) -> str:
+    """The predictor group of a (part, length), as the reference code groups them: it stores every vector as a
+    matrix and trains one model per matrix shape: u as m x 1, v as 1 x n, sigma as 1 x 1, a 1-D parameter's
+    delta as n x 1. So u's and v's of equal length have separate models, a 1-D delta joins the u's, and any
+    vector of length 1 is a 1 x 1 matrix like a sigma."""
+    if part == "sigma" or length == 1:
+        return "sigma"
+    return f"v{length}" if part == "v" else f"u{length}"
+
+
+def legacy_key(length: int) -> str:
+    """The key of a group in a fit saved before ``group_key``: one group per vector length, u's and v's together."""
+    return f"len{length}"
 
 
 def make_groups(features: Features) -> list[Group]:
-    """Groups by vector length, in a fixed order (sigma first, then lengths ascending). A 1-D parameter's raw
-    delta (``vec``) joins the u's and v's of its length, as in the reference code."""
-    by_len: dict[int, list[tuple[str, str]]] = {}
+    """The trajectory's predictor groups (``group_key``) in a fixed order: sigma first, then by length, the u's
+    before the v's."""
+    by_key: dict[str, Group] = {}
     for module in features.modules:
-        if features.is_vector(module):
-            by_len.setdefault(features.get(module, "global", VEC).shape[-1], []).append((module, VEC))
-            continue
-        by_len.setdefault(0, []).append((module, "sigma"))
-        for part in ("u", "v"):
-            by_len.setdefault(features.get(module, "global", part).shape[-1], []).append((module, part))
-    return [Group(1 if d == 0 else d, members) for d, members in sorted(by_len.items())]
+        parts = [VEC] if features.is_vector(module) else ["sigma", "u", "v"]
+        for part in parts:
+            length = 1 if part == "sigma" else features.get(module, "global", part).shape[-1]
+            key = group_key(part, length)
+            by_key.setdefault(key, Group(key, 1 if key == "sigma" else length, [])).members.append((module, part))
+    return sorted(by_key.values(), key=lambda g: (g.length, g.key))
 
 
 def group_tensors(features: Features, group: Group, rows: slice | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +130,7 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         for g in groups:
-            models[g.length] = NExtMLP(g.length, settings.hidden)
+            models[g.key] = NExtMLP(g.length, settings.hidden)
     device = torch.device(settings.device)
     # under torchrun each rank trains its share of the groups (balanced by their size) and every rank gets all of
     # them back: a group trains the same alone as beside others (above), so the models are one process's
@@ -127,19 +143,19 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
     _share(groups, mine, models, ranks)
     for g in groups:
         if not math.isfinite(g.losses[-1]):
-            raise FloatingPointError(f"predictor for length {g.length} diverged (loss {g.losses[-1]})")
+            raise FloatingPointError(f"predictor {g.key} diverged (loss {g.losses[-1]})")
     return Predictor(groups, models, settings)
 
 
-def _share(groups: list[Group], mine: list[Group], models: dict[int, NExtMLP], ranks: World) -> None:
+def _share(groups: list[Group], mine: list[Group], models: dict[str, NExtMLP], ranks: World) -> None:
     """Every rank's trained groups (weights and losses) into ``models`` and ``groups`` on every rank."""
     if ranks.size == 1:
         return
-    by_length = {g.length: g for g in groups}
-    for part in ranks.gather({g.length: (models[g.length].state_dict(), g.losses) for g in mine}):
-        for length, (state, losses) in part.items():
-            models[length].load_state_dict(state)
-            by_length[length].losses = list(losses)
+    by_key = {g.key: g for g in groups}
+    for part in ranks.gather({g.key: (models[g.key].state_dict(), g.losses) for g in mine}):
+        for key, (state, losses) in part.items():
+            models[key].load_state_dict(state)
+            by_key[key].losses = list(losses)
 
 
 # Below this vector length the predictor's matmuls are too small to gain from several CPU threads, and OpenMP's
@@ -161,20 +177,22 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _fit_groups(groups: list[Group], models: dict[int, NExtMLP], features: Features, rows: list[int],
+def _fit_groups(groups: list[Group], models: dict[str, NExtMLP], features: Features, rows: list[int],
                 settings: TrainSettings, device: torch.device, on_epoch: Callable[[int], None] | None) -> None:
     data = []
     for g in groups:
-        models[g.length].to(device)
-        data.append((models[g.length], *(t.to(device) for t in group_tensors(features, g, rows))))
-    params = [p for g in groups for p in models[g.length].parameters()]
+        models[g.key].to(device)
+        data.append((models[g.key], *(t.to(device) for t in group_tensors(features, g, rows))))
+    params = [p for g in groups for p in models[g.key].parameters()]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs, eta_min=settings.lr * settings.min_lr_ratio)
     # the losses stay on the device and are read back LOSS_CHUNK epochs at a time: no host sync per epoch
     history = torch.empty(min(settings.epochs, LOSS_CHUNK), len(groups), device=device)
     for epoch in range(settings.epochs):
-        # Per group: mean L1 per checkpoint pair, averaged over pairs. One optimizer step per epoch for all groups.
-        losses = torch.stack([(model(xg, xl) - xt).abs().mean() for model, xg, xl, xt in data])
+        # Per group, as the reference: the L1 loss summed over the group's vectors at each training pair, averaged
+        # over the pairs (a mean over the vectors too would shrink the gradients by members x d, toward AdamW's
+        # eps). One optimizer step per epoch for all groups.
+        losses = torch.stack([(model(xg, xl) - xt).abs().sum((1, 2)).mean() for model, xg, xl, xt in data])
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
@@ -187,7 +205,7 @@ def _fit_groups(groups: list[Group], models: dict[int, NExtMLP], features: Featu
         if on_epoch:
             on_epoch(epoch)
     for g in groups:
-        models[g.length].cpu()
+        models[g.key].cpu()
 
 
 @torch.no_grad()
@@ -197,7 +215,7 @@ def predict(predictor: Predictor, features: Features, row: int) -> dict[str, dic
     out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in features.modules}
     for g in predictor.groups:
         xg, xl, _ = group_tensors(features, g, [row])
-        y = predictor.models[g.length](xg, xl)[0]  # [n_members, d]
+        y = predictor.models[g.key](xg, xl)[0]  # [n_members, d]
         for (module, part), vec in zip(g.members, y):
             if part == "sigma":
                 out[module][part] = vec[0]
@@ -212,7 +230,7 @@ def load(state: dict[str, torch.Tensor], groups: list[Group], settings: TrainSet
     models = {}
     for g in groups:
         model = NExtMLP(g.length, settings.hidden)
-        prefix = f"len{g.length}."
+        prefix = f"{g.key}."
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        models[g.length] = model
+        models[g.key] = model
     return Predictor(groups, models, settings)
