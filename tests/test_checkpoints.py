@@ -40,6 +40,9 @@ def test_unknown_step_and_duplicate_steps_are_errors(tmp_path):
     _traj(tmp_path / "a", ["final"])
     with pytest.raises(NextrapError, match="final: cannot tell its step"):
         discover(tmp_path / "a")
+    _traj(tmp_path / "d", ["checkpoint-10", "checkpoint-20", "final"])  # a save beside the numbered ones
+    with pytest.warns(NextrapWarning, match="final: cannot tell the step; skipped"):
+        assert [c.step for c in discover(tmp_path / "d")] == [10, 20]
     _traj(tmp_path / "b", ["step_5", "checkpoint-5"])
     with pytest.raises(NextrapError, match="step 5 also found"):
         discover(tmp_path / "b")
@@ -212,3 +215,75 @@ def test_factors_with_a_nan_are_refused_naming_the_file_on_either_read(tmp_path,
     module = next(m.name for m in traj.modules if traj.lora_keys(m.name)[1] == key)
     with pytest.raises(NextrapError, match=r"step_2/adapter_model\.safetensors: LoRA factors contain NaN or Inf"):
         traj.factors(1, [module], dtype)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights = 'pissa' \(PiSSA\) rewrites the base weight.*path_initial_model_for_weight_conversion"),
+    ({"init_lora_weights": "pissa_niter_4"}, r"\(PiSSA\) rewrites the base weight"),
+    ({"init_lora_weights": "olora"}, r"\(OLoRA\) rewrites the base weight.*path_initial_model_for_weight_conversion"),
+    ({"init_lora_weights": "corda"}, r"\(CorDA\) rewrites the base weight"),
+    ({"init_lora_weights": "lora_ga"}, r"\(LoRA-GA\) rewrites the base weight"),
+    ({"init_lora_weights": "loftq"}, r"\(LoftQ\) replaces the base weight"),
+    ({"init_lora_weights": "someday"}, r"init_lora_weights = 'someday' is not an initialization nextrap knows"),
+    ({"alora_invocation_tokens": [5, 6]}, r"aLoRA \(activated LoRA\) adapters are not supported \(alora_invocation_tokens is set"),
+    ({"use_qalora": True}, r"QALoRA adapters are not supported"),
+    ({"use_bdlora": {"nblocks": 2}}, r"BD-LoRA \(block-diagonal\) adapters are not supported"),
+    ({"kasa_config": {}}, r"KaSA adapters are not supported"),  # PEFT makes {} a default sub-config: KaSA is on
+    ({"velora_config": {}}, r"VeLoRA adapters are not supported"),
+    ({"monteclora_config": {"n": 1}}, r"MonteCLoRA adapters are not supported"),
+    ({"arrow_config": {}}, r"Arrow adapters are not supported"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, r"parameter-targeting adapters are not supported"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, r"layer-replicating adapters are not supported"),
+])
+def test_lora_variants_that_are_not_w0_plus_sba_are_refused_naming_the_config(tmp_path, change, message):
+    _traj(tmp_path, ["step_1", "step_2"], config={**LORA_CONFIG, **change})
+    with pytest.raises(NextrapError, match=message) as err:
+        load_trajectory(tmp_path)
+    assert str(tmp_path / "step_1" / "adapter_config.json") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_inits_that_leave_the_base_weight_alone_are_read(tmp_path, init):
+    # the newer keys at their off values, as PEFT writes them; older PEFT versions write none of them
+    off = {"alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "kasa_config": None,
+           "velora_config": None, "monteclora_config": None, "arrow_config": None, "target_parameters": [],
+           "layer_replication": None}
+    traj = load_trajectory(_traj(tmp_path, ["step_1", "step_2"], config={**LORA_CONFIG, **off, "init_lora_weights": init}))
+    assert traj.steps == [1, 2]
+
+
+def test_a_ppo_critics_adapters_beside_the_actors_are_ignored_with_a_warning(tmp_path):
+    # verl's PPO with a LoRA critic saves global_step_N/critic/lora_adapter beside actor/lora_adapter
+    _traj(tmp_path, [f"global_step_{s}/{role}/lora_adapter" for s in (10, 20, 30) for role in ("actor", "critic")])
+    with pytest.warns(NextrapWarning, match=r"global_step_10/critic/lora_adapter: the critic's checkpoints \(3, .*ignored"):
+        found = discover(tmp_path)
+    assert [(c.step, c.path.relative_to(tmp_path).parts[1]) for c in found] == [(10, "actor"), (20, "actor"), (30, "actor")]
+
+
+def test_a_critic_without_an_actor_of_its_step_is_still_a_duplicate_or_a_checkpoint(tmp_path):
+    _traj(tmp_path / "a", ["global_step_10/critic/lora_adapter", "global_step_10/other/lora_adapter"])
+    with pytest.raises(NextrapError, match="step 10 also found"):
+        discover(tmp_path / "a")
+    assert [c.step for c in discover(_traj(tmp_path / "b", ["step_1/critic", "step_2/critic"]))] == [1, 2]
+
+
+def test_a_truncated_bin_is_an_error_naming_the_file(tmp_path):
+    modules = {"base_model.model.layers.0.q": (64, 64, 32)}  # 16 KB: torch's zip reader fails with a bare EINVAL
+    folder = _traj(tmp_path, ["step_1"], modules=modules) / "step_1"
+    weights = folder / "adapter_model.bin"
+    torch.save(lora_tensors(0, modules), weights)
+    weights.write_bytes(weights.read_bytes()[:8000])  # a copy cut short
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(NextrapError, match=rf"^{weights}: not a readable torch file, truncated or corrupt\? \(invalid argument\)$"):
+        load_trajectory(tmp_path)
+
+
+def test_the_run_roots_trainer_state_gives_no_step_to_a_folder_beside_the_checkpoints(tmp_path):
+    from nextrap.io.checkpoints import step_from_path
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 23}))  # HF Trainer's save_state at the end
+    (tmp_path / "run-a" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    assert step_from_path(tmp_path / "final", tmp_path) is None
+    assert step_from_path(tmp_path / "run-a", tmp_path) == 10

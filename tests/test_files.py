@@ -148,3 +148,33 @@ def test_a_full_disk_is_named_and_the_temporary_folder_removed(tmp_path):
                     error.filename = str(tmp / error.filename)
                 raise error
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overwrite, refusal", [(False, "already exists"), (True, "not an output of nextrap")])
+def test_a_folder_that_appears_at_the_target_while_writing_is_refused_not_deleted(tmp_path, overwrite, refusal):
+    target = tmp_path / "out"
+    with pytest.raises(NextrapError, match=f"{target}: {refusal}"):
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            (tmp / "a.txt").write_text("a")
+            target.mkdir()  # made by someone else during a long run
+            (target / "notes.txt").write_text("precious")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # our temporary folder is gone
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
+def test_a_failed_run_removes_the_empty_parent_folders_it_created(tmp_path):
+    target = tmp_path / "runs" / "exp1" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):
+            (target.parent / "keep.txt").write_text("x")  # written beside us meanwhile: exp1/ and so runs/ stay
+            raise RuntimeError("boom")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["runs", "runs/exp1", "runs/exp1/keep.txt"]
+    (target.parent / "keep.txt").unlink()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):  # runs/exp1 was there before: never removed
+            raise RuntimeError("boom")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["runs", "runs/exp1"]

@@ -137,9 +137,10 @@ def test_one_dimensional_parameters_are_raw_delta_vectors(run, exact):
 
 def test_vectors_join_the_predictor_of_their_length_and_come_back_unnormalized(exact):
     feats, _ = exact
-    groups = {g.length: g.members for g in make_groups(feats)}
-    assert ("model.norm.weight", "vec") in groups[64] and ("model.layers.0.self_attn.q_proj.weight", "u") in groups[64]
-    assert all(p == "sigma" for _, p in groups[1])
+    groups = {g.key: g.members for g in make_groups(feats)}  # as the reference: a 1-D delta is an n x 1 matrix, like u
+    assert ("model.norm.weight", "vec") in groups["u64"] and ("model.layers.0.self_attn.q_proj.weight", "u") in groups["u64"]
+    assert all(p == "v" for _, p in groups["v64"])
+    assert all(p == "sigma" for _, p in groups["sigma"])
     pred = predict(train(feats, TrainSettings(epochs=3)), feats, len(STEPS) - 1)
     assert set(pred["model.norm.weight"]) == {"vec"} and pred["model.norm.weight"]["vec"].shape == (64,)
     assert float(pred["model.layers.0.self_attn.q_proj.weight"]["u"].norm()) == pytest.approx(1.0)

@@ -82,3 +82,11 @@ def test_merged_needs_the_right_base(fitted, tmp_path):
     with pytest.raises(NextrapError, match=f"{key} has shape \\[3, 3\\]"):
         nextrap.extend(fitted, [1.0], tmp_path / "m", fmt="merged", base=wrong)
     assert not (tmp_path / "m").exists()
+
+
+def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(tmp_path):
+    # transformers' from_pretrained loads model.safetensors when it exists, whatever index lies beside it
+    folder = _sharded_copy(BASE, tmp_path / "both")
+    (folder / "model.safetensors").write_bytes((BASE / "model.safetensors").read_bytes())
+    assert set(weight_map(folder).values()) == {folder / "model.safetensors"}
+    assert len(set(weight_map(_sharded_copy(BASE, tmp_path / "sharded")).values())) == 3

@@ -4,9 +4,10 @@ A trajectory folder holds one PEFT adapter per saved step (``adapter_config.json
 ``adapter_model.safetensors`` or ``.bin``), directly or nested the way trainers lay them out (TRL
 ``checkpoint-120``, verl ``global_step_120/actor/lora_adapter``, OpenRLHF ``global_step120_hf``, ``step_120``,
 ``120``). verl's ``latest_checkpointed_iteration.txt`` marks its last complete save; later folders are partial
-saves and are skipped. Only headers are read up front (safetensors' lazy ``safe_open``); factors are read on
-demand, straight into the passes' stacks where stored in the stacks' dtype (``tensorfile``), else through
-``safe_open`` (``.bin`` files with ``torch.load(weights_only=True)``), in any float dtype, upcast when used.
+saves and are skipped, as is a PPO critic's ``global_step_120/critic/lora_adapter`` beside the actor's. Only
+headers are read up front (safetensors' lazy ``safe_open``); factors are read on demand, straight into the
+passes' stacks where stored in the stacks' dtype (``tensorfile``), else through ``safe_open`` (``.bin`` files
+with ``torch.load(weights_only=True)``), in any float dtype, upcast when used.
 
 ``find_folders``, ``step_folders``, ``step_from_path`` and ``latest_iteration`` are shared with full-weight
 checkpoint discovery.
@@ -29,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors import safe_open
 
-from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error
+from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error, os_problem
 from nextrap.io.files import OUTPUT_MARKER
 from nextrap.io.tensorfile import FLOAT_DTYPES, ST_DTYPES, TensorFile
 
@@ -163,7 +164,10 @@ class _TorchFile:
         try:
             self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except OSError as e:
-            raise os_error(e) from None
+            if e.filename is not None:  # the file itself could not be opened: permission, missing
+                raise os_error(e) from None
+            # a read inside the file failed (a truncated legacy-format file gives EINVAL): name the file
+            raise NextrapError(f"{path}: not a readable torch file, truncated or corrupt? ({os_problem(e.errno, e.strerror or '')})") from None
         except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is the same user-facing problem
             raise NextrapError(f"{path}: {_unpickling_problem(e)}") from None
         if not isinstance(self._sd, dict):
@@ -246,7 +250,9 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def step_from_path(path: Path, root: Path) -> int | None:
-    """The step encoded in the folder names between ``root`` and ``path`` (innermost first), else trainer_state.json."""
+    """The step encoded in the folder names between ``root`` and ``path`` (innermost first), else the nearest
+    trainer_state.json strictly below ``root``: the one at the run root (HF Trainer's ``save_state``) holds the
+    run's last step, not that of a folder beside the checkpoints (a ``final/`` save)."""
     rel = path.relative_to(root)
     for part in reversed(rel.parts):
         for pattern in _STEP_PATTERNS:
@@ -254,14 +260,14 @@ def step_from_path(path: Path, root: Path) -> int | None:
             if m:
                 return int(m.group(1))
     for folder in [path, *path.parents]:
+        if folder == root:
+            break
         state = folder / "trainer_state.json"
         if state.is_file():
             try:
                 return int(json.loads(state.read_text())["global_step"])
             except (ValueError, KeyError, TypeError, json.JSONDecodeError):
                 raise NextrapError(f"{state}: no integer global_step") from None
-        if folder == root:
-            break
     return None
 
 
@@ -315,17 +321,28 @@ def _find(folder: Path, is_checkpoint: Callable[[Path], bool], depth: int) -> li
 
 
 def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
-    """(step, folder) of each checkpoint folder under ``root``, sorted by step, without verl's partial saves.
+    """(step, folder) of each checkpoint folder under ``root``, sorted by step, without verl's partial saves nor
+    the critic's saves beside the actor's (PPO).
 
-    Errors name the folder: a step that cannot be told, a step saved twice, uneven spacing, and a
+    A folder whose step cannot be told beside folders whose steps can (a ``final/`` or ``best/`` save) is skipped
+    with a warning. Errors name the folder: no step told at all, a step saved twice, uneven spacing, and a
     ``latest_checkpointed_iteration.txt`` whose step is not among the folders.
     """
     found: list[tuple[int, Path]] = []
+    unknown: list[Path] = []
     for folder in folders:
         step = step_from_path(folder, root)
         if step is None:
-            raise NextrapError(f"{folder}: cannot tell its step (name it checkpoint-N, global_step_N, step_N or N, or add trainer_state.json)")
-        found.append((step, folder))
+            unknown.append(folder)
+        else:
+            found.append((step, folder))
+    if unknown:
+        how = "name it checkpoint-N, global_step_N, step_N or N, or add trainer_state.json"
+        if not found:
+            raise NextrapError(f"{unknown[0]}: cannot tell its step ({how})")
+        warnings.warn(f"{unknown[0]}{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}: cannot tell "
+                      f"the step; skipped ({how} to include it)", NextrapWarning, stacklevel=2)
+    found = _without_critics(root, found)
     latest = latest_iteration(root)
     if latest is not None:
         found = [(step, folder) for step, folder in found if step <= latest]
@@ -349,6 +366,26 @@ def step_folders(root: Path, folders: Sequence[Path]) -> list[tuple[int, Path]]:
             raise NextrapError(f"{folder}: step {step} breaks the even spacing of {gaps[0]} steps "
                                f"(after step {found[i][0]}); move it out of {root}")
     return found
+
+
+def _without_critics(root: Path, found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """``found`` without the critic's checkpoints that sit beside the actor's of the same step (verl's PPO with a
+    LoRA critic saves ``global_step_N/critic/lora_adapter`` beside ``actor/lora_adapter``): the policy is the actor."""
+    actors = {(step, twin) for step, folder in found if (twin := _role_free(folder, root, "actor")) is not None}
+    critics = {folder for step, folder in found if (step, _role_free(folder, root, "critic")) in actors}
+    if not critics:
+        return found
+    warnings.warn(f"{min(critics)}: the critic's checkpoints ({len(critics)}, each beside the actor's of its step) "
+                  "are ignored; reading the actor's", NextrapWarning, stacklevel=3)
+    return [(step, folder) for step, folder in found if folder not in critics]
+
+
+def _role_free(folder: Path, root: Path, role: str) -> tuple[str, ...] | None:
+    """``folder``'s path below ``root`` with its one ``role`` component (actor or critic) blanked; None without one."""
+    parts = folder.relative_to(root).parts
+    if parts.count(role) != 1:
+        return None
+    return tuple("" if p == role else p for p in parts)
 
 
 def require_checkpoints(root: Path, folders: Sequence[Path], horizon: int) -> None:
@@ -401,6 +438,19 @@ def discover(root: Path | str) -> list[Checkpoint]:
     return checkpoints
 
 
+# PEFT LoRA variants whose model is not W_0 + s * B @ A: config key -> the variant's name
+_VARIANTS = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "alora_invocation_tokens": "aLoRA (activated LoRA)",
+             "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA (block-diagonal)", "kasa_config": "KaSA",
+             "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow",
+             "target_parameters": "parameter-targeting", "layer_replication": "layer-replicating"}
+# init_lora_weights values that leave the base weight W_0 as it is: PEFT's default (B = 0), random A and B,
+# Gaussian, EVA (data-driven A, B = 0), orthogonal (B @ A = 0 by construction) and MiCA (B from W_0's minor
+# singular vectors, A = 0): training moves only s * B @ A
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+# inits that rewrite W_0 to W_0 - s * B_0 @ A_0 (PEFT's conversion to plain LoRA handles these), by prefix
+_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA"}
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -413,10 +463,36 @@ def _read_config(path: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise NextrapError(f"{path / ADAPTER_CONFIG}: adapter type {peft_type} is not supported (only LoRA)")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
-        if config.get(flag):
-            raise NextrapError(f"{path / ADAPTER_CONFIG}: {what} adapters are not supported (their update is not B @ A)")
+    for flag, what in _VARIANTS.items():
+        if _enables(config.get(flag)):  # JSON keys only: older PEFT versions write none of the newer ones
+            raise NextrapError(f"{path / ADAPTER_CONFIG}: {what} adapters are not supported ({flag} is set; "
+                               "their update is not W_0 + s * B @ A)")
+    _check_init(path / ADAPTER_CONFIG, config.get("init_lora_weights", True))
     return config
+
+
+def _enables(value: Any) -> bool:
+    """Whether a variant's config value turns it on: PEFT makes any sub-config dict, even ``{}``, into the
+    variant's config, so only null, false and ``[]`` leave it off."""
+    return value is not None and value is not False and value != []
+
+
+def _check_init(config_path: Path, init: Any) -> None:
+    """Refuse an init_lora_weights that changes the base weight: the checkpoints then hold the update relative to
+    a base the user does not have, and every output would silently miss -s * B_0 @ A_0."""
+    if init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS):
+        return
+    name = str(init).lower()
+    what = next((v for k, v in _REWRITING_INITS.items() if name.startswith(k)), None)
+    if what is not None:
+        raise NextrapError(f"{config_path}: init_lora_weights = {init!r} ({what}) rewrites the base weight, so the "
+                           "model is not W_0 + s * B @ A; convert each checkpoint to plain LoRA first with PEFT's "
+                           "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved at init>)")
+    if name.startswith("loftq"):
+        raise NextrapError(f"{config_path}: init_lora_weights = {init!r} (LoftQ) replaces the base weight with a "
+                           "quantized one, so the model is not W_0 + s * B @ A; LoftQ adapters are not supported")
+    raise NextrapError(f"{config_path}: init_lora_weights = {init!r} is not an initialization nextrap knows leaves "
+                       f"the base weight unchanged (true, false, {', '.join(_PLAIN_INITS)}); refusing to guess")
 
 
 def _pattern_value(patterns: dict[str, Any] | None, relative_name: str, default: Any) -> Any:

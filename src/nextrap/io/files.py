@@ -129,20 +129,24 @@ def atomic_dir(target: Path | str, overwrite: bool = False, kind: str = "output"
     renamed to ``target``.
 
     On any exception, an interrupt included, the temporary folder is removed and ``target`` is left as it was,
-    so a failed or interrupted run never leaves a half-written output, nor anything beside it; a full disk is
-    one line naming what was being written. An existing ``target`` is refused unless ``overwrite`` and provably
-    nextrap's (see ``check_replaceable``).
+    so a failed or interrupted run never leaves a half-written output, nor anything beside it (the parent folders
+    it created for ``target`` included); a full disk is one line naming what was being written. An existing
+    ``target`` is refused unless ``overwrite`` and provably nextrap's (see ``check_replaceable``), at the start and
+    again at publishing, so a folder that appeared there meanwhile is refused, never deleted.
     """
     target = Path(target).absolute()
     check_replaceable(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(target.parent)
     tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"  # named before it exists: always cleaned
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
         time.sleep(float(os.environ.get(PAUSE_ENV) or 0))
         check_interrupted()  # a signal that native code swallowed while writing: publish nothing
         with deferred_interrupts():
+            # a long run: someone (another run, a user) may have made ``target`` since the check at the start
+            check_replaceable(target, overwrite)
             publish(tmp, kind)
             if target.exists():
                 old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
@@ -154,12 +158,34 @@ def atomic_dir(target: Path | str, overwrite: bool = False, kind: str = "output"
     except BaseException as e:
         with deferred_interrupts():
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(created)
         code = write_errno(e)
         if code in WRITE_ERRNOS:
             where = getattr(e, "filename", None)
             where = str(where).replace(str(tmp), str(target)) if where else target
             raise NextrapError(f"{os_problem(code)} writing {where}") from None
         raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first: what ``mkdir(parents=True)`` creates."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a folder something else has written in since, and
+    so its ancestors, is kept."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue  # never made: the run failed before its mkdir
+        except OSError:
+            return
 
 
 @contextmanager

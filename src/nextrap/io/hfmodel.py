@@ -17,17 +17,20 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 def weight_map(base: Path) -> dict[str, Path]:
-    """Every tensor name of the base model -> the safetensors file that holds it."""
+    """Every tensor name of the base model -> the safetensors file that holds it.
+
+    ``model.safetensors`` wins over an index beside it (a stale one, say), as in transformers' ``from_pretrained``:
+    the weights read are the ones the model loads."""
     base = Path(base)
+    if (base / SINGLE).is_file():
+        with open_weights(base / SINGLE) as f:
+            return {k: base / SINGLE for k in f.keys()}
     if (base / INDEX).is_file():
         index = read_json(base / INDEX)
         try:
             return {k: base / f for k, f in index["weight_map"].items()}
         except (KeyError, AttributeError):
             raise NextrapError(f"{base / INDEX}: no weight_map") from None
-    if (base / SINGLE).is_file():
-        with open_weights(base / SINGLE) as f:
-            return {k: base / SINGLE for k in f.keys()}
     raise NextrapError(f"{base}: no {SINGLE} or {INDEX} (a Hugging Face model folder with safetensors weights is needed)")
 
 

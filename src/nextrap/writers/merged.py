@@ -138,9 +138,12 @@ def write_merged(out: Path, base: Path, deltas: list[WeightDelta], max_shard_byt
     for key, d in by_key.items():
         if info[key][0] != d.shape:
             raise NextrapError(f"{wmap[key]}: {key} has shape {info[key][0]}, but the LoRA module expects {d.shape}")
-    for key in replaced:
+    for key, t in replaced.items():
         if key not in info:
             raise NextrapError(f"{replaced_from}: tensor {key} (modules_to_save) has no counterpart in {base}")
+        if list(t.shape) != info[key][0]:  # e.g. an embedding trained with a resized vocabulary
+            raise NextrapError(f"{replaced_from}: tensor {key} (modules_to_save) has shape {list(t.shape)}, but "
+                               f"{wmap[key]} has {info[key][0]} (a resized vocabulary? the base must have the adapter's shapes)")
 
     def merged(key: str, w: torch.Tensor) -> torch.Tensor:
         if key in by_key:
