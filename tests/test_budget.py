@@ -95,3 +95,10 @@ def test_readers_closed_out_of_order_give_torch_back_all_its_threads(monkeypatch
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_size_that_cannot_be_read_names_its_option():
+    from nextrap.core.errors import NextrapError
+
+    with pytest.raises(NextrapError, match="^--max-shard-size 'abc': cannot read the size"):
+        parse_size("abc", "--max-shard-size")

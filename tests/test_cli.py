@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import tree_digest
@@ -121,3 +123,20 @@ def test_the_library_functions_stay_functions_when_their_modules_load():
             "print(callable(nextrap.fit), callable(nextrap.extend), nextrap.fit.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "True True nextrap.api.fit"
+
+
+def test_json_that_stdout_cannot_take_is_one_line_and_exit_1(fitted, tmp_path):
+    """`--json > /dev/full`: the failed write is an error line on stderr, not a traceback at exit."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    cli = Path(sys.executable).parent / "nextrap"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([str(cli), "extend", "--fit", str(fitted), "--alpha", "1", "--method", "linear",
+                               "--out", str(tmp_path / "j"), "--json"], stdout=full, stderr=subprocess.PIPE, text=True)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "cannot write the JSON to stdout: no space left on device" in lines[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nextrap
-from conftest import TRAJECTORY, model_state
+from conftest import BASE, TRAJECTORY, model_state
 from nextrap.io.checkpoints import load_trajectory
 from nextrap.core.errors import NextrapError
 from nextrap.methods import METHODS
@@ -46,8 +46,6 @@ def test_linear_adapter_is_exact(fitted, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import BASE
-
     res = nextrap.extend(fitted, [2.0], tmp_path / "lin", method="linear")
     traj = load_trajectory(TRAJECTORY)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), res.out)
@@ -77,10 +75,13 @@ def test_bad_method_and_format(fitted, tmp_path):
         nextrap.extend(fitted, [1.0], tmp_path / "o", fmt="gguf")
 
 
-def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
-    """Updates that are pure noise (a random walk in the factors): nothing can predict the next move."""
+@pytest.fixture(scope="module")
+def random_walk(tmp_path_factory):
+    """Updates that are pure noise (a random walk in the factors): nothing can predict the next move. Returns the
+    fit folder and the last checkpoint's tensors."""
     from conftest import LORA_CONFIG, write_adapter
 
+    root = tmp_path_factory.mktemp("random-walk")
     modules = {"base_model.model.layers.0.q": (64, 48, 8), "base_model.model.layers.0.k": (32, 48, 8)}
     g = torch.Generator().manual_seed(0)
     state = {}
@@ -89,9 +90,14 @@ def test_auto_chooses_no_jump_on_a_random_walk(tmp_path):
         state[f"{name}.lora_B.weight"] = torch.zeros(m, r)
     for i in range(12):
         state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
-        write_adapter(tmp_path / "ckpts" / f"step_{i}", state, LORA_CONFIG)
-    nextrap.fit(tmp_path / "ckpts", out=tmp_path / "fit", horizon=1, epochs=5, backtest_folds=3)
-    res = nextrap.extend(tmp_path / "fit", None, tmp_path / "out", method="auto")
+        write_adapter(root / "ckpts" / f"step_{i}", state, LORA_CONFIG)
+    nextrap.fit(root / "ckpts", out=root / "fit", horizon=1, epochs=5, backtest_folds=3)
+    return root / "fit", state
+
+
+def test_auto_chooses_no_jump_on_a_random_walk(random_walk, tmp_path):
+    fit, state = random_walk
+    res = nextrap.extend(fit, None, tmp_path / "out", method="auto")
     assert res.choice.alpha == 0.0 and res.alphas == [0.0], res.choice
     assert any("no jump" in w for w in res.warnings)
     from safetensors.torch import load_file
@@ -123,8 +129,6 @@ def test_base_format_plus_the_last_checkpoint_equals_the_jumped_adapter(fitted, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import BASE
-
     folded = nextrap.extend(fitted, [1.5], tmp_path / "base", fmt="base", base=BASE, method=method,
                             max_shard_size="100KB").out
     grown = nextrap.extend(fitted, [1.5], tmp_path / "adapter", method=method).out
@@ -150,3 +154,68 @@ def test_base_format_needs_a_base_and_a_lora_fit(fitted, tmp_path):
     with pytest.raises(NextrapError, match="--format base needs --base"):
         nextrap.extend(fitted, [1.0], tmp_path / "b", fmt="base")
     assert not (tmp_path / "b").exists()
+
+
+def test_an_alpha_given_without_a_winning_method_is_the_alpha_reported(random_walk, tmp_path):
+    """--method auto --alpha 1.5 where no method beats standing still: 1.5 is written, and the choice names it."""
+    from typer.testing import CliRunner
+
+    from nextrap.cli import app
+
+    fit, _ = random_walk
+    res = nextrap.extend(fit, [1.5], tmp_path / "lib", method="auto")
+    assert res.alphas == [1.5] and res.choice.alpha == 1.5 and res.choice.error == res.backtest_error[1.5]
+    assert "no jump" in res.choice.reason and any("writing the requested alphas" in w for w in res.warnings)
+    out = CliRunner().invoke(app, ["extend", "--fit", str(fit), "--alpha", "1.5", "--out", str(tmp_path / "j"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["choice"]["alpha"] == 1.5
+    human = CliRunner().invoke(app, ["extend", "--fit", str(fit), "--alpha", "1.5", "--out", str(tmp_path / "h")],
+                               env={"COLUMNS": "200"})
+    assert human.exit_code == 0 and "alpha 1.5:" in human.stdout and "alpha 0" not in human.stdout
+
+
+def test_min_energy_is_an_energy_from_0_to_1(fitted, tmp_path):
+    for bad in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(NextrapError, match="--min-energy .*: use a number from 0 to 1"):
+            nextrap.extend(fitted, [1.0], tmp_path / "out", min_energy=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_min_energy_that_leaves_modules_out_reports_no_backtest_error_and_warns(fitted, tmp_path):
+    """The backtest measured the whole move, not the filtered one: its error is not reported as the jump's."""
+    from nextrap.core.features import Features
+
+    feats = Features.load(fitted / "trajectory.safetensors")
+    cut = sorted(float(feats.get(m, "global", "energy")[-1]) for m in feats.modules)[len(feats.modules) // 2]
+    res = nextrap.extend(fitted, [0.0, 1.5], tmp_path / "out", method="next", min_energy=cut)
+    assert res.backtest_error == {0.0: 1.0, 1.5: None}
+    assert json.loads((tmp_path / "out" / "alpha-1.5" / "nextrap.json").read_text())["backtest_error"] is None
+    assert any("backtest measured the whole move" in w for w in res.warnings)
+    auto = nextrap.extend(fitted, None, tmp_path / "auto", min_energy=cut)
+    assert auto.backtest_error == {auto.alphas[0]: None}
+    assert any("--method and --alpha auto chose on the whole move" in w for w in auto.warnings)
+    kept = nextrap.extend(fitted, [1.5], tmp_path / "kept", method="next", min_energy=1e-9)  # every module passes
+    assert kept.backtest_error[1.5] is not None and not any("whole move" in w for w in kept.warnings)
+
+
+def test_min_energy_above_every_module_is_refused(fitted, tmp_path):
+    with pytest.raises(NextrapError, match="--min-energy 1: no module's rank-1 energy .* nothing to jump"):
+        nextrap.extend(fitted, [1.5], tmp_path / "out", method="next", min_energy=1.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_alphas_that_share_a_folder_name_and_huge_ranges_are_refused(fitted, tmp_path):
+    with pytest.raises(NextrapError, match="--alpha 1.0000001 and 1.0000002: both would be written to alpha-1.0/"):
+        nextrap.extend(fitted, [1.0000001, 1.0000002], tmp_path / "out", method="next")
+    assert not (tmp_path / "out").exists()
+    assert len(parse_alphas("0:99:1")) == 100
+    for text in ("0:1000:0.001", "0:100:1", "0:1e300:1"):
+        with pytest.raises(NextrapError, match="at most 100"):
+            parse_alphas(text)
+    with pytest.raises(NextrapError, match="at most 100"):
+        parse_alphas(",".join(str(i) for i in range(101)))
+
+
+def test_a_bad_shard_size_names_the_option(fitted, tmp_path):
+    with pytest.raises(NextrapError, match="--max-shard-size 'abc': cannot read the size"):
+        nextrap.extend(fitted, [1.0], tmp_path / "out", fmt="merged", base=BASE, max_shard_size="abc")

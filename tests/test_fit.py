@@ -142,3 +142,24 @@ def test_the_inputs_fingerprints_are_the_files_hashed_beside_or_after_the_featur
     assert len(files) == 2 * len(man["steps"]) and "inputs" in res.seconds
     for folder, f in files:
         assert f["sha256"] == hashlib.sha256((Path(folder) / f["name"]).read_bytes()).hexdigest()
+
+
+def test_svd_is_checked_for_a_lora_fit_too(trajectory, tmp_path):
+    with pytest.raises(NextrapError, match="--svd foo: use exact or fast"):
+        nextrap.fit(trajectory, out=tmp_path / "fit", svd="foo")
+    assert not (tmp_path / "fit").exists()
+
+
+def test_more_backtest_folds_than_the_trajectory_allows_are_recorded_and_warned(trajectory, tmp_path):
+    from nextrap.core.errors import NextrapWarning
+
+    with pytest.warns(NextrapWarning, match="--backtest-folds 100: the trajectory allows"):
+        res = nextrap.fit(trajectory, out=tmp_path / "fit", methods=("linear",), backtest_folds=100)
+    used = res.backtest[0].folds
+    settings = json.loads((tmp_path / "fit" / "manifest.json").read_text())["settings"]
+    assert 1 <= used < 100 and settings["backtest_folds"] == 100 and settings["backtest_folds_used"] == used
+
+
+def test_a_bad_memory_size_names_the_option(trajectory, tmp_path):
+    with pytest.raises(NextrapError, match="--max-memory 'abc': cannot read the size"):
+        nextrap.fit(trajectory, out=tmp_path / "fit", max_memory="abc")

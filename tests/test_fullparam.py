@@ -522,3 +522,18 @@ def test_the_model_card_of_a_full_jump_calls_it_a_merged_full_parameter_model(fu
     card = str(build_card(res.out, info, "org/m"))
     assert info["kind"] == "full" and "full-parameter checkpoint at step 90" in card
     assert "| format | merged full-parameter model (Hugging Face) |" in card and "LoRA" not in card
+
+
+def test_a_full_extend_records_the_fits_base_and_refuses_another(full_fit, tmp_path):
+    """A full-parameter jump is read against the fit's base: nextrap.json (and push's card) name that one."""
+    import nextrap
+
+    fit_dir, _ = full_fit
+    for given, out in ((None, "without"), (BASE, "same")):
+        res = nextrap.extend(fit_dir, [1.0], tmp_path / out, method="linear", base=given)
+        assert json.loads((res.out / "nextrap.json").read_text())["base"] == str(BASE.absolute())
+    other = tmp_path / "other-model"
+    shutil.copytree(BASE, other)
+    with pytest.raises(NextrapError, match="--base .*other-model: this full-parameter fit was fitted against the base"):
+        nextrap.extend(fit_dir, [1.0], tmp_path / "other", method="linear", base=other)
+    assert not (tmp_path / "other").exists()

@@ -296,8 +296,9 @@ def test_init_model_and_config_errors(tmp_path):
     assert len(result.checkpoints) == 2
     with pytest.raises(GRPOError, match="multiple of save_every"):
         train(GRPOConfig(out=str(tmp_path / "b"), save_every=2, jump_every=3))
+    (tmp_path / "not-peft").mkdir()
     with pytest.raises(GRPOError, match="not a PEFT adapter"):
-        train(GRPOConfig(out=str(tmp_path / "c"), **TINY, init_adapter=str(tmp_path)))
+        train(GRPOConfig(out=str(tmp_path / "c"), **TINY, init_adapter=str(tmp_path / "not-peft")))
     with pytest.raises(GRPOError, match="group_size"):
         train(GRPOConfig(out=str(tmp_path / "d"), group_size=1))
     with pytest.raises(GRPOError, match="unknown task"):
@@ -335,6 +336,52 @@ def test_cli_runs_and_prints_json(cli, tmp_path):
     plain = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--overwrite"])
     assert plain.exit_code == 0, plain.output
     assert "adapters in" in plain.stderr and "held-out accuracy at step 1" in plain.stderr
+
+
+SMALL = ["--steps", "1", "--save-every", "1", "--batch-prompts", "2", "--group-size", "2", "--eval-every", "0", "--lora-r", "2"]
+
+
+def _tree(folder):
+    return sorted((p.relative_to(folder).as_posix(), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_overwrite_keeps_every_file_of_a_folder_nextrap_grpo_did_not_mark(cli, tmp_path):
+    """A copy of a trajectory with the user's own metrics.jsonl, or a run of an older nextrap: no marker, so
+    --overwrite deletes nothing and says how to go on."""
+    mine = tmp_path / "mine"
+    (mine / "step_0").mkdir(parents=True)
+    (mine / "step_0" / "adapter_config.json").write_text("{}")
+    (mine / "metrics.jsonl").write_text('{"step": 0, "mine": true}\n')
+    before = _tree(mine)
+    r = CliRunner().invoke(cli, ["--out", str(mine), *SMALL, "--overwrite"])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "not an output of nextrap" in r.stderr and "delete it yourself, or choose another --out" in r.stderr
+    assert _tree(mine) == before
+
+
+def test_resuming_a_run_into_its_own_folder_is_refused_before_its_checkpoint_is_deleted(cli, tmp_path):
+    ws = tmp_path / "ws"
+    assert CliRunner().invoke(cli, ["--out", str(ws), *SMALL]).exit_code == 0
+    assert (ws / ".nextrap-output.json").is_file()  # marked when it was made: a later --overwrite may replace it
+    before = _tree(ws)
+    resume = ["--init-adapter", str(ws / "step_1"), "--resume-optimizer", str(ws / "step_1")]
+    r = CliRunner().invoke(cli, ["--out", str(ws), *SMALL, *resume, "--overwrite"])
+    assert r.exit_code == 1 and f"--out {ws}: holds --init-adapter {ws / 'step_1'}" in r.stderr
+    assert _tree(ws) == before
+    (ws / "notes.txt").write_text("mine")  # something the run did not write: no longer provably a run
+    r = CliRunner().invoke(cli, ["--out", str(ws), *SMALL, "--overwrite"])
+    assert r.exit_code == 1 and f"{ws / 'notes.txt'} was not written by nextrap" in r.stderr
+    assert (ws / "notes.txt").read_text() == "mine" and (ws / "step_1" / OPTIMIZER_FILE).is_file()
+
+
+def test_an_out_holding_its_data_or_inside_its_model_is_refused(cli, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    r = CliRunner().invoke(cli, ["--out", str(tmp_path / "o"), *SMALL, "--data", str(tmp_path / "o" / "train.jsonl")])
+    assert r.exit_code == 1 and "holds --data" in r.stderr
+    (tmp_path / "model").mkdir()
+    r = CliRunner().invoke(cli, ["--out", str(tmp_path / "model" / "run"), *SMALL, "--model", str(tmp_path / "model")])
+    assert r.exit_code == 1 and "is inside --model" in r.stderr and not (tmp_path / "model" / "run").exists()
 
 
 @pytest.mark.parametrize(

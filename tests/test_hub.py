@@ -234,3 +234,33 @@ def test_cli_missing_token_and_bad_folder_are_one_line_errors(folder, tmp_path, 
     res = runner.invoke(app, ["push", str(tmp_path / "plain"), "--repo", "org/m"])
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and "nextrap.json" in lines[0]
+
+
+def test_the_card_of_a_base_format_output_loads_checkpoint_c_on_it(tmp_path):
+    """--format base is W_0 + alpha * move: the card says to load checkpoint c's own adapter on it, naming the step."""
+    folder = tmp_path / "folded"
+    folder.mkdir()
+    info = {"method": "next", "format": "base", "alpha": 1.5, "from_step": 160, "horizon": 5, "source_steps": [150, 160],
+            "base": "/data/models/tiny", "backtest": [],
+            "resume_from": {"path": "/runs/r1/checkpoint-160", "step": 160}}
+    card = str(build_card(folder, info, "org/folded"))
+    assert _front_matter(card)["library_name"] == "transformers"
+    assert 'base = AutoModelForCausalLM.from_pretrained("org/folded")' in card
+    assert 'PeftModel.from_pretrained(base, "/runs/r1/checkpoint-160", is_trainable=True)' in card
+    assert "checkpoint of step 160" in card and "resume_from" in card
+    assert 'model = AutoModelForCausalLM.from_pretrained("org/folded")' not in card  # not the jumped model alone
+    with pytest.raises(NextrapError, match="--format base output without resume_from"):
+        build_card(folder, {**info, "resume_from": None}, "org/folded")
+
+
+def test_a_nextrap_json_of_wrong_types_is_a_one_line_error(folder):
+    info = json.loads((folder / "nextrap.json").read_text())
+    for key, value, field in (("source_steps", 160, "source_steps is a int"), ("describes", "LoRA", "describes is a str"),
+                              ("backtest", [1], "backtest entry is not an object"), ("alpha", "1.5", "alpha is a str")):
+        (folder / "nextrap.json").write_text(json.dumps({**info, key: value}))
+        with pytest.raises(NextrapError, match=f"nextrap.json: not a valid nextrap extend record .*{field}"):
+            push(folder, "org/m", dry_run=True)
+    (folder / "nextrap.json").write_text("[1, 2]")
+    res = runner.invoke(app, ["push", str(folder), "--repo", "org/m", "--dry-run"])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "not a JSON object" in lines[0]

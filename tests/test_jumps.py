@@ -108,3 +108,17 @@ def test_parse_jump_alpha():
         parse_jump_alpha("1,2")
     with pytest.raises(NextrapError, match="candidates"):
         parse_jump_alpha("reward:auto")
+
+
+def test_a_jump_json_with_missing_or_wrong_fields_is_a_one_line_error(moves, tmp_path):
+    modules, linear, _ = moves
+    folder = save_jump(tmp_path / "jumps", 40, linear, 1.0, modules, {})
+    info = json.loads((folder / "jump.json").read_text())
+    for key, broken, message in (("step", None, "needs step"), ("alpha", "big", "needs alpha"),
+                                 ("modules", [{"name": "q"}], "a modules entry is not a LoRA module")):
+        (folder / "jump.json").write_text(json.dumps({k: v for k, v in {**info, key: broken}.items() if v is not None}))
+        with pytest.raises(NextrapError, match=f"step_40/jump.json: .*{message}"):
+            fold(BASE, tmp_path / "jumps", tmp_path / "o")
+    res = CliRunner().invoke(app, ["fold", str(BASE), str(tmp_path / "jumps"), "--out", str(tmp_path / "o")])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "jump.json" in lines[0] and not (tmp_path / "o").exists()

@@ -1,5 +1,5 @@
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 from nextrap.cli import app
 from nextrap.core.errors import NextrapError
 from nextrap.rl.grpo import GRPOConfig
-from nextrap.rl.pipeline import Arm, PipelineConfig, accuracy_at, run_pipeline, speedup, steps_to_reach
+from nextrap.io.files import write_marker
+from nextrap.rl.pipeline import (WORKSPACE, Arm, PipelineConfig, PipelineResult, accuracy_at, run_pipeline, speedup,
+                                 steps_to_reach)
 
 TINY = GRPOConfig(save_every=2, batch_prompts=4, group_size=2, lora_r=4, lora_alpha=8, eval_prompts=8, eval_samples=2)
 
@@ -196,3 +198,53 @@ def test_rank_matched_controls_auto_alpha_and_a_reused_plain_run(tmp_path):
     (older / "grpo_config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith(("jump_", "select_"))}))
     with pytest.raises(NextrapError, match="fewer than --steps 20"):
         run_pipeline(PipelineConfig(out=str(tmp_path / "f"), steps=20, horizon=2, grpo=TINY, plain_from=str(older)))
+
+
+def test_overwrite_never_deletes_the_plain_run_it_reuses(tmp_path):
+    ws, plain = tmp_path / "ws", tmp_path / "ws" / "plain"
+    (plain / "step_16").mkdir(parents=True)
+    saved = {**json.loads(json.dumps(asdict(TINY))), "steps": 16, "target_modules": sorted(TINY.target_modules)}
+    (plain / "grpo_config.json").write_text(json.dumps(saved))
+    write_marker(ws, "pipeline", trees=WORKSPACE)  # a pipeline's workspace: --overwrite may replace it, not its input
+    with pytest.raises(NextrapError, match=f"--out {ws}: holds --plain-from {plain}"):
+        run_pipeline(PipelineConfig(out=str(ws), steps=16, horizon=2, grpo=TINY, plain_from=str(plain)), overwrite=True)
+    assert (plain / "grpo_config.json").is_file() and (plain / "step_16").is_dir()
+
+
+def _canned_run(monkeypatch, out):
+    """Replace the (long) run by a finished one; the runs it was asked for are listed."""
+    import nextrap.rl.pipeline as pipeline
+    curve = [{"step": 0, "eval_greedy_acc": 0.2, "eval_sampled_acc": 0.1}, {"step": 4, "eval_greedy_acc": 0.5, "eval_sampled_acc": 0.4}]
+    result = PipelineResult(out, 4, 2, 2, 1, 1.5, [Arm("plain", 4, curve, 2.0)], [])
+    calls = []
+
+    def run(cfg, progress=None, overwrite=False):
+        calls.append(cfg)
+        out.mkdir(exist_ok=True)
+        return result
+    monkeypatch.setattr(pipeline, "run_pipeline", run)
+    return calls
+
+
+def test_a_plot_into_a_missing_folder_is_refused_before_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "p"
+    calls = _canned_run(monkeypatch, out)
+    res = CliRunner().invoke(app, ["pipeline", "--out", str(out), "--plot", str(tmp_path / "nope" / "a.png"), "--json"])
+    assert res.exit_code == 1 and f"folder {tmp_path / 'nope'} does not exist" in res.stderr and calls == []
+    # --out itself is made by the run: a plot in it is fine
+    res = CliRunner().invoke(app, ["pipeline", "--out", str(out), "--plot", str(out / "a.png"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1 and (out / "a.png").is_file()
+
+
+def test_a_plot_that_fails_after_the_run_is_a_warning_and_the_results_are_still_printed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    _canned_run(monkeypatch, tmp_path / "p")
+    args = ["pipeline", "--out", str(tmp_path / "p"), "--plot", str(tmp_path / "a.xyz")]  # a type matplotlib cannot write
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["steps"] == 4
+    assert "warning:" in res.stderr and f"--plot {tmp_path / 'a.xyz'}: not written" in res.stderr
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "train -> jump -> train" in res.stdout and "plot written" not in res.stdout

@@ -241,12 +241,26 @@ def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None, base: Path |
 
 # ----------------------------------------------------------------------------------------------- plot
 
-def plot_diagnosis(d: Diagnosis, path: Path | str) -> Path:
-    """Two panels: median rank-1 energy vs step per module type; histogram of linearity R^2 per part."""
-    plt = pyplot()
+def plot_path(path: Path | str, overwrite: bool = False) -> Path:
+    """The file ``plot_diagnosis`` writes for ``--plot path``: ``.png`` added to a name without a suffix (as
+    matplotlib would), refused when it is a folder, or an existing file without ``overwrite``."""
     path = Path(path)
+    if not path.suffix and not path.is_dir():
+        path = path.with_name(path.name + ".png")
+    if path.is_dir():
+        raise NextrapError(f"--plot {path}: is a folder; give a file name, e.g. {path / 'inspect.png'}")
     if not path.parent.is_dir():
         raise NextrapError(f"{path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise NextrapError(f"--plot {path}: already exists; pass --overwrite to replace it")
+    return path
+
+
+def plot_diagnosis(d: Diagnosis, path: Path | str, overwrite: bool = False) -> Path:
+    """Two panels: median rank-1 energy vs step per module type; histogram of linearity R^2 per part. Returns the
+    file written (``plot_path``)."""
+    path = plot_path(path, overwrite)
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for t, values in sorted(d.energy_by_type.items()):
         pts = [(s, e) for s, e in zip(d.steps, values) if e is not None]

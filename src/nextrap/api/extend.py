@@ -31,6 +31,7 @@ from nextrap.runtime.process import Background
 FORMATS = ("adapter", "merged", "base")
 PROVENANCE = "nextrap.json"
 PREDICTION = "prediction.safetensors"
+MAX_ALPHAS = 100  # one output folder each: a range that expands past this is a typo, not a sweep
 
 
 def parse_alphas(text: str) -> list[float] | None:
@@ -42,8 +43,11 @@ def parse_alphas(text: str) -> list[float] | None:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0 or stop < start:
                 raise ValueError
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(n)]
+            n = (stop - start) / step + 1e-9
+            if math.isfinite(n) and n >= MAX_ALPHAS:  # counted before it is expanded: 0:1e12:1 never allocates
+                raise NextrapError(f"--alpha {text!r}: expands to {math.floor(n) + 1:,} alphas, one output folder each; "
+                                   f"at most {MAX_ALPHAS} (use a larger step)")
+            values = [round(start + i * step, 10) for i in range(int(math.floor(n)) + 1)] if math.isfinite(n) else []
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -52,12 +56,34 @@ def parse_alphas(text: str) -> list[float] | None:
         raise NextrapError(f"--alpha {text!r}: no finite values")
     if len(set(values)) != len(values):
         raise NextrapError(f"--alpha {text!r}: repeated values")
+    if len(values) > MAX_ALPHAS:
+        raise NextrapError(f"--alpha {text!r}: {len(values)} alphas, one output folder each; at most {MAX_ALPHAS}")
     return values
 
 
 def alpha_folder(alpha: float) -> str:
     text = f"{alpha:.6f}".rstrip("0")
     return "alpha-" + (text + "0" if text.endswith(".") else text)
+
+
+def check_alpha_folders(alphas: list[float]) -> None:
+    """Several alphas are written one folder each, named to 6 decimals: refuse alphas that share a name."""
+    if len(alphas) < 2:
+        return
+    seen: dict[str, float] = {}
+    for a in alphas:
+        name = alpha_folder(a)
+        if name in seen:
+            raise NextrapError(f"--alpha {seen[name]!r} and {a!r}: both would be written to {name}/ (folders name "
+                               "alphas to 6 decimals); give alphas that differ there")
+        seen[name] = a
+
+
+def check_min_energy(min_energy: float) -> None:
+    """--min-energy compares with sigma1/sum(sigma), which lies in [0, 1]."""
+    if not (isinstance(min_energy, (int, float)) and math.isfinite(min_energy) and 0 <= min_energy <= 1):
+        raise NextrapError(f"--min-energy {min_energy}: use a number from 0 to 1 (a rank-1 energy sigma1/sum(sigma); "
+                           "0 jumps every module)")
 
 
 @dataclass
@@ -71,7 +97,7 @@ class ExtendResult:
     horizon: int
     predicted_sigma: dict[str, float] = field(default_factory=dict)
     choice: Choice | None = None  # set when --method auto or --alpha auto chose
-    backtest_error: dict[float, float] = field(default_factory=dict)  # alpha -> backtest e of this method
+    backtest_error: dict[float, float | None] = field(default_factory=dict)  # alpha -> backtest e (None: not measured)
     warnings: list[str] = field(default_factory=list)
     resume_from: dict[str, Any] | None = None  # --format base: the checkpoint (path, step) to resume on the folded base
 
@@ -133,10 +159,13 @@ def _triple(name: str, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) ->
             f"{name}:v": v.to(torch.float32)}
 
 
-def _decide(results: list[BacktestResult], method: str, alphas: list[float] | None) -> tuple[str, list[float], Choice | None]:
-    """Resolve 'auto' method and/or alpha (None) from the fit's backtest."""
+def _decide(results: list[BacktestResult], method: str,
+            alphas: list[float] | None) -> tuple[str, list[float], Choice | None, str | None]:
+    """Resolve 'auto' method and/or alpha (None) from the fit's backtest; also why not to jump, when the backtest
+    says so. With alphas given, the choice names the one of them written at the lowest backtest error, also when
+    none beats standing still (its reason then says so)."""
     if method != "auto" and alphas is not None:
-        return method, alphas, None
+        return method, alphas, None, None
     if not results:
         raise NextrapError("--method auto (the default) / --alpha auto choose by backtest, but the fit has none "
                            "(it needs 2h + 1 checkpoints and no --no-backtest); name a --method")
@@ -145,7 +174,14 @@ def _decide(results: list[BacktestResult], method: str, alphas: list[float] | No
     except ValueError as e:
         raise NextrapError(f"--alpha auto: {e} in the fit's manifest.json (fitted with other --methods, or by an older "
                            "nextrap); refit or give --alpha") from None
-    return choice.method, (alphas if alphas is not None else [choice.alpha]), choice
+    no_jump = choice.reason if choice.alpha == 0 else None
+    if alphas is None:
+        return choice.method, [choice.alpha], choice, no_jump
+    if choice.alpha not in alphas:  # nothing beat standing still: the alphas given are written anyway
+        terms = next(r.terms for r in results if r.method == choice.method)
+        alpha = min(alphas, key=terms.error)
+        choice = Choice(choice.method, alpha, terms.error(alpha), f"{choice.reason}; writing --alpha as given")
+    return choice.method, alphas, choice, no_jump
 
 
 def _energy(features: Features, module: str, row: int) -> float:
@@ -156,14 +192,9 @@ def _energy(features: Features, module: str, row: int) -> float:
     return 1.0 if features.is_vector(module) else float(features.get(module, "global", "energy")[row])
 
 
-def _only_energetic(traj: Trajectory, j: Jump, features: Features, row: int, min_energy: float) -> Jump:
-    """The same jump with a zero move for modules whose rank-1 energy at ``row`` is below ``min_energy``."""
-    modules = features.modules if j.difference is not None else j.factors
-    keep = {n for n in modules if _energy(features, n, row) >= min_energy}
-    try:
-        return traj.only(j, keep)
-    except ValueError as e:
-        raise NextrapError(str(e)) from None
+def _energetic(features: Features, modules: list[str], row: int, min_energy: float) -> set[str]:
+    """The modules whose rank-1 energy at ``row`` is at least ``min_energy``."""
+    return {n for n in modules if _energy(features, n, row) >= min_energy}
 
 
 @dataclass
@@ -178,7 +209,7 @@ class Plan:
     choice: Choice | None
     move: Jump
     row: int
-    errors: dict[float, float]  # alpha -> backtest e of this method
+    errors: dict[float, float | None]  # alpha -> backtest e of this method (None: --min-energy left modules out)
     warnings: list[str]
 
     def factored(self) -> Jump:
@@ -193,22 +224,21 @@ class Plan:
 def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_energy: float = 0.0) -> Plan:
     """Resolve ``method="auto"`` / ``alphas=None`` from the fit's backtest (alpha 0 = don't jump when nothing
     beats standing still) and predict the move from the last checkpoint; ``min_energy`` zeroes the move of
-    modules whose global delta has rank-1 energy sigma1/sum(sigma) below it."""
+    modules whose global delta has rank-1 energy sigma1/sum(sigma) below it. The backtest measured the whole
+    move: when ``min_energy`` leaves modules out, the errors are not known (None) and a warning says so."""
     check_method(method)
+    check_min_energy(min_energy)
     features = fit.features
     results = [BacktestResult.from_json(b) for b in fit.manifest.get("summary", {}).get("backtest", [])]
-    method, alphas, choice = _decide(results, method, alphas)
+    asked = " and ".join(option for option, auto in (("--method", method == "auto"), ("--alpha", alphas is None)) if auto)
+    method, alphas, choice, no_jump = _decide(results, method, alphas)
     by_method = {r.method: r for r in results}
     try:
-        errors = {a: by_method[method].terms.error(a) for a in alphas} if method in by_method else {}
+        errors: dict[float, float | None] = ({a: by_method[method].terms.error(a) for a in alphas}
+                                             if method in by_method else {})
     except OverflowError:
         raise NextrapError(f"--alpha {max(alphas, key=abs):g}: so large that the jump overflows; refusing "
                            "non-finite results") from None
-    warnings = [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
-                for a, e in errors.items() if e >= 1 and a != 0]
-    if choice is not None and choice.alpha == 0:
-        warnings.append(f"{choice.reason}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
-                                                 else f"writing the requested alphas with {method} anyway"))
     row = features.n_rows - 1
     if method in FITTED and method not in fit.models:
         raise NextrapError(f"{fit.path}: has no fitted {method} model (left out by `fit --methods`, or written by an "
@@ -217,8 +247,28 @@ def plan(fit: FitFolder, alphas: list[float] | None, method: str = "auto", min_e
         j = jump(method, JumpContext(features, fit.trajectory, row, fit.models))
     except FloatingPointError as e:
         raise NextrapError(f"{fit.path}: {e}; refusing to write a jumped checkpoint") from None
+    warnings = []
     if min_energy > 0:
-        j = _only_energetic(fit.trajectory, j, features, row, min_energy)
+        modules = list(features.modules if j.difference is not None else j.factors)
+        keep = _energetic(features, modules, row, min_energy)
+        if not keep:
+            top = max((_energy(features, n, row) for n in modules), default=0.0)
+            raise NextrapError(f"--min-energy {min_energy:g}: no module's rank-1 energy at step {features.steps[row]} "
+                               f"reaches it (the highest is {top:.3f}); nothing to jump")
+        try:
+            j = fit.trajectory.only(j, keep)
+        except ValueError as e:
+            raise NextrapError(str(e)) from None
+        if len(keep) < len(modules):
+            errors = {a: (e if a == 0 else None) for a, e in errors.items()}  # e(0) = 1 whatever the move
+            chosen = "" if choice is None else f"; {asked} auto chose on the whole move too"
+            warnings.append(f"--min-energy {min_energy:g} leaves {len(modules) - len(keep)} of {len(modules)} modules "
+                            f"unjumped, but the backtest measured the whole move: its error is not reported{chosen}")
+    warnings += [f"method {method} at alpha {a:g}: backtest e = {e:.3f} >= 1, worse than not jumping"
+                 for a, e in errors.items() if e is not None and e >= 1 and a != 0]
+    if no_jump:
+        warnings.append(f"{no_jump}; " + ("writing the last checkpoint unchanged (alpha 0)" if alphas == [0.0]
+                                                 else f"writing the requested alphas with {method} anyway"))
     return Plan(fit, method, alphas, choice, j, row, errors, warnings)
 
 
@@ -232,11 +282,14 @@ def extend(fit_dir: Path | str, alphas: list[float] | None, out: Path | str, fmt
     error of the fit, including alpha 0 (the last checkpoint unchanged) when no jump beats standing still; name a
     method (``"next-paper"``: NExt as published) to use it whatever the backtest says. ``min_energy``
     jumps only the modules whose global delta has rank-1 energy sigma1/sum(sigma) >= min_energy (the others
-    keep their last weights)."""
+    keep their last weights; refused when none does, and the backtest error of a move with modules left out is
+    not known: None). Several alphas must differ in their folder names (``alpha_folder``)."""
     if fmt not in FORMATS:
         raise NextrapError(f"--format {fmt}: use adapter, merged or base")
     check_method(method)
-    shard_bytes = parse_size(max_shard_size)
+    check_min_energy(min_energy)
+    check_alpha_folders(alphas or [])
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     out = Path(out)
     check_apart(out, {"the fit folder": fit_dir, "the base model": base})
     check_replaceable(out, overwrite)
@@ -254,8 +307,8 @@ def _extend(loaded: FitFolder, fit_dir: Path | str, alphas: list[float] | None, 
             ranks: World) -> ExtendResult:
     check_apart(out, {"the checkpoint folder": loaded.manifest["source"]})
     features, traj = loaded.features, loaded.trajectory
-    base = Path(base) if base else None
-    fmt = traj.output_format(fmt, base)
+    fmt = traj.output_format(fmt, Path(base) if base else None)
+    base = traj.output_base(Path(base) if base else None)  # a full-parameter fit's own base, whatever --base says
     chosen = plan(loaded, alphas, method, min_energy)
     method, alphas, choice, j, row, errors = chosen.method, chosen.alphas, chosen.choice, chosen.move, chosen.row, chosen.errors
     # the prediction reads the move's checkpoints again and multiplies: on a thread of its own, beside the writer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ import torch
 from nextrap.version import __version__
 from nextrap.methods.backtest import BacktestResult, backtest, fold_starts, max_folds
 from nextrap.io.checkpoints import find_folders, is_adapter, save_limit_hint
-from nextrap.core.errors import NextrapError, one_line_os_errors
+from nextrap.core.errors import NextrapError, NextrapWarning, one_line_os_errors
 from nextrap.io.files import atomic_dir, check_apart, check_replaceable, read_json, sha256, write_json
 from nextrap.io.fullparam import is_model
 from nextrap.core.registry import check_methods
@@ -25,6 +26,7 @@ from nextrap.trajectories.opening import manifest_problem, open_trajectory, reop
 from nextrap.methods.predictor import TrainSettings
 from nextrap.runtime.distributed import world
 from nextrap.engine.budget import spare_cores
+from nextrap.engine.fullstream import SVD_MODES
 from nextrap.runtime.process import Background, cores
 from nextrap.trajectories.interface import Trajectory
 from nextrap.core.features import Features
@@ -103,6 +105,8 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         raise NextrapError(f"--backtest-folds {backtest_folds}: must be at least 1")
     if epochs < 1:
         raise NextrapError(f"--epochs {epochs}: must be at least 1")
+    if svd not in SVD_MODES:
+        raise NextrapError(f"--svd {svd}: use {' or '.join(SVD_MODES)}")
     out = Path(out)
     check_apart(out, {"the checkpoint folder": ckpts, "the base model": base})
     check_replaceable(out, overwrite)  # fail before the expensive part
@@ -166,6 +170,11 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
             skipped = str(e)
         report("backtest", 1, 1)
         seconds["backtest"] = time.perf_counter() - t0
+    folds_used = results[0].folds if results else 0
+    if results and folds_used < backtest_folds and ranks.is_main:
+        warnings.warn(f"--backtest-folds {backtest_folds}: the trajectory allows {folds_used} (each fold needs 2h + 1 "
+                      f"checkpoints after the first move, ending one earlier); backtested {folds_used}", NextrapWarning,
+                      stacklevel=2)
 
     energy = torch.stack([features.get(m, "global", "energy") for m in features.modules
                           if not features.is_vector(m)])  # [modules, rows]; 1-D parameters have no SVD
@@ -179,6 +188,7 @@ def fit(ckpts: Path | str, out: Path | str = "nextrap-fit", horizon: int = 5, se
         "format": "nextrap-fit/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": str(Path(ckpts).absolute()), "inputs": inputs, "steps": traj.steps, "horizon": horizon,
         "settings": {"seed": seed, "epochs": epochs, "device": settings.device, "sign_align": sign_align, "backtest_folds": backtest_folds,
+                     "backtest_folds_used": folds_used,  # the folds the trajectory allowed (0: no backtest)
                      "lr": settings.lr, "min_lr_ratio": settings.min_lr_ratio, "weight_decay": settings.weight_decay,
                      "hidden": settings.hidden, "methods": list(methods)},
         "versions": versions(), "summary": result.to_json(),

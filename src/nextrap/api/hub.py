@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HFValidationError
@@ -101,18 +101,52 @@ def _num(x: Any, fmt: str) -> str:
 
 
 def _is_merged(folder: Path, info: dict[str, Any]) -> bool:
-    if info.get("format") in ("adapter", "merged"):
-        return info["format"] == "merged"
+    """Whether the folder holds a whole model (merged, or ``--format base``'s folded base) rather than an adapter."""
+    if info.get("format") in ("adapter", "merged", "base"):
+        return info["format"] != "adapter"
     return not (folder / "adapter_config.json").is_file()
+
+
+# nextrap.json's fields the card reads, with the types extend writes (None: absent or null is fine too)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "format": (str,), "kind": (str,), "base": (str,), "alpha": (int, float), "from_step": (int,),
+    "horizon": (int,), "source_steps": (list,), "backtest": (list,), "describes": (dict,), "resume_from": (dict,)}
+
+
+def check_provenance(file: Path, info: Any) -> None:
+    """Refuse a nextrap.json the card cannot be written from, naming the file and the field."""
+    def bad(what: str) -> NoReturn:
+        raise NextrapError(f"{file}: not a valid nextrap extend record ({what})")
+
+    if not isinstance(info, dict):
+        bad("not a JSON object")
+    for key, kinds in _FIELDS.items():
+        value = info.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            bad(f"{key} is a {type(value).__name__}, not a {' or '.join(k.__name__ for k in kinds)}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in info.get("source_steps") or []):
+        bad("source_steps are not all integers")
+    if not all(isinstance(b, dict) for b in info.get("backtest") or []):
+        bad("a backtest entry is not an object")
+    describes = info.get("describes") or {"source": "", "format": ""}
+    if not (isinstance(describes.get("source"), str) and isinstance(describes.get("format"), str)):
+        bad("describes needs source and format as text")
+    resume = info.get("resume_from") or {}
+    if resume and not (isinstance(resume.get("path"), str) and isinstance(resume.get("step"), int)):
+        bad("resume_from needs a path and a step")
+    if info.get("format") == "base" and not resume:
+        bad("a --format base output without resume_from")
 
 
 def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | None = None,
                base_model: str | None = None) -> ModelCard:
     """The model card of a jumped checkpoint, from its ``nextrap.json`` (``info``) and adapter_config.json."""
+    check_provenance(folder / PROVENANCE, info)
     merged = _is_merged(folder, info)
     adapter_base = None
     if not merged and (folder / "adapter_config.json").is_file():
-        adapter_base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+        config = read_json(folder / "adapter_config.json")
+        adapter_base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     base_text = base_model or info.get("base") or adapter_base
     base_id = hub_model_id(base_model) or hub_model_id(info.get("base")) or hub_model_id(adapter_base)
     method = str(info.get("method", "unknown"))
@@ -125,7 +159,17 @@ def build_card(folder: Path, info: dict[str, Any], repo: str, revision: str | No
                                           "format": LoraRun.formats["merged" if merged else "adapter"]}
     rev = f', revision="{revision}"' if revision else ""
     base_ref = base_id or "BASE_MODEL"
-    if merged:
+    if info.get("format") == "base":  # W_0 + alpha * move: the jumped model is this base plus checkpoint c's adapter
+        resume = info["resume_from"]
+        load = (f"This repo holds the base model with the jump folded in (`W_0 + alpha * move`), not the jumped model "
+                f"itself: load it, then the run's own LoRA checkpoint of step {resume['step']} on it (`nextrap.json`'s "
+                f"`resume_from`, saved at `{resume['path']}` where this was written), and resume training from that "
+                "checkpoint (its adapter, optimizer and schedule).\n\n"
+                "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f'base = AutoModelForCausalLM.from_pretrained("{repo}"{rev})  # W_0 + alpha * move\n'
+                f'model = PeftModel.from_pretrained(base, "{resume["path"]}", is_trainable=True)'
+                f"  # the run's checkpoint of step {resume['step']}\n```\n")
+    elif merged:
         load = ("```python\nfrom transformers import AutoModelForCausalLM\n\n"
                 f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev})\n```\n')
     else:
@@ -180,8 +224,6 @@ def push(folder: Path | str, repo: str, private: bool = False, revision: str | N
     except HFValidationError:
         raise NextrapError(f"--repo {repo!r}: not a valid Hub repo id (use ORG/NAME)") from None
     info = read_json(folder / PROVENANCE)
-    if not isinstance(info, dict):
-        raise NextrapError(f"{folder / PROVENANCE}: not a JSON object")
     card = str(build_card(folder, info, repo, revision, base_model))
     files = upload_files(folder)
     listing = sorted([(rel, p.stat().st_size) for rel, p in files] + [(CARD, len(card.encode("utf-8")))])

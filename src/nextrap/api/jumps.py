@@ -73,13 +73,23 @@ def save_jump(root: Path | str, step: int, move: Jump, alpha: float, modules: li
 
 
 def load_jump(folder: Path) -> SavedJump:
-    info = read_json(folder / JUMP_INFO)
-    if info.get("format") != JUMP_FORMAT:
-        raise NextrapError(f"{folder / JUMP_INFO}: not a saved nextrap jump (format {info.get('format')!r})")
+    file = folder / JUMP_INFO
+    info = read_json(file)
+    if not isinstance(info, dict) or info.get("format") != JUMP_FORMAT:
+        raise NextrapError(f"{file}: not a saved nextrap jump (format "
+                           f"{info.get('format') if isinstance(info, dict) else None!r})")
+    for key, kinds in (("step", (int,)), ("method", (str,)), ("alpha", (int, float)), ("modules", (list,))):
+        if not isinstance(info.get(key), kinds) or isinstance(info.get(key), bool):
+            raise NextrapError(f"{file}: a saved jump needs {key} ({' or '.join(k.__name__ for k in kinds)}); "
+                               f"it has {info.get(key)!r:.60}")
     if not (folder / JUMP_WEIGHTS).is_file():
         raise NextrapError(f"{folder}: has {JUMP_INFO} but no {JUMP_WEIGHTS}")
     tensors = load_file(str(folder / JUMP_WEIGHTS))
-    modules = [LoraModule(**m) for m in info["modules"]]
+    try:
+        modules = [LoraModule(**m) for m in info["modules"]]
+    except TypeError:  # an entry that is not an object, or one with other fields
+        raise NextrapError(f"{file}: a modules entry is not a LoRA module (name, out_features, in_features, rank, "
+                           "scale, fan_in_fan_out)") from None
     factors = {}
     for m in modules:
         try:
@@ -124,7 +134,7 @@ def fold(base: Path | str, jumps: Path | str, out: Path | str, upto: int | None 
     to the base dtype after each as the live model was (one tensor at a time, sharded as ``extend --format merged``)."""
     out = Path(out)
     check_apart(out, {"the base model": base, "the jumps folder": jumps})
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     saved = load_jumps(jumps, upto)
     deltas = module_deltas(saved[0].modules, [(j.move, j.alpha) for j in saved])
     with atomic_dir(out, overwrite=overwrite, kind="fold") as tmp:

@@ -5,6 +5,8 @@ Exit codes: 0 success; 1 bad input or a refused result (one line on stderr, noth
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -13,7 +15,7 @@ from typing import Iterator
 import typer
 from rich.console import Console
 
-from nextrap.core.errors import NextrapError, NextrapWarning, os_error
+from nextrap.core.errors import NextrapError, NextrapWarning, os_error, os_problem
 from nextrap.runtime.process import check_interrupted
 from nextrap.runtime.progress import rich_progress
 
@@ -34,12 +36,41 @@ def errors() -> Iterator[None]:
             yield
     except (NextrapError, OSError) as e:
         check_interrupted()  # an error that a swallowed interrupt became is that interrupt
+        if isinstance(e, OSError):
+            _unflushable_stdout()  # a table that stdout could not take is not written again at exit
         message = os_error(e) if isinstance(e, OSError) else e
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def print_json(obj: object) -> None:
+    """The command's one JSON object on stdout, flushed here: inside ``errors()`` a full disk or a closed pipe is
+    one ``error:`` line and exit 1, not a traceback at exit."""
+    try:
+        print(json.dumps(obj))
+        sys.stdout.flush()
+    except OSError as e:
+        _unflushable_stdout()
+        raise NextrapError(f"cannot write the JSON to stdout: {os_problem(e.errno, e.strerror or str(e))}") from None
+
+
+def _unflushable_stdout() -> None:
+    """When stdout cannot take what it holds, send that to /dev/null instead, so that the interpreter's flush at
+    exit does not fail again (a second message and exit status 120)."""
+    try:
+        sys.stdout.flush()
+        return
+    except OSError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def warn(message: str) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from nextrap.cli.common import errors, out_console, status, warn
+from nextrap.cli.common import errors, out_console, print_json, status, warn
 from nextrap.core.registry import REGISTRY
+
+if TYPE_CHECKING:
+    from nextrap.api.extend import ExtendResult
 
 
 def extend(
@@ -27,7 +29,7 @@ def extend(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Jump: write W_c + alpha * predicted move as an adapter or a merged model."""
-    from nextrap.api.extend import alpha_folder, extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
+    from nextrap.api.extend import extend as run_extend, parse_alphas  # here, not at the top: --help never loads torch
     from nextrap.runtime.distributed import world
     main_rank = world().is_main  # under torchrun, every rank writes its shards; rank 0 alone prints
     with errors():
@@ -35,14 +37,19 @@ def extend(
         with status("extending...", not as_json and main_rank):
             result = run_extend(fit_dir, alphas, out, fmt=fmt, base=base, method=method, overwrite=overwrite,
                                 max_shard_size=max_shard_size, min_energy=min_energy)
-    if not main_rank:
-        return
+        if main_rank:
+            _report(result, as_json)
+
+
+def _report(result: ExtendResult, as_json: bool) -> None:
+    from nextrap.api.extend import alpha_folder
+
     for w in result.warnings:
         warn(w)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print_json(result.to_json())
         return
-    if result.choice:
+    if result.choice:  # the choice names a written alpha (the backtest's, or the best of those given)
         out_console.print(f"chose method [bold]{result.choice.method}[/], alpha [bold]{result.choice.alpha:g}[/]: {result.choice.reason}", highlight=False)
     table = Table(title=f"nextrap extend ({result.method}, {result.format}) from step {result.from_step}", title_justify="left")
     table.add_column("alpha", justify="right")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from nextrap.cli.common import errors, out_console, progress
+from nextrap.cli.common import errors, out_console, print_json, progress
 from nextrap.core.registry import METHODS
 
 if TYPE_CHECKING:
@@ -76,14 +75,15 @@ def fit(
     from nextrap.runtime.distributed import world
     from nextrap.api.fit import fit as run_fit  # here, not at the top: --help never loads torch
     main_rank = world().is_main  # under torchrun, rank 0 alone shows progress and the result
-    with errors(), progress(not as_json and main_rank) as report:
-        result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
-                         run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
-                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                         base=base, svd=svd, max_memory=max_memory, max_gpu_memory=max_gpu_memory)
-    if not main_rank:
-        return
-    if as_json:
-        print(json.dumps(result.to_json()))
-    else:
-        _fit_summary(result)
+    with errors():
+        with progress(not as_json and main_rank) as report:
+            result = run_fit(ckpts, out, horizon=horizon, seed=seed, epochs=epochs, device=device, sign_align=sign_align,
+                             run_backtest=backtest, backtest_folds=backtest_folds, overwrite=overwrite, progress=report,
+                             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                             base=base, svd=svd, max_memory=max_memory, max_gpu_memory=max_gpu_memory)
+        if not main_rank:
+            return
+        if as_json:
+            print_json(result.to_json())
+        else:
+            _fit_summary(result)

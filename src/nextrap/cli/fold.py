@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from nextrap.cli.common import errors, out_console
+from nextrap.cli.common import errors, out_console, print_json
 
 
 def fold_cmd(
@@ -24,8 +23,8 @@ def fold_cmd(
     from nextrap.api.jumps import fold as run_fold  # here, not at the top: --help never loads torch
     with errors():
         result = run_fold(base, jumps, out, upto=upto, max_shard_size=max_shard_size, overwrite=overwrite)
-    if as_json:
-        print(json.dumps(result.to_json()))
-        return
-    out_console.print(f"folded the jumps of steps {', '.join(map(str, result.steps))} into {result.out} "
-                      f"({result.shards} shard(s)): load checkpoints from step {result.steps[-1]} on it", highlight=False)
+        if as_json:
+            print_json(result.to_json())
+            return
+        out_console.print(f"folded the jumps of steps {', '.join(map(str, result.steps))} into {result.out} "
+                          f"({result.shards} shard(s)): load checkpoints from step {result.steps[-1]} on it", highlight=False)

@@ -6,7 +6,6 @@ Exit codes: 0 success; 1 bad input (one line on stderr); 2 bad usage (typer).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from dataclasses import asdict
@@ -17,12 +16,9 @@ import typer
 from rich.console import Console
 
 from nextrap.core.errors import NextrapError, os_error
-from nextrap.io.files import check_writable
+from nextrap.io.files import check_replaceable, check_writable
 from nextrap.runtime.progress import rich_progress
 from nextrap.rl.grpo_config import ADVANTAGES, GRPOConfig
-
-_OURS = re.compile(r"^(step_\d+|metrics\.jsonl|grpo_config\.json|nextrap-jumps)$")  # what a run writes into --out
-
 
 # The GRPO options `grpo` and `pipeline` share, declared once (their defaults are GRPOConfig's).
 GRPO_DEFAULTS = GRPOConfig()
@@ -54,21 +50,27 @@ def _fail(message: str) -> None:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out a run cannot write, or a non-empty one unless --overwrite and provably a grpo run's (its
+    marker lists what it holds); then empty it, so stale step_N folders cannot mix into the new trajectory."""
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} exists and is not a folder")
     try:
         check_writable(out / "step_0")  # what a run writes first, inside --out
     except NextrapError as e:
         _fail(str(e))
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            _fail(f"--out {out} is not empty; pass --overwrite to replace its run, or pick another folder")
-        # remove only a previous run's outputs, so stale step_N folders cannot mix into the new trajectory
-        for p in out.iterdir():
-            if _OURS.match(p.name) and p.is_dir():
-                shutil.rmtree(p)
-            elif _OURS.match(p.name):
-                p.unlink()
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        _fail(f"--out {out} is not empty; pass --overwrite to replace its run, or pick another folder")
+    try:
+        check_replaceable(out, overwrite)
+    except NextrapError as e:  # runs written before the marker existed have none: only their owner can tell
+        _fail(f"{e}; a run of an older nextrap has no marker: delete it yourself, or choose another --out")
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def grpo(
@@ -110,7 +112,7 @@ def grpo(
     jump_epochs: Annotated[int, typer.Option("--jump-epochs", help="next-paper's predictor epochs in the jump's fit.")] = 1000,
     select_prompts: Annotated[int, typer.Option("--select-prompts", help="Hold the last N training prompts out of the training "
                                                     "stream, to choose --jump-alpha reward:... on.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in a non-empty --out (only a folder nextrap grpo marked as its run).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")] = False,
 ) -> None:
     """Train LoRA with GRPO-style RLVR and save a PEFT adapter every --save-every steps: the trajectory nextrap extrapolates."""
@@ -148,7 +150,7 @@ def grpo(
         jump_epochs=jump_epochs,
         select_prompts=select_prompts,
     )
-    try:  # bad options fail before a previous run in --out is removed
+    try:  # bad options, and an --out holding or inside an input, fail before a previous run in --out is removed
         validate(config)
     except NextrapError as e:
         _fail(str(e))

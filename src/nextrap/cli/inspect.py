@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from nextrap.cli.common import errors, human_bytes, out_console, status
+from nextrap.cli.common import errors, human_bytes, out_console, print_json, status
+
+if TYPE_CHECKING:
+    from nextrap.api.diagnostics import Diagnosis
 
 
 def _r2_cell(summary: dict) -> str:
@@ -22,20 +24,29 @@ def inspect_cmd(
     ckpts: Path = typer.Argument(..., readable=False, help="Folder with one PEFT LoRA adapter (or, with --base, one Hugging Face model) per saved step, as for `nextrap fit`."),
     base: Optional[Path] = typer.Option(None, "--base", readable=False, help="Full-parameter mode: the model the checkpoints started from (W_0), as for `nextrap fit --base`."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Peak memory budget for every pass that streams the checkpoints, e.g. 2GB (default 8GB)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: rank-1 energy vs step per module type, and an R^2 histogram."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG (.png is added to a name without a suffix): rank-1 energy vs step per module type, and an R^2 histogram."),
     fit_checkpoints: Optional[int] = typer.Option(None, "--fit-checkpoints", help="Linearity check: fit lines on the first K checkpoints, predict the rest (default: the first 2/3)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --plot file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ) -> None:
     """Describe a checkpoint folder and run the paper's diagnostics: rank-1 energy and linearity (R^2)."""
-    from nextrap.api.diagnostics import PARTS, R2_THRESHOLD, diagnose, plot_diagnosis  # here, not at the top: --help never loads torch
+    from nextrap.api.diagnostics import diagnose, plot_diagnosis, plot_path  # here, not at the top: --help never loads torch
     with errors():
+        if plot is not None:
+            plot = plot_path(plot, overwrite)  # before the checkpoints are read: a bad --plot fails at once
         with status("reading checkpoints...", not as_json):
             d = diagnose(ckpts, fit_checkpoints=fit_checkpoints, base=base, max_memory=max_memory)
         if plot is not None:
-            plot_diagnosis(d, plot)
-    if as_json:
-        print(json.dumps(d.to_json()))
-        return
+            plot = plot_diagnosis(d, plot, overwrite)
+        if as_json:
+            print_json(d.to_json())
+            return
+        _report(d, plot)
+
+
+def _report(d: Diagnosis, plot: Path | None) -> None:
+    from nextrap.api.diagnostics import PARTS, R2_THRESHOLD  # here, not at the top: --help never loads torch
+
     j = d.to_json()
     table = Table(title=f"nextrap inspect {d.root}", show_header=False, title_justify="left")
     table.add_row("layout", f"{d.layout} ({d.trainer} folders)")

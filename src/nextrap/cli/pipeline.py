@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from nextrap.cli.common import errors, out_console, progress
+from nextrap.api.plotting import pyplot
+from nextrap.cli.common import errors, out_console, progress, warn
 from nextrap.cli.grpo import (GRPO_DEFAULTS, Advantage, BatchPrompts, Data, Device, EvalData, EvalEvery, EvalPrompts,
                               EvalSamples, GroupSize, LoraAlpha, LoraR, Lr, MaxNewTokens, Model, Reward, SaveEvery, Seed,
                               Task, TargetModules, Temperature)
-from nextrap.core.errors import NextrapError
+from nextrap.core.errors import NextrapError, os_error
 from nextrap.rl.grpo_config import GRPOConfig
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def pipeline_cmd(
 ) -> None:
     """Train -> jump -> train against plain GRPO, a no-jump restart and a jump to the true future."""
     from nextrap.api.extend import parse_alphas
-    from nextrap.rl.pipeline import PipelineConfig, plot as plot_pipeline, run_pipeline  # here, not at the top: --help never loads torch
+    from nextrap.rl.pipeline import PipelineConfig, run_pipeline  # here, not at the top: --help never loads torch
     base = GRPOConfig(model=model, save_every=save_every, lr=lr, batch_prompts=batch_prompts, group_size=group_size,
                       temperature=temperature, max_new_tokens=max_new_tokens, advantage=advantage, device=device,
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()), lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, task=task, data=str(data) if data else None,
@@ -87,16 +88,44 @@ def pipeline_cmd(
                          epochs=epochs, restart=restart, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                          grpo=base, plain_from=str(plain_from) if plain_from else None, jump_format=jump_format,
                          schedules=every, reward_alphas=tuple(candidates))
+    with errors():
+        if plot_file is not None:
+            _check_plot(plot_file, out)
     with errors(), progress(not as_json) as report:
         result = run_pipeline(cfg, progress=report, overwrite=overwrite)
-        if plot_file is not None:
-            plot_pipeline(result, plot_file)
+    unplotted = _save_plot(result, plot_file) if plot_file is not None else None
     if as_json:
         print(json.dumps(result.to_json()))
-        return
-    _pipeline_table(result)
-    if plot_file is not None:
-        out_console.print(f"plot written to {plot_file}", highlight=False)
+    else:
+        _pipeline_table(result)
+        if plot_file is not None and unplotted is None:
+            out_console.print(f"plot written to {plot_file}", highlight=False)
+    if unplotted is not None:  # after the results, where it is seen; they are printed and saved, so exit 0
+        warn(unplotted)
+
+
+def _check_plot(path: Path, out: Path) -> None:
+    """Refuse, before hours of training, a --plot that cannot be written: a folder in its place, a parent folder
+    that does not exist (the run makes --out only), or no matplotlib."""
+    folder = path.absolute().parent
+    if path.is_dir():
+        raise NextrapError(f"--plot {path}: is a folder; name a file, e.g. {path / 'pipeline.png'}")
+    if not folder.is_dir() and folder != out.absolute():
+        raise NextrapError(f"--plot {path}: folder {folder} does not exist")
+    pyplot()
+
+
+def _save_plot(result: PipelineResult, path: Path) -> str | None:
+    """Write the plot; why it could not be written (None: written). A failed plot costs the plot, never the
+    results of the run before it."""
+    from nextrap.rl.pipeline import plot as plot_pipeline  # here, not at the top: --help never loads torch
+    try:
+        plot_pipeline(result, path)
+    except OSError as e:
+        return f"--plot {path}: not written ({os_error(e)}); the results are in {result.out / 'pipeline.json'}"
+    except (NextrapError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
+        return f"--plot {path}: not written ({e}); the results are in {result.out / 'pipeline.json'}"
+    return None
 
 
 def _pipeline_table(r: PipelineResult) -> None:

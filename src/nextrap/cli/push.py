@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from nextrap.cli.common import errors, human_bytes, out_console, status
+from nextrap.cli.common import errors, human_bytes, out_console, print_json, status
 
 
 def push_cmd(
@@ -28,20 +27,20 @@ def push_cmd(
         with status("uploading...", not (as_json or dry_run)):
             result = run_push(folder, repo, private=private, revision=revision, dry_run=dry_run, token_env=token_env,
                               base_model=base_model)
-    if as_json:
-        print(json.dumps(result.to_json()))
-        return
-    table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo} ({revision or 'main'})", title_justify="left")
-    table.add_column("file")
-    table.add_column("size", justify="right")
-    for path, size in result.files:
-        table.add_row(path, human_bytes(size))
-    table.add_row("total", human_bytes(result.total_bytes), style="bold")
-    out_console.print(table)
-    if dry_run:
-        out_console.print("model card (README.md):", style="bold")
-        out_console.print(result.card, markup=False, highlight=False, soft_wrap=True)
-        out_console.print("dry run: nothing was uploaded", style="dim")
-    else:
-        out_console.print(f"pushed to {result.repo_url or repo}" + (f"; commit {result.commit_url}" if result.commit_url else ""),
-                          highlight=False)
+        if as_json:
+            print_json(result.to_json())
+            return
+        table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo} ({revision or 'main'})", title_justify="left")
+        table.add_column("file")
+        table.add_column("size", justify="right")
+        for path, size in result.files:
+            table.add_row(path, human_bytes(size))
+        table.add_row("total", human_bytes(result.total_bytes), style="bold")
+        out_console.print(table)
+        if dry_run:
+            out_console.print("model card (README.md):", style="bold")
+            out_console.print(result.card, markup=False, highlight=False, soft_wrap=True)
+            out_console.print("dry run: nothing was uploaded", style="dim")
+        else:
+            out_console.print(f"pushed to {result.repo_url or repo}" + (f"; commit {result.commit_url}" if result.commit_url else ""),
+                              highlight=False)

@@ -41,11 +41,12 @@ def device_budget(budget: int, device: str, max_gpu_memory: int | None, free_gpu
     return min(budget, max_gpu_memory if max_gpu_memory is not None else int(0.9 * free_gpu()))
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses)."""
+def parse_size(text: str, option: str = "") -> int:
+    """'5GB', '200MB', '500KB' or a byte count -> bytes (decimal units, as transformers uses); ``option`` (e.g.
+    ``--max-memory``) names what gave it in the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise NextrapError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)")
+        raise NextrapError(f"{option + ' ' if option else ''}{text!r}: cannot read the size (use e.g. 5GB, 500MB)")
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]

@@ -22,6 +22,7 @@ Outputs in `out`:
                              step 0 has only eval fields; "jump" (the record of jump_in_place) on jump steps
     nextrap-jumps/step_N/    with jump_every: each jump's factors, as the TRL callback saves them, so that
                              `nextrap fold MODEL OUT/nextrap-jumps --upto M` gives the base step_M loads on
+    .nextrap-output.json     written first, in an empty folder: marks it a grpo run, which --overwrite may empty
 
 Repeated jumps (RL-Extra style, ``jump_every`` K): at every K-th step but the last, after that step's save and
 eval, the checkpoints saved since the previous jump are fitted and the move, times alpha (a number, the
@@ -55,9 +56,10 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from nextrap.io.checkpoints import LoraModule
+from nextrap.io.files import check_apart, write_marker
 from nextrap.core.errors import NextrapError
 from nextrap.rl.grpo_config import ADVANTAGES, ALL_LINEAR, GRPOConfig, GRPOError, default_model_dir  # noqa: F401 - re-exported
-from nextrap.api.jumps import JumpSettings, choose_by_score, jump_in_place, parse_jump_alpha
+from nextrap.api.jumps import JUMPS, JumpSettings, choose_by_score, jump_in_place, parse_jump_alpha
 from nextrap.core.registry import check_method
 from nextrap.methods import Jump
 from nextrap.rl.tasks import Example, Reward, TaskError, get_task, load_jsonl, load_reward, math_reward
@@ -435,6 +437,18 @@ def _check(config: GRPOConfig) -> None:
     if candidates and config.select_prompts < 1:
         raise GRPOError(f"jump_alpha {config.jump_alpha}: choosing alpha by reward needs held-out prompts; set "
                         "select_prompts (e.g. 256: the last 256 training prompts, left out of training)")
+    check_apart(Path(config.out), config.inputs())  # a run never writes over what it reads (resuming its own step)
+
+
+RUN_TREES = ("step_*", "metrics.jsonl", "grpo_config.json", JUMPS)  # what a run writes into its folder
+
+
+def _start_run(out: Path) -> None:
+    """Make the run folder and, when nothing is in it yet, mark it as a grpo run that owns ``RUN_TREES`` whole:
+    the proof ``--overwrite`` asks for before it empties the folder for a new run."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not any(out.iterdir()):
+        write_marker(out, "grpo", trees=RUN_TREES)
 
 
 def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None = None) -> GRPOResult:
@@ -456,7 +470,7 @@ def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None =
             raise GRPOError(f"{opt_path}: no optimizer state to resume")
         load_optimizer_state(optimizer, params, opt_path)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _start_run(out)
     lora = model.peft_config["default"]  # with init_adapter, the adapter's own rank and targets
     saved = {**asdict(config), "lora_r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)}
     (out / "grpo_config.json").write_text(json.dumps(saved, indent=2) + "\n")

@@ -60,3 +60,11 @@ class GRPOConfig:
     jump_horizon: int = 5  # checkpoints the jump's fit looks ahead
     jump_epochs: int = 1000  # next-paper's predictor epochs in the jump's fit
     select_prompts: int = 0  # the last N training prompts, held out of the training stream for choosing alpha by reward
+
+    def inputs(self) -> dict[str, str | None]:
+        """What a run reads from disk, by option name (None: not given; a hub id is not on disk): ``out`` may
+        neither hold one of them nor lie inside one, or a run (or --overwrite) would write over its own inputs."""
+        model = self.model or str(default_model_dir())
+        return {"--model": model if Path(model).exists() else None, "--init-model": self.init_model,
+                "--init-adapter": self.init_adapter, "--resume-optimizer": self.resume_optimizer,
+                "--data": self.data, "--eval-data": self.eval_data}

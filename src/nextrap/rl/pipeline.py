@@ -42,7 +42,7 @@ from typing import Any, Callable
 from nextrap.writers.adapter import make_appended_rows_trainable
 from nextrap.core.errors import NextrapError
 from nextrap.api.plotting import pyplot
-from nextrap.io.files import check_replaceable, write_marker
+from nextrap.io.files import check_apart, check_replaceable, write_marker
 from nextrap.api.extend import extend, plan
 from nextrap.api.fit import fit, load_fit
 from nextrap.rl.grpo import GRPOConfig, choose_alpha_by_reward, default_model_dir, train
@@ -235,7 +235,9 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None, overwrit
     s1, s2 = cfg.schedule()
     _check(cfg, s1, s2)
     out = Path(cfg.out)
-    check_replaceable(out, overwrite)
+    # before anything is deleted: --overwrite must not remove the plain run (or data) the pipeline reads
+    check_apart(out, {"--plain-from": cfg.plain_from, **cfg.grpo.inputs()})
+    check_replaceable(out, overwrite)  # and only a workspace a pipeline marked (or an empty folder)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

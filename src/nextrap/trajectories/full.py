@@ -108,6 +108,13 @@ class FullRun(FullTrajectory, Trajectory):
                                "--format merged output already is the jumped model")
         return "merged"  # the jumped model itself, from checkpoint c: there is no adapter to write
 
+    def output_base(self, base: Path | None) -> Path:
+        """The base the fit read the checkpoints against: a --base that is another folder is refused."""
+        if base is not None and base.resolve() != self.base.resolve():
+            raise NextrapError(f"--base {base}: this full-parameter fit was fitted against the base {self.base}; "
+                               "leave --base out (the fit's base is used) or give that folder")
+        return self.base
+
     def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int,
               ranks: World = World()) -> None:
         """Checkpoint ``row`` + alpha * move as a Hugging Face model folder, one tensor read at a time; every tensor

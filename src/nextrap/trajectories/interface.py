@@ -122,6 +122,11 @@ class Trajectory(ABC):
     def output_format(self, fmt: str, base: Path | None) -> str:
         """What ``extend --format fmt`` (with ``--base``) writes from this trajectory; a NextrapError when it cannot."""
 
+    def output_base(self, base: Path | None) -> Path | None:
+        """The base model ``extend`` writes on and records (nextrap.json's ``base``): ``--base`` as given, by
+        default; a NextrapError when it cannot be the one."""
+        return base
+
     @abstractmethod
     def write(self, out: Path, fmt: str, row: int, j: Jump, alpha: float, base: Path | None, max_shard_bytes: int,
               ranks: World = World()) -> None:

@@ -31,8 +31,8 @@ def open_trajectory(ckpts: Path | str, base: Path | str | None = None, max_memor
     ``base`` Hugging Face model folders (``svd``: their feature pass's top-1 SVD, exact or fast). A folder of the
     other kind is refused with what to do instead."""
     root = Path(ckpts)
-    budget = device_budget(parse_size(max_memory or DEFAULT_MAX_MEMORY), device,
-                           None if max_gpu_memory is None else parse_size(max_gpu_memory),
+    budget = device_budget(parse_size(max_memory or DEFAULT_MAX_MEMORY, "--max-memory"), device,
+                           None if max_gpu_memory is None else parse_size(max_gpu_memory, "--max-gpu-memory"),
                            lambda: torch.cuda.mem_get_info(torch.device(device))[0])
     if base is None:
         if not _holds(root, is_adapter) and _holds(root, is_model):
