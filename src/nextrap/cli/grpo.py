@@ -5,7 +5,6 @@ Exit codes: 0 success; 1 bad input (one line on stderr); 2 bad usage (typer).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import asdict
@@ -15,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from nextrap.cli.common import errors, print_json
 from nextrap.core.errors import NextrapError, os_error
 from nextrap.io.files import check_replaceable, check_writable
 from nextrap.runtime.progress import rich_progress
@@ -175,7 +175,8 @@ def grpo(
             "jumps": result.jumps,
             "config": asdict(config),
         }
-        print(json.dumps(summary))
+        with errors():  # a full disk or a closed pipe: one line, exit 1
+            print_json(summary)
         return
     console.print(f"{len(result.checkpoints)} adapters in {result.out} ({result.seconds_per_step:.2f} s/step)")
     for j in result.jumps:

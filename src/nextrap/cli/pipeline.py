@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -10,7 +9,7 @@ import typer
 from rich.table import Table
 
 from nextrap.api.plotting import pyplot
-from nextrap.cli.common import errors, out_console, progress, warn
+from nextrap.cli.common import errors, out_console, print_json, progress, warn
 from nextrap.cli.grpo import (GRPO_DEFAULTS, Advantage, BatchPrompts, Data, Device, EvalData, EvalEvery, EvalPrompts,
                               EvalSamples, GroupSize, LoraAlpha, LoraR, Lr, MaxNewTokens, Model, Reward, SaveEvery, Seed,
                               Task, TargetModules, Temperature)
@@ -95,7 +94,8 @@ def pipeline_cmd(
         result = run_pipeline(cfg, progress=report, overwrite=overwrite)
     unplotted = _save_plot(result, plot_file) if plot_file is not None else None
     if as_json:
-        print(json.dumps(result.to_json()))
+        with errors():  # a full disk or a closed pipe: one line, exit 1
+            print_json(result.to_json())
     else:
         _pipeline_table(result)
         if plot_file is not None and unplotted is None:
