@@ -186,6 +186,19 @@ def test_nextraps_own_outputs_inside_a_run_folder_are_not_checkpoints(tmp_path):
     assert [c.step for c in discover(tmp_path)] == [1, 2]
 
 
+def test_a_marked_training_run_below_the_root_is_still_a_trajectory(tmp_path):
+    """``nextrap grpo`` marks its run folder (so that --overwrite may replace it): its checkpoints stay readable
+    from a folder above it, unlike a fit or a jumped adapter."""
+    from nextrap.io.files import RUN_KIND, write_marker
+
+    run = _traj(tmp_path / "runs" / "r1", ["step_1", "step_2"])
+    write_marker(run, RUN_KIND, trees=("step_*",))
+    assert [c.step for c in discover(tmp_path / "runs")] == [1, 2]
+    write_marker(run, "fit")
+    with pytest.raises(NextrapError, match="no PEFT adapters"):
+        discover(tmp_path / "runs")
+
+
 def test_factors_stored_as_the_stacks_are_read_straight_into_them_and_equal_the_safetensors_read(tmp_path, monkeypatch):
     from nextrap.io import tensorfile
     traj = load_trajectory(_traj(tmp_path / "run", ["step_1", "step_2"]))

@@ -294,21 +294,6 @@ def test_inspect_reads_a_full_parameter_trajectory_with_its_base(tmp_path):
     assert out["energy"]["overall"][0] is None  # step 0 is the base itself: no delta, no energy
 
 
-def test_plot_path_adds_png_refuses_folders_and_existing_files(tmp_path):
-    from nextrap.api.diagnostics import plot_path
-
-    assert plot_path(tmp_path / "energyplot") == tmp_path / "energyplot.png"
-    assert plot_path(tmp_path / "energy.svg") == tmp_path / "energy.svg"
-    (tmp_path / "taken.png").mkdir()
-    for folder in (tmp_path, tmp_path / "taken"):
-        with pytest.raises(NextrapError, match="is a folder; give a file name"):
-            plot_path(folder)
-    (tmp_path / "old.png").write_bytes(b"precious")
-    with pytest.raises(NextrapError, match="old.png: already exists; pass --overwrite"):
-        plot_path(tmp_path / "old.png")
-    assert plot_path(tmp_path / "old.png", overwrite=True) == tmp_path / "old.png"
-
-
 def test_cli_inspect_prints_the_plot_file_it_wrote(known, tmp_path):
     res = runner.invoke(app, ["inspect", str(known), "--plot", str(tmp_path / "energyplot")], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output

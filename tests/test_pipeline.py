@@ -232,10 +232,13 @@ def test_a_plot_into_a_missing_folder_is_refused_before_the_run(tmp_path, monkey
     calls = _canned_run(monkeypatch, out)
     res = CliRunner().invoke(app, ["pipeline", "--out", str(out), "--plot", str(tmp_path / "nope" / "a.png"), "--json"])
     assert res.exit_code == 1 and f"folder {tmp_path / 'nope'} does not exist" in res.stderr and calls == []
-    # --out itself is made by the run: a plot in it is fine
+    # inside the workspace, which --overwrite replaces whole (only what the pipeline marked): refused too
     res = CliRunner().invoke(app, ["pipeline", "--out", str(out), "--plot", str(out / "a.png"), "--json"])
+    assert res.exit_code == 1 and "inside the workspace" in res.stderr and calls == []
+    # a name without a suffix is the .png matplotlib writes, and the path printed is that file
+    res = CliRunner().invoke(app, ["pipeline", "--out", str(out), "--plot", str(tmp_path / "acc")])
     assert res.exit_code == 0, res.output
-    assert len(calls) == 1 and (out / "a.png").is_file()
+    assert len(calls) == 1 and (tmp_path / "acc.png").is_file() and f"plot written to {tmp_path / 'acc.png'}" in res.stdout
 
 
 def test_a_plot_that_fails_after_the_run_is_a_warning_and_the_results_are_still_printed(tmp_path, monkeypatch):

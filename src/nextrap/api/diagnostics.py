@@ -23,7 +23,7 @@ import torch
 
 from nextrap.core.errors import NextrapError
 from nextrap.trajectories.opening import open_trajectory
-from nextrap.api.plotting import pyplot
+from nextrap.api.plotting import plot_path, pyplot
 
 R2_THRESHOLD = 0.5  # the paper's cut: "over 50% of parameters have R^2 < 0.5"
 PARTS = ("sigma", "u", "v")  # u is fitted as sigma * u, so that the scale counts
@@ -240,21 +240,6 @@ def diagnose(ckpts: Path | str, fit_checkpoints: int | None = None, base: Path |
 
 
 # ----------------------------------------------------------------------------------------------- plot
-
-def plot_path(path: Path | str, overwrite: bool = False) -> Path:
-    """The file ``plot_diagnosis`` writes for ``--plot path``: ``.png`` added to a name without a suffix (as
-    matplotlib would), refused when it is a folder, or an existing file without ``overwrite``."""
-    path = Path(path)
-    if not path.suffix and not path.is_dir():
-        path = path.with_name(path.name + ".png")
-    if path.is_dir():
-        raise NextrapError(f"--plot {path}: is a folder; give a file name, e.g. {path / 'inspect.png'}")
-    if not path.parent.is_dir():
-        raise NextrapError(f"{path}: folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise NextrapError(f"--plot {path}: already exists; pass --overwrite to replace it")
-    return path
-
 
 def plot_diagnosis(d: Diagnosis, path: Path | str, overwrite: bool = False) -> Path:
     """Two panels: median rank-1 energy vs step per module type; histogram of linearity R^2 per part. Returns the

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from nextrap.api.plotting import pyplot
+from nextrap.api.plotting import plot_path, pyplot
 from nextrap.cli.common import errors, out_console, print_json, progress, warn
 from nextrap.cli.grpo import (GRPO_DEFAULTS, Advantage, BatchPrompts, Data, Device, EvalData, EvalEvery, EvalPrompts,
                               EvalSamples, GroupSize, LoraAlpha, LoraR, Lr, MaxNewTokens, Model, Reward, SaveEvery, Seed,
@@ -89,7 +89,7 @@ def pipeline_cmd(
                          schedules=every, reward_alphas=tuple(candidates))
     with errors():
         if plot_file is not None:
-            _check_plot(plot_file, out)
+            plot_file = _check_plot(plot_file, out, overwrite)
     with errors(), progress(not as_json) as report:
         result = run_pipeline(cfg, progress=report, overwrite=overwrite)
     unplotted = _save_plot(result, plot_file) if plot_file is not None else None
@@ -104,15 +104,16 @@ def pipeline_cmd(
         warn(unplotted)
 
 
-def _check_plot(path: Path, out: Path) -> None:
-    """Refuse, before hours of training, a --plot that cannot be written: a folder in its place, a parent folder
-    that does not exist (the run makes --out only), or no matplotlib."""
-    folder = path.absolute().parent
-    if path.is_dir():
-        raise NextrapError(f"--plot {path}: is a folder; name a file, e.g. {path / 'pipeline.png'}")
-    if not folder.is_dir() and folder != out.absolute():
-        raise NextrapError(f"--plot {path}: folder {folder} does not exist")
+def _check_plot(path: Path, out: Path, overwrite: bool) -> Path:
+    """The file --plot writes (``plot_path``), refused before hours of training when it cannot be: a folder in its
+    place, a folder that does not exist, an existing file without --overwrite, inside the workspace (which
+    --overwrite replaces whole: only what the pipeline marked), or no matplotlib."""
+    if out.resolve() in path.resolve().parents:
+        raise NextrapError(f"--plot {path}: inside the workspace {out}, which --overwrite replaces whole; write the "
+                           "plot outside it")
+    path = plot_path(path, overwrite)
     pyplot()
+    return path
 
 
 def _save_plot(result: PipelineResult, path: Path) -> str | None:

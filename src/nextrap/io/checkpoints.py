@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from nextrap.core.errors import NextrapError, NextrapWarning, first_line, one_line, os_error, os_problem
-from nextrap.io.files import OUTPUT_MARKER
+from nextrap.io.files import is_marked_output
 from nextrap.io.tensorfile import FLOAT_DTYPES, ST_DTYPES, TensorFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -311,7 +311,7 @@ def _subfolders(folder: Path) -> list[Path]:
 def _find(folder: Path, is_checkpoint: Callable[[Path], bool], depth: int) -> list[Path]:
     if not os.access(folder, os.R_OK | os.X_OK):
         raise NextrapError(f"{folder}: permission denied (cannot list it)")
-    if (folder / OUTPUT_MARKER).is_file():
+    if is_marked_output(folder):
         return []  # nextrap's own output (a fit, a jumped adapter) is never one of the run's checkpoints
     if is_checkpoint(folder):
         return [folder]

@@ -46,6 +46,21 @@ def write_marker(folder: Path, kind: str, trees: tuple[str, ...] = ()) -> None:
     write_json(folder / OUTPUT_MARKER, {"format": OUTPUT_FORMAT, "kind": kind, "trees": sorted(trees), "files": files})
 
 
+RUN_KIND = "grpo"  # the marker of a training run's folder (``nextrap grpo``): its checkpoints are a trajectory
+
+
+def is_marked_output(folder: Path) -> bool:
+    """Whether ``folder`` is one of nextrap's outputs (a fit, a jumped checkpoint, a pipeline workspace), never a
+    trajectory's checkpoints: it has a marker of any kind but a training run's (``RUN_KIND``)."""
+    marker = folder / OUTPUT_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("kind") != RUN_KIND
+    except (OSError, ValueError, AttributeError):  # unreadable: as before, whatever wrote it was nextrap
+        return True
+
+
 def _not_ours(target: Path) -> str | None:
     """Why ``target`` (an existing, non-empty folder) is not provably a nextrap output, or None if it is."""
     entries = _entries(target)

@@ -30,8 +30,8 @@ class Param:
 
     @property
     def is_vector(self) -> bool:
-        # [1, d] and [d, 1] too: their delta is one vector, and a length-1 singular vector would join sigma's
-        # predictor group (length 1) in ``predictor.make_groups``
+        # [1, d] and [d, 1] too: their delta is one vector, exactly (an SVD would give sigma times a unit vector
+        # and a sign). The reference code decomposes them instead; its u or v of length 1 joins the sigmas' group
         return len(self.shape) == 1 or (len(self.shape) == 2 and 1 in self.shape)
 
     @property

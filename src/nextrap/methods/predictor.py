@@ -116,7 +116,7 @@ def training_rows(features: Features) -> list[int]:
 
 
 def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int], None] | None = None) -> Predictor:
-    """Fit one NExtMLP per vector length on every training pair of the trajectory. Deterministic for a seed.
+    """Fit one NExtMLP per group (``make_groups``) on every training pair of the trajectory. Deterministic for a seed.
 
     All groups train in one loop: each epoch sums the groups' losses, calls backward once, and one AdamW and one
     cosine schedule step every group. The groups' parameters are disjoint and their settings equal, so each
@@ -126,7 +126,7 @@ def train(features: Features, settings: TrainSettings, on_epoch: Callable[[int],
     if not rows:
         raise ValueError("no training pairs: need more checkpoints than the horizon")
     groups = make_groups(features)
-    models: dict[int, NExtMLP] = {}
+    models: dict[str, NExtMLP] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         for g in groups:

@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from nextrap.io.checkpoints import LoraModule
-from nextrap.io.files import check_apart, write_marker
+from nextrap.io.files import RUN_KIND, check_apart, write_marker
 from nextrap.core.errors import NextrapError
 from nextrap.rl.grpo_config import ADVANTAGES, ALL_LINEAR, GRPOConfig, GRPOError, default_model_dir  # noqa: F401 - re-exported
 from nextrap.api.jumps import JUMPS, JumpSettings, choose_by_score, jump_in_place, parse_jump_alpha
@@ -448,7 +448,7 @@ def _start_run(out: Path) -> None:
     the proof ``--overwrite`` asks for before it empties the folder for a new run."""
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.iterdir()):
-        write_marker(out, "grpo", trees=RUN_TREES)
+        write_marker(out, RUN_KIND, trees=RUN_TREES)
 
 
 def train(config: GRPOConfig, progress: Callable[[str, int, int], None] | None = None) -> GRPOResult:
